@@ -1,0 +1,676 @@
+"""imnode's own WuKongIM client on trio, for tests, the CLI and the benchmark.
+
+It speaks the same wire protocol and encryption as the official SDKs, over TCP or WebSocket:
+
+    async with open_client("127.0.0.1", 5100, "alice") as alice:
+        ack = await alice.send("bob", 1, b'{"content":"hi","type":1}')
+        recv = await alice.recv()
+
+One background task per client reads frames and routes them: SENDACKs to the task waiting on
+that client_seq, RECVs (verified and decrypted) to a bounded queue, PONGs to `ping`. Every
+wait is bounded by a timeout and raises ClientError, never trio.TooSlowError, when it runs out.
+"""
+
+import dataclasses
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager, suppress
+from typing import Final, Generic, Protocol, TypeVar
+
+import trio
+import trio_websocket
+
+from node.crypto import CryptoError, Session, generate_keypair, msg_key_matches
+from node.protocol import (
+    DEFAULT_MAX_REMAINING,
+    FLAG_RED_DOT,
+    LATEST_VERSION,
+    PING_FRAME,
+    SETTING_NO_ENCRYPT,
+    Connack,
+    Connect,
+    Disconnect,
+    FrameDecoder,
+    Packet,
+    Pong,
+    ProtocolError,
+    Reason,
+    Recv,
+    Recvack,
+    Send,
+    Sendack,
+    encode,
+    negotiate_version,
+)
+
+RECV_QUEUE_SIZE: Final = 10_000
+MAX_PENDING_ACKS: Final = 100_000
+RECEIVE_BYTES: Final = 64 * 1024
+WRITE_CHUNK_BYTES: Final = 256 * 1024
+CLOSE_TIMEOUT_S: Final = 2.0
+# A RECV re-encrypts a SEND the server accepted at its own frame limit, under a header with more
+# fields, so it can be slightly larger than the largest SEND: leave headroom over that limit.
+MAX_FRAME_BYTES: Final = 2 * DEFAULT_MAX_REMAINING
+_MAX_CLIENT_SEQ: Final = 0xFFFFFFFF
+
+_T = TypeVar("_T")
+
+
+class ClientError(Exception):
+    """The connection failed, closed, or did not answer in time."""
+
+
+class ConnectRefused(ClientError):
+    """The server answered CONNECT with a reason code other than SUCCESS."""
+
+    def __init__(self, reason_code: int, message: str = "") -> None:
+        super().__init__(message or f"connect refused: {_reason_name(reason_code)}")
+        self.reason_code = reason_code
+
+
+def _reason_name(code: int) -> str:
+    try:
+        return f"{Reason(code).name} ({code})"
+    except ValueError:
+        return f"reason {code}"
+
+
+@contextmanager
+def _bounded(timeout_s: float, what: str) -> Iterator[None]:
+    try:
+        with trio.fail_after(timeout_s):
+            yield
+    except trio.TooSlowError:
+        raise ClientError(f"{what}: nothing within {timeout_s} s") from None
+
+
+class _Waiter(Generic[_T]):
+    """One answer awaited by one task; `value` stays None if the connection ends first."""
+
+    __slots__ = ("event", "value")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.value: _T | None = None
+
+
+# --- transports -------------------------------------------------------------------------------
+
+_TRANSPORT_ERRORS: Final = (
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    OSError,
+    trio_websocket.ConnectionClosed,
+)
+
+
+class _Transport(Protocol):
+    async def send_frames(self, frames: Sequence[bytes]) -> None: ...
+
+    async def receive(self) -> bytes:
+        """Some bytes, or b"" once the peer has closed."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class _TcpTransport:
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self._stream = stream
+
+    async def send_frames(self, frames: Sequence[bytes]) -> None:
+        await self._stream.send_all(frames[0] if len(frames) == 1 else b"".join(frames))
+
+    async def receive(self) -> bytes:
+        return bytes(await self._stream.receive_some(RECEIVE_BYTES))
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+class _WebSocketTransport:
+    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
+        self._ws = ws
+
+    async def send_frames(self, frames: Sequence[bytes]) -> None:
+        # One frame per message: the JS SDK mishandles several frames in one message, and our
+        # server is entitled to expect the same of us.
+        for frame in frames:
+            await self._ws.send_message(frame)
+
+    async def receive(self) -> bytes:
+        try:
+            message = await self._ws.get_message()
+        except trio_websocket.ConnectionClosed:
+            return b""
+        if isinstance(message, str):
+            raise ProtocolError("text WebSocket message where binary frames were expected")
+        return message
+
+    async def aclose(self) -> None:
+        await self._ws.aclose()
+
+
+async def _open_transport(host: str, port: int, websocket: bool, nursery: trio.Nursery | None) -> _Transport:
+    if not websocket:
+        return _TcpTransport(await trio.open_tcp_stream(host, port))
+    if nursery is None:
+        raise ValueError("websocket=True needs a nursery for the WebSocket's own reader task")
+    netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    ws = await trio_websocket.connect_websocket_url(
+        nursery,
+        f"ws://{netloc}/",
+        message_queue_size=64,
+        # A whole frame travels in one message: room for the largest body plus its header.
+        max_message_size=MAX_FRAME_BYTES + 16,
+    )
+    return _WebSocketTransport(ws)
+
+
+async def _close_quietly(transport: _Transport) -> None:
+    # Shielded and bounded: closing must finish even inside a cancelled scope, but a WebSocket
+    # close handshake with a dead peer must not hang us.
+    with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
+        with suppress(*_TRANSPORT_ERRORS):
+            await transport.aclose()
+
+
+# --- the client -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ClientStatistics:
+    sends: int
+    pending_acks: int
+    recvs: int
+    queued_recvs: int
+    bad_msg_keys: int
+    bad_payloads: int
+
+
+class Client:
+    """One connected, logged-in device. Build it with `open_client` (or `connect`).
+
+    `disconnected` is set, and every pending wait fails with ClientError, as soon as the server
+    sends DISCONNECT (whose code lands in `disconnect_reason`), the stream ends, or `aclose` runs.
+    """
+
+    def __init__(
+        self,
+        transport: _Transport,
+        decoder: FrameDecoder,
+        session: Session | None,
+        *,
+        uid: str,
+        connack: Connack,
+        auto_ack: bool,
+    ) -> None:
+        self.uid = uid
+        self.connack = connack
+        self.version = decoder.version
+        self.disconnected = trio.Event()
+        self.disconnect_reason: int | None = None
+        self.close_reason = ""
+        self.bad_msg_keys = 0
+        self.bad_payloads = 0
+        self._transport = transport
+        self._decoder = decoder
+        # None means payloads travel in clear (the server runs with encryption off).
+        self._session = session
+        self._auto_ack = auto_ack
+        self._write_lock = trio.Lock()
+        self._next_seq = 1
+        self._pending: dict[int, _Waiter[Sendack]] = {}
+        self._pong_waiters: list[_Waiter[bool]] = []
+        self._recv_in, self._recv_out = trio.open_memory_channel[Recv](RECV_QUEUE_SIZE)
+        # Unbounded, so the reader never waits on a write: a reader blocked behind a long
+        # pipelined write could deadlock with a server blocked writing RECVs to us. It holds at
+        # most one small frame per RECV read, and reading stops when the RECV queue is full.
+        self._acks_in, self._acks_out = trio.open_memory_channel[bytes](math.inf)
+        self._sends = 0
+        self._recvs = 0
+
+    def statistics(self) -> ClientStatistics:
+        return ClientStatistics(
+            sends=self._sends,
+            pending_acks=len(self._pending),
+            recvs=self._recvs,
+            queued_recvs=self._recv_out.statistics().current_buffer_used,
+            bad_msg_keys=self.bad_msg_keys,
+            bad_payloads=self.bad_payloads,
+        )
+
+    # -- reading -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Read and route frames until the connection ends. `open_client` runs this for you."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._ack_loop)
+            try:
+                await self._read_loop()
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _ack_loop(self) -> None:
+        try:
+            while True:
+                frames = [await self._acks_out.receive()]
+                while len(frames) < 1024:
+                    try:
+                        frames.append(self._acks_out.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                await self._write(frames)
+        except (ClientError, trio.EndOfChannel):
+            # The connection is over; _write or _shut has already recorded why.
+            return
+
+    async def _read_loop(self) -> None:
+        reason = "the server closed the connection"
+        try:
+            while True:
+                data = await self._transport.receive()
+                if not data:
+                    break
+                self._decoder.feed(data)
+                while (packet := self._decoder.next_packet()) is not None:
+                    if not await self._dispatch(packet):
+                        return
+        except ProtocolError as exc:
+            reason = f"undecodable data from the server: {exc}"
+        except (ClientError, *_TRANSPORT_ERRORS) as exc:
+            reason = f"connection lost: {exc!r}"
+        finally:
+            self._shut(reason)
+
+    async def _dispatch(self, packet: Packet) -> bool:
+        """Route one packet; False once the connection is over."""
+        if isinstance(packet, Recv):
+            await self._on_recv(packet)
+        elif isinstance(packet, Sendack):
+            waiter = self._pending.get(packet.client_seq)
+            if waiter is not None and waiter.value is None:
+                waiter.value = packet
+                waiter.event.set()
+        elif isinstance(packet, Pong):
+            waiters, self._pong_waiters = self._pong_waiters, []
+            for pong_waiter in waiters:
+                pong_waiter.value = True
+                pong_waiter.event.set()
+        elif isinstance(packet, Disconnect):
+            self.disconnect_reason = packet.reason_code
+            self._shut(f"server sent DISCONNECT {_reason_name(packet.reason_code)} {packet.reason!r}")
+            return False
+        # Anything else (a repeated CONNACK, SUBACK) asks nothing of this client.
+        return True
+
+    async def _on_recv(self, recv: Recv) -> None:
+        opened = self._open(recv)
+        if opened is None:
+            # Like the JS SDK: drop it unacknowledged, so the server's resend logic shows.
+            return
+        self._recvs += 1
+        if self._auto_ack:
+            # Flags are not copied: the server ignores them on RECVACK.
+            self._acks_in.send_nowait(encode(Recvack(recv.message_id, recv.message_seq), self.version))
+        # Blocks when the queue is full: reading stalls and TCP pushes back on the server,
+        # rather than RECVs being dropped behind the caller's back.
+        await self._recv_in.send(opened)
+
+    def _open(self, recv: Recv) -> Recv | None:
+        session = self._session
+        if session is None or recv.setting & SETTING_NO_ENCRYPT:
+            return recv
+        expected = session.recv_msg_key(
+            recv.message_id,
+            recv.message_seq,
+            recv.client_msg_no,
+            recv.timestamp,
+            recv.from_uid,
+            recv.channel_id,
+            recv.channel_type,
+            recv.payload,
+        )
+        if not msg_key_matches(expected, recv.msg_key):
+            self.bad_msg_keys += 1
+            return None
+        try:
+            payload = session.decrypt(recv.payload)
+        except CryptoError:
+            self.bad_payloads += 1
+            return None
+        return dataclasses.replace(recv, payload=payload)
+
+    def _shut(self, reason: str) -> None:
+        if self.disconnected.is_set():
+            return
+        self.close_reason = reason
+        self.disconnected.set()
+        # Waiters wake with value None and raise ClientError now rather than at their timeout.
+        for waiter in self._pending.values():
+            waiter.event.set()
+        for pong_waiter in self._pong_waiters:
+            pong_waiter.event.set()
+        self._pong_waiters = []
+        # recv() still drains what was queued, then sees the end.
+        self._recv_in.close()
+        self._acks_in.close()
+
+    # -- writing -------------------------------------------------------------------------------
+
+    async def _write(self, frames: Sequence[bytes]) -> None:
+        if self.disconnected.is_set():
+            raise ClientError(f"connection closed: {self.close_reason}")
+        try:
+            async with self._write_lock:
+                await self._transport.send_frames(frames)
+        except _TRANSPORT_ERRORS as exc:
+            self._shut(f"write failed: {exc!r}")
+            raise ClientError(f"write failed: {exc!r}") from exc
+
+    def _prepare_send(
+        self,
+        channel_id: str,
+        channel_type: int,
+        payload: bytes,
+        client_msg_no: str | None,
+        setting: int,
+        flags: int,
+    ) -> tuple[int, bytes]:
+        """Allocate a client_seq, register its ack waiter, and encode the SEND frame."""
+        if len(self._pending) >= MAX_PENDING_ACKS:
+            raise ClientError(f"{MAX_PENDING_ACKS} SENDs already await their SENDACK")
+        seq = self._next_seq
+        if seq in self._pending:
+            raise ClientError(f"client_seq {seq} wrapped around onto a SEND still awaiting its ack")
+        if client_msg_no is None:
+            # The SDKs' shape: 32 hex digits and one more digit.
+            client_msg_no = uuid.uuid4().hex + "0"
+        session = self._session
+        if session is None or setting & SETTING_NO_ENCRYPT:
+            wire_payload, msg_key = payload, ""
+        else:
+            wire_payload = session.encrypt(payload)
+            msg_key = session.send_msg_key(seq, client_msg_no, channel_id, channel_type, wire_payload)
+        packet = Send(
+            setting, seq, client_msg_no, channel_id, channel_type, wire_payload, msg_key, flags=flags
+        )
+        try:
+            frame = encode(packet, self.version)
+        except ProtocolError as exc:
+            raise ClientError(f"cannot send to {channel_id!r}: {exc}") from exc
+        self._next_seq = seq % _MAX_CLIENT_SEQ + 1
+        self._pending[seq] = _Waiter()
+        self._sends += 1
+        return seq, frame
+
+    def _ack_of(self, seq: int, waiter: _Waiter[Sendack]) -> Sendack:
+        if waiter.value is None:
+            raise ClientError(f"no SENDACK for client_seq {seq}: connection closed: {self.close_reason}")
+        return waiter.value
+
+    async def send(
+        self,
+        channel_id: str,
+        channel_type: int,
+        payload: bytes,
+        *,
+        client_msg_no: str | None = None,
+        setting: int = 0,
+        flags: int = FLAG_RED_DOT,
+        timeout_s: float = 10.0,
+    ) -> Sendack:
+        """Send one message and wait for its SENDACK (whatever its reason code)."""
+        seq, frame = self._prepare_send(channel_id, channel_type, payload, client_msg_no, setting, flags)
+        waiter = self._pending[seq]
+        try:
+            with _bounded(timeout_s, f"SENDACK for client_seq {seq}"):
+                await self._write((frame,))
+                await waiter.event.wait()
+        finally:
+            self._pending.pop(seq, None)
+        return self._ack_of(seq, waiter)
+
+    async def send_many(
+        self, items: Sequence[tuple[str, int, bytes]], *, timeout_s: float = 30.0
+    ) -> list[Sendack]:
+        """Pipeline (channel_id, channel_type, payload) sends; the acks come back in item order."""
+        seqs: list[int] = []
+        try:
+            frames: list[bytes] = []
+            for channel_id, channel_type, payload in items:
+                seq, frame = self._prepare_send(channel_id, channel_type, payload, None, 0, FLAG_RED_DOT)
+                seqs.append(seq)
+                frames.append(frame)
+            with _bounded(timeout_s, f"SENDACKs for {len(seqs)} pipelined SENDs"):
+                for chunk in _chunks(frames, WRITE_CHUNK_BYTES):
+                    await self._write(chunk)
+                for seq in seqs:
+                    await self._pending[seq].event.wait()
+            return [self._ack_of(seq, self._pending[seq]) for seq in seqs]
+        finally:
+            for seq in seqs:
+                self._pending.pop(seq, None)
+
+    async def submit(
+        self,
+        channel_id: str,
+        channel_type: int,
+        payload: bytes,
+        *,
+        client_msg_no: str | None = None,
+        setting: int = 0,
+        flags: int = FLAG_RED_DOT,
+        timeout_s: float = 10.0,
+    ) -> int:
+        """Write one SEND without waiting for its ack; collect the ack with `wait_ack`.
+
+        Every submitted client_seq must be passed to `wait_ack` once, or it keeps a slot of
+        the MAX_PENDING_ACKS table.
+        """
+        seq, frame = self._prepare_send(channel_id, channel_type, payload, client_msg_no, setting, flags)
+        try:
+            with _bounded(timeout_s, f"writing SEND client_seq {seq}"):
+                await self._write((frame,))
+        except BaseException:
+            self._pending.pop(seq, None)
+            raise
+        return seq
+
+    async def wait_ack(self, client_seq: int, timeout_s: float = 10.0) -> Sendack:
+        """The SENDACK of a `submit`ted SEND. Each client_seq can be awaited once."""
+        waiter = self._pending.get(client_seq)
+        if waiter is None:
+            raise ClientError(f"client_seq {client_seq} is not awaiting a SENDACK")
+        try:
+            with _bounded(timeout_s, f"SENDACK for client_seq {client_seq}"):
+                await waiter.event.wait()
+        finally:
+            self._pending.pop(client_seq, None)
+        return self._ack_of(client_seq, waiter)
+
+    async def recv(self, timeout_s: float = 10.0) -> Recv:
+        """The next RECV, payload decrypted and msg_key verified."""
+        try:
+            with _bounded(timeout_s, "RECV"):
+                return await self._recv_out.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise ClientError(f"connection closed: {self.close_reason}") from None
+
+    async def ack(self, recv: Recv, timeout_s: float = 5.0) -> None:
+        """Acknowledge a RECV by hand (only needed with auto_ack=False)."""
+        with _bounded(timeout_s, "writing RECVACK"):
+            await self._write((encode(Recvack(recv.message_id, recv.message_seq), self.version),))
+
+    async def ping(self, timeout_s: float = 5.0) -> None:
+        """Send PING and wait for the PONG."""
+        waiter: _Waiter[bool] = _Waiter()
+        self._pong_waiters.append(waiter)
+        try:
+            with _bounded(timeout_s, "PONG"):
+                await self._write((PING_FRAME,))
+                await waiter.event.wait()
+        finally:
+            if waiter in self._pong_waiters:
+                self._pong_waiters.remove(waiter)
+        if waiter.value is None:
+            raise ClientError(f"no PONG: connection closed: {self.close_reason}")
+
+    async def aclose(self) -> None:
+        """Close the connection; idempotent. The reader task ends with it."""
+        self._shut("closed by the client")
+        await _close_quietly(self._transport)
+
+
+def _chunks(frames: Sequence[bytes], chunk_bytes: int) -> Iterator[list[bytes]]:
+    chunk: list[bytes] = []
+    size = 0
+    for frame in frames:
+        chunk.append(frame)
+        size += len(frame)
+        if size >= chunk_bytes:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+# --- connecting -------------------------------------------------------------------------------
+
+
+async def _read_connack(transport: _Transport, decoder: FrameDecoder) -> Connack:
+    while True:
+        packet = decoder.next_packet()
+        if packet is None:
+            data = await transport.receive()
+            if not data:
+                raise ClientError("the server closed the connection before CONNACK")
+            decoder.feed(data)
+        elif isinstance(packet, Connack):
+            return packet
+        elif isinstance(packet, Disconnect):
+            raise ConnectRefused(packet.reason_code, f"server sent DISCONNECT before CONNACK: {packet}")
+        else:
+            raise ClientError(f"expected CONNACK, got {type(packet).__name__}")
+
+
+async def connect(
+    host: str,
+    port: int,
+    uid: str,
+    *,
+    token: str = "",
+    device_flag: int = 0,
+    device_id: str | None = None,
+    version: int = LATEST_VERSION,
+    encrypt: bool = True,
+    websocket: bool = False,
+    auto_ack: bool = True,
+    timeout_s: float = 5.0,
+    nursery: trio.Nursery | None = None,
+) -> Client:
+    """Open a connection, log in, and return the Client.
+
+    The reader task is started in `nursery` when one is given; otherwise the caller must run
+    `await client.run()` in a task of its own. WebSocket needs a nursery. `encrypt=False` is
+    for servers running with encryption off: payloads travel in clear, msg_keys stay empty.
+    Raises ConnectRefused if the server refuses the login, ClientError on any other failure.
+    """
+    if version < 1:
+        raise ValueError(f"protocol version {version} is below 1")
+    private_key, public_key = generate_keypair()
+    decoder = FrameDecoder(max_remaining=MAX_FRAME_BYTES, version=negotiate_version(version))
+    try:
+        with _bounded(timeout_s, f"connecting to {host}:{port}"):
+            transport = await _open_transport(host, port, websocket, nursery)
+    except (OSError, trio_websocket.HandshakeError) as exc:
+        raise ClientError(f"cannot connect to {host}:{port}: {exc!r}") from exc
+    try:
+        # client_timestamp is wall-clock ms by definition: the server compares it with its own
+        # wall clock to report time_diff, so trio's clock would be the wrong one here.
+        hello = Connect(
+            version,
+            device_flag,
+            device_id if device_id is not None else uuid.uuid4().hex,
+            uid,
+            token,
+            int(time.time() * 1000),
+            public_key,
+        )
+        with _bounded(timeout_s, f"CONNACK from {host}:{port}"):
+            await transport.send_frames((encode(hello, decoder.version),))
+            connack = await _read_connack(transport, decoder)
+        if connack.reason_code != Reason.SUCCESS:
+            raise ConnectRefused(connack.reason_code)
+        if connack.server_version:
+            # A server older than our request lays packets out at its own version.
+            decoder.version = min(decoder.version, connack.server_version)
+        session = None
+        if encrypt:
+            try:
+                session = Session.from_keys(private_key, connack.server_key, connack.salt)
+            except CryptoError as exc:
+                raise ClientError(
+                    f"server key or salt unusable ({exc}); is encryption off on the server?"
+                ) from exc
+    except BaseException as exc:
+        await _close_quietly(transport)
+        if isinstance(exc, ProtocolError):
+            raise ClientError(f"bad CONNACK from {host}:{port}: {exc}") from exc
+        if isinstance(exc, _TRANSPORT_ERRORS):
+            raise ClientError(f"connection to {host}:{port} lost during login: {exc!r}") from exc
+        raise
+    client = Client(transport, decoder, session, uid=uid, connack=connack, auto_ack=auto_ack)
+    if nursery is not None:
+        nursery.start_soon(client.run)
+    return client
+
+
+@asynccontextmanager
+async def open_client(
+    host: str,
+    port: int,
+    uid: str,
+    *,
+    token: str = "",
+    device_flag: int = 0,
+    device_id: str | None = None,
+    version: int = LATEST_VERSION,
+    encrypt: bool = True,
+    websocket: bool = False,
+    auto_ack: bool = True,
+    timeout_s: float = 5.0,
+) -> AsyncIterator[Client]:
+    """A connected Client whose reader runs for the duration of the block.
+
+    Same arguments as `connect`. On exit the connection is closed and the reader stopped.
+    """
+    try:
+        async with trio.open_nursery() as nursery:
+            client = await connect(
+                host,
+                port,
+                uid,
+                token=token,
+                device_flag=device_flag,
+                device_id=device_id,
+                version=version,
+                encrypt=encrypt,
+                websocket=websocket,
+                auto_ack=auto_ack,
+                timeout_s=timeout_s,
+                nursery=nursery,
+            )
+            try:
+                yield client
+            finally:
+                await client.aclose()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The nursery wraps even a lone exception from the caller's block; hand that one back
+        # as itself so `except ClientError` around the block works.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise

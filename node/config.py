@@ -1,0 +1,226 @@
+"""Configuration: embedded defaults for a single node, or a cluster TOML file checked strictly.
+
+A config error names the file and the key (``cluster.example.toml: nodes.n2.tcp: port 5101 is already used
+by nodes.n1.tcp``) and stops the start; nothing is guessed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_NODE_ID = "n1"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the file and key in its message."""
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Limits and timings. Units are in the names; every queue, batch and retry has a maximum."""
+
+    max_frame_bytes: int = 1 << 20
+    connect_timeout_s: float = 10.0
+    idle_timeout_s: float = 180.0
+    outbound_queue_frames: int = 4096
+    recv_resend_interval_s: float = 10.0
+    recv_resend_attempts: int = 5
+    recv_inflight_max: int = 4096
+    send_rate_per_s: float = 2000.0
+    send_burst: int = 4000
+    user_pool_shards: int = 8
+    channel_pool_shards: int = 8
+    pusher_pool_shards: int = 8
+    pool_queue_size: int = 4096
+    handler_timeout_s: float = 5.0
+    handler_retries: int = 3
+    dead_letters_max: int = 1000
+    batch_window_ms: float = 2.0
+    batch_max_bytes: int = 256 << 10
+    pending_per_channel_max: int = 10_000
+    proposals_in_flight: int = 64
+    commit_timeout_s: float = 10.0
+    raft_min_timeout_s: float = 0.4
+    raft_max_timeout_s: float = 1.4
+    leader_fallback_timeout_s: float = 3.0
+    log_compaction_min_entries: int = 1_000_000
+    log_compaction_min_time_s: float = 3600.0
+    store_map_bytes: int = 64 << 30
+    store_sync_interval_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """Where one node listens and keeps its data."""
+
+    id: str = DEFAULT_NODE_ID
+    numeric_id: int = 1
+    raft: str = "127.0.0.1:5300"
+    tcp: str = "127.0.0.1:5100"
+    ws: str = "127.0.0.1:5200"
+    http: str = "127.0.0.1:5001"
+    data_dir: str = "imnode-data"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration of a cluster, as seen by the node `node`."""
+
+    cluster_name: str = "imnode"
+    manager_token: str = ""
+    raft_password: str = ""
+    encryption: bool = True
+    token_auth: bool = False
+    initial_members: tuple[str, ...] = (DEFAULT_NODE_ID,)
+    nodes: dict[str, NodeSpec] = field(default_factory=lambda: {DEFAULT_NODE_ID: NodeSpec()})
+    tuning: Tuning = field(default_factory=Tuning)
+    source: str = "<defaults>"
+
+    def node(self, node_id: str) -> NodeSpec:
+        try:
+            return self.nodes[node_id]
+        except KeyError:
+            known = ", ".join(sorted(self.nodes))
+            raise ConfigError(f"{self.source}: no node {node_id!r} (known: {known})") from None
+
+    def partners(self, node_id: str) -> tuple[str, ...]:
+        """Raft addresses of the other initial members (the TOML file only bootstraps membership)."""
+        return tuple(self.nodes[n].raft for n in self.initial_members if n != node_id)
+
+
+def _check_type(source: str, key: str, value: Any, expected: type) -> Any:
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is int and isinstance(value, bool):
+        raise ConfigError(f"{source}: {key}: expected an integer, got {value!r}")
+    if not isinstance(value, expected):
+        raise ConfigError(
+            f"{source}: {key}: expected {expected.__name__}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _fields(cls: type) -> dict[str, type]:
+    hints = {"int": int, "float": float, "str": str, "bool": bool}
+    return {f.name: hints[str(f.type)] for f in dataclasses.fields(cls) if str(f.type) in hints}
+
+
+def _table(source: str, prefix: str, table: Any, cls: type, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: {prefix}: expected a table")
+    known = _fields(cls)
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key in skip:
+            continue
+        if key not in known:
+            raise ConfigError(f"{source}: {prefix}.{key}: unknown key (known: {', '.join(sorted(known))})")
+        values[key] = _check_type(source, f"{prefix}.{key}", value, known[key])
+    return values
+
+
+def _address(source: str, key: str, value: str) -> tuple[str, int]:
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(f"{source}: {key}: {value!r} is not host:port with a port in 1..65535")
+    return host, int(port_text)
+
+
+def _check_tuning(source: str, tuning: Tuning) -> None:
+    for f in dataclasses.fields(tuning):
+        value = getattr(tuning, f.name)
+        if value <= 0:
+            raise ConfigError(f"{source}: tuning.{f.name}: must be positive, got {value!r}")
+    if tuning.raft_max_timeout_s <= tuning.raft_min_timeout_s:
+        raise ConfigError(f"{source}: tuning.raft_max_timeout_s: must be above raft_min_timeout_s")
+
+
+def load(path: str | None) -> Config:
+    """Load and check a config file; None gives the embedded single-node defaults."""
+    if path is None:
+        return Config()
+    source = os.path.basename(path)
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    allowed = {"cluster", "nodes", "tuning"}
+    for key in doc:
+        if key not in allowed:
+            raise ConfigError(f"{source}: {key}: unknown section (known: {', '.join(sorted(allowed))})")
+
+    cluster = doc.get("cluster", {})
+    if not isinstance(cluster, dict):
+        raise ConfigError(f"{source}: cluster: expected a table")
+    cluster_keys = {
+        "name": str,
+        "manager_token": str,
+        "raft_password": str,
+        "encryption": bool,
+        "token_auth": bool,
+        "initial_members": list,
+    }
+    for key, value in cluster.items():
+        if key not in cluster_keys:
+            raise ConfigError(
+                f"{source}: cluster.{key}: unknown key (known: {', '.join(sorted(cluster_keys))})"
+            )
+        _check_type(source, f"cluster.{key}", value, cluster_keys[key])
+
+    raw_nodes = doc.get("nodes")
+    if not isinstance(raw_nodes, dict) or not raw_nodes:
+        raise ConfigError(f"{source}: nodes: at least one [nodes.<id>] table is required")
+    nodes: dict[str, NodeSpec] = {}
+    used: dict[tuple[str, int], str] = {}
+    numeric_ids: dict[int, str] = {}
+    base_dir = os.path.dirname(os.path.abspath(path))
+    for node_id, table in raw_nodes.items():
+        values = _table(source, f"nodes.{node_id}", table, NodeSpec, skip=("id",))
+        for key in ("numeric_id", "raft", "tcp", "ws", "http", "data_dir"):
+            if key not in values:
+                raise ConfigError(f"{source}: nodes.{node_id}.{key}: missing")
+        for key in ("raft", "tcp", "ws", "http"):
+            addr = _address(source, f"nodes.{node_id}.{key}", values[key])
+            if addr in used:
+                raise ConfigError(
+                    f"{source}: nodes.{node_id}.{key}: {values[key]} is already used by {used[addr]}"
+                )
+            used[addr] = f"nodes.{node_id}.{key}"
+        if not 0 < values["numeric_id"] < 1024:
+            raise ConfigError(f"{source}: nodes.{node_id}.numeric_id: must be in 1..1023 (message id space)")
+        if values["numeric_id"] in numeric_ids:
+            raise ConfigError(
+                f"{source}: nodes.{node_id}.numeric_id: {values['numeric_id']} is already used by "
+                f"nodes.{numeric_ids[values['numeric_id']]}"
+            )
+        numeric_ids[values["numeric_id"]] = node_id
+        values["data_dir"] = os.path.normpath(os.path.join(base_dir, values["data_dir"]))
+        nodes[node_id] = NodeSpec(id=node_id, **values)
+
+    members = cluster.get("initial_members", list(nodes))
+    for member in members:
+        if member not in nodes:
+            raise ConfigError(f"{source}: cluster.initial_members: {member!r} has no [nodes.{member}] table")
+    if not members:
+        raise ConfigError(f"{source}: cluster.initial_members: must name at least one node")
+
+    tuning = Tuning(**_table(source, "tuning", doc.get("tuning", {}), Tuning))
+    _check_tuning(source, tuning)
+    return Config(
+        cluster_name=cluster.get("name", "imnode"),
+        manager_token=cluster.get("manager_token", ""),
+        raft_password=cluster.get("raft_password", ""),
+        encryption=cluster.get("encryption", True),
+        token_auth=cluster.get("token_auth", False),
+        initial_members=tuple(members),
+        nodes=nodes,
+        tuning=tuning,
+        source=source,
+    )

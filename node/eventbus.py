@@ -1,0 +1,332 @@
+"""Event pools: sharded trio tasks that run a chain of handlers per event type.
+
+A pool has `shards` tasks; an event goes to shard ``crc32(key) % shards`` so one key's events (one user's,
+one channel's) are handled in order. Each shard reads one bounded memory channel: a full shard pushes back
+on whoever submits (a connection's reader, an HTTP request) instead of growing memory.
+
+Handlers are small async functions registered per event type, in a chain:
+- a **step** runs in the shard, in order, under a timeout, and may reject the event by returning a reason
+  code; the chain stops there and the event type's `on_reject` answers (a SENDACK, a CONNACK...). A step that
+  raises or times out is retried at once up to `retries` times, then the event is dead-lettered and rejected
+  with SYSTEM_ERROR: a broken step never takes the pool down.
+- an **observer** only watches: it runs in the pool's observer lane behind a bounded queue, so it can never
+  delay the send path; when that queue is full the event is dropped for observers (and counted). A failing
+  observer is retried with exponential backoff in its lane, then dead-lettered.
+
+Handlers can be registered and unregistered at run time; a chain change takes effect from the next event.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import time
+import zlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, Literal, TypeVar
+
+import trio
+
+log = logging.getLogger("imnode.pool")
+
+Ctx = TypeVar("Ctx")
+HandlerFn = Callable[[Any, Any], Awaitable[int | None]]
+RejectFn = Callable[[Any, Any, int], Awaitable[None]]
+
+SUCCESS = 1
+SYSTEM_ERROR = 15
+LATENCY_SAMPLES = 512
+
+
+@dataclass
+class HandlerStats:
+    calls: int = 0
+    rejects: int = 0
+    errors: int = 0
+    timeouts: int = 0
+    dead_lettered: int = 0
+    total_s: float = 0.0
+    recent_s: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=LATENCY_SAMPLES)
+    )
+
+    def as_dict(self) -> dict[str, Any]:
+        samples = sorted(self.recent_s)
+        p99 = samples[min(len(samples) - 1, math.ceil(len(samples) * 0.99) - 1)] if samples else 0.0
+        return {
+            "calls": self.calls,
+            "rejects": self.rejects,
+            "errors": self.errors,
+            "timeouts": self.timeouts,
+            "dead_lettered": self.dead_lettered,
+            "p99_ms": round(p99 * 1000, 3),
+        }
+
+
+@dataclass
+class Handler:
+    name: str
+    fn: HandlerFn
+    kind: Literal["step", "observer"]
+    timeout_s: float | None  # None: a trusted built-in that never waits (no cancel scope per call)
+    retries: int
+    enabled: bool = True
+    stats: HandlerStats = field(default_factory=HandlerStats)
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    at: float
+    pool: str
+    event_type: str
+    handler: str
+    error: str
+    event: str
+
+
+class HandlerError(Exception):
+    """A registration problem: unknown neighbour, duplicate name, bad kind."""
+
+
+class EventPool(Generic[Ctx]):
+    """One event pool (user, channel or pusher): shards, handler chains, statistics, dead letters."""
+
+    def __init__(
+        self,
+        name: str,
+        ctx: Ctx,
+        *,
+        shards: int,
+        queue_size: int,
+        handler_timeout_s: float = 5.0,
+        handler_retries: int = 3,
+        dead_letters_max: int = 1000,
+    ) -> None:
+        self.name = name
+        self.ctx = ctx
+        self.handler_timeout_s = handler_timeout_s
+        self.handler_retries = handler_retries
+        self._chains: dict[str, list[Handler]] = {}
+        self._on_reject: dict[str, RejectFn] = {}
+        channels = [trio.open_memory_channel[tuple[str, Any]](queue_size) for _ in range(shards)]
+        self._senders = [send for send, _ in channels]
+        self._receivers = [receive for _, receive in channels]
+        self._observer_send, self._observer_receive = trio.open_memory_channel[tuple[Handler, str, Any]](
+            queue_size
+        )
+        self.dead_letters: collections.deque[DeadLetter] = collections.deque(maxlen=dead_letters_max)
+        self.processed = 0
+        self.rejected = 0
+        self.observer_dropped = 0
+        self.latency = HandlerStats()
+
+    # -- registry ----------------------------------------------------------------------------------------
+    def event_type(self, event_type: str, *, on_reject: RejectFn | None = None) -> None:
+        """Declare an event type; `on_reject` answers an event a step rejected."""
+        self._chains.setdefault(event_type, [])
+        if on_reject is not None:
+            self._on_reject[event_type] = on_reject
+
+    def register(
+        self,
+        event_type: str,
+        name: str,
+        fn: HandlerFn,
+        *,
+        kind: Literal["step", "observer"] = "step",
+        before: str | None = None,
+        after: str | None = None,
+        timeout_s: float | None | Literal["default"] = "default",
+        retries: int | None = None,
+    ) -> Handler:
+        """Add a handler to an event type's chain (at the end, or before/after a named handler).
+
+        `timeout_s=None` is for built-in handlers that never block: a cancel scope per call costs about
+        as much as the handler itself on the send path.
+        """
+        if kind not in ("step", "observer"):
+            raise HandlerError(f"handler {name}: kind must be 'step' or 'observer'")
+        chain = self._chains.setdefault(event_type, [])
+        if any(h.name == name for h in chain):
+            raise HandlerError(f"{self.name}.{event_type}: a handler named {name!r} is already registered")
+        handler = Handler(
+            name,
+            fn,
+            kind,
+            self.handler_timeout_s if timeout_s == "default" else timeout_s,
+            self.handler_retries if retries is None else retries,
+        )
+        position = len(chain)
+        anchor = before or after
+        if anchor is not None:
+            names = [h.name for h in chain]
+            if anchor not in names:
+                raise HandlerError(
+                    f"{self.name}.{event_type}: no handler named {anchor!r} to place {name} by"
+                )
+            position = names.index(anchor) + (1 if after else 0)
+        # Copy-on-write: a shard iterating the old chain is not disturbed.
+        self._chains[event_type] = [*chain[:position], handler, *chain[position:]]
+        return handler
+
+    def unregister(self, event_type: str, name: str) -> None:
+        chain = self._chains.get(event_type, [])
+        if not any(h.name == name for h in chain):
+            raise HandlerError(f"{self.name}.{event_type}: no handler named {name!r}")
+        self._chains[event_type] = [h for h in chain if h.name != name]
+
+    def chain(self, event_type: str) -> list[Handler]:
+        return list(self._chains.get(event_type, []))
+
+    def set_enabled(self, name: str, enabled: bool) -> int:
+        """Switch every handler called `name` on or off; returns how many matched."""
+        count = 0
+        for chain in self._chains.values():
+            for handler in chain:
+                if handler.name == name:
+                    handler.enabled = enabled
+                    count += 1
+        return count
+
+    # -- submitting --------------------------------------------------------------------------------------
+    def shard_of(self, key: str) -> int:
+        # crc32, not hash(): Python salts str hashes per process, and shards must be stable.
+        return zlib.crc32(key.encode()) % len(self._senders)
+
+    async def submit(self, key: str, event_type: str, event: Any) -> None:
+        """Queue an event for the shard of `key`; waits while that shard's queue is full."""
+        await self._senders[self.shard_of(key)].send((event_type, event))
+
+    def try_submit(self, key: str, event_type: str, event: Any) -> bool:
+        """Queue without waiting; False (and nothing queued) when the shard is full."""
+        try:
+            self._senders[self.shard_of(key)].send_nowait((event_type, event))
+        except trio.WouldBlock:
+            return False
+        return True
+
+    # -- running -----------------------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            for receiver in self._receivers:
+                nursery.start_soon(self._run_shard, receiver)
+            nursery.start_soon(self._run_observers)
+            task_status.started()
+
+    async def _run_shard(self, receiver: trio.MemoryReceiveChannel[tuple[str, Any]]) -> None:
+        async for event_type, event in receiver:
+            await self.dispatch(event_type, event)
+
+    async def dispatch(self, event_type: str, event: Any) -> int:
+        """Run the chain for one event; returns SUCCESS or the reason it was rejected with."""
+        started = time.perf_counter()
+        reason = SUCCESS
+        for handler in self._chains.get(event_type, ()):
+            if not handler.enabled:
+                continue
+            if handler.kind == "observer":
+                try:
+                    self._observer_send.send_nowait((handler, event_type, event))
+                except trio.WouldBlock:
+                    self.observer_dropped += 1
+                continue
+            reason = await self._run_step(handler, event_type, event)
+            if reason != SUCCESS:
+                break
+        self.processed += 1
+        elapsed = time.perf_counter() - started
+        self.latency.calls += 1
+        self.latency.total_s += elapsed
+        self.latency.recent_s.append(elapsed)
+        if reason != SUCCESS:
+            self.rejected += 1
+            on_reject = self._on_reject.get(event_type)
+            if on_reject is not None:
+                try:
+                    await on_reject(self.ctx, event, reason)
+                except Exception:
+                    log.exception("%s.%s: on_reject failed", self.name, event_type)
+        return reason
+
+    async def _call(self, handler: Handler, event: Any) -> int | None:
+        handler.stats.calls += 1
+        started = time.perf_counter()
+        try:
+            if handler.timeout_s is None:
+                return await handler.fn(self.ctx, event)
+            with trio.fail_after(handler.timeout_s):
+                return await handler.fn(self.ctx, event)
+        except trio.TooSlowError:
+            handler.stats.timeouts += 1
+            raise
+        finally:
+            elapsed = time.perf_counter() - started
+            handler.stats.total_s += elapsed
+            handler.stats.recent_s.append(elapsed)
+
+    async def _run_step(self, handler: Handler, event_type: str, event: Any) -> int:
+        last_error: BaseException | None = None
+        for _attempt in range(handler.retries + 1):
+            try:
+                result = await self._call(handler, event)
+            except Exception as exc:  # isolate: a broken handler never takes the shard down
+                handler.stats.errors += 1
+                last_error = exc
+                continue
+            if result is None or result == SUCCESS:
+                return SUCCESS
+            handler.stats.rejects += 1
+            return int(result)
+        self._dead_letter(handler, event_type, event, last_error)
+        return SYSTEM_ERROR
+
+    async def _run_observers(self) -> None:
+        async for handler, event_type, event in self._observer_receive:
+            delay = 0.05
+            for attempt in range(handler.retries + 1):
+                try:
+                    await self._call(handler, event)
+                    break
+                except Exception as exc:
+                    handler.stats.errors += 1
+                    if attempt == handler.retries:
+                        self._dead_letter(handler, event_type, event, exc)
+                    else:
+                        await trio.sleep(delay)
+                        delay = min(delay * 2, 2.0)
+
+    def _dead_letter(
+        self, handler: Handler, event_type: str, event: Any, error: BaseException | None
+    ) -> None:
+        handler.stats.dead_lettered += 1
+        text = "timeout" if isinstance(error, trio.TooSlowError) else repr(error)
+        log.warning(
+            "%s.%s: handler %s failed, event dead-lettered: %s", self.name, event_type, handler.name, text
+        )
+        self.dead_letters.append(
+            DeadLetter(time.time(), self.name, event_type, handler.name, text, repr(event)[:300])
+        )
+
+    # -- statistics --------------------------------------------------------------------------------------
+    def queue_depths(self) -> list[int]:
+        return [s.statistics().current_buffer_used for s in self._senders]
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "shards": len(self._senders),
+            "queue_depth": sum(self.queue_depths()),
+            "processed": self.processed,
+            "rejected": self.rejected,
+            "observer_dropped": self.observer_dropped,
+            "observer_queue_depth": self._observer_send.statistics().current_buffer_used,
+            "dead_letters": len(self.dead_letters),
+            "latency": self.latency.as_dict(),
+            "handlers": {
+                event_type: [
+                    {"name": h.name, "kind": h.kind, "enabled": h.enabled, **h.stats.as_dict()} for h in chain
+                ]
+                for event_type, chain in self._chains.items()
+            },
+        }

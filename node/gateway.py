@@ -1,0 +1,266 @@
+"""TCP and WebSocket listeners: bytes in, typed events to the user pool; queued frames out.
+
+Per connection there are two tasks: the reader decodes frames (partial and coalesced reads alike) and hands
+events to the user pool, waiting when the pool is full (backpressure on this one client); the writer drains
+the connection's bounded queue, coalescing frames into one write on TCP and sending exactly one frame per
+message on WebSocket (the JS SDK mishandles several frames in one message).
+
+A client must send CONNECT within `connect_timeout_s` and then something (a PING at least) within every
+`idle_timeout_s`. Bad bytes get a DISCONNECT and a close; nothing else is affected.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import trio
+import trio_websocket
+
+from node import user_pool as up
+from node.config import Tuning
+from node.connection import Connection
+from node.eventbus import EventPool
+from node.protocol import (
+    Connect,
+    Disconnect,
+    FrameDecoder,
+    FrameTooLarge,
+    Ping,
+    ProtocolError,
+    Reason,
+    Recvack,
+    Send,
+    Sub,
+    Suback,
+    negotiate_version,
+)
+from node.registry import Registry
+
+log = logging.getLogger("imnode.gateway")
+READ_BYTES = 64 << 10
+WRITE_COALESCE_BYTES = 256 << 10
+
+
+class Transport(Protocol):
+    async def receive(self) -> bytes: ...
+    async def send(self, frames: list[bytes]) -> None: ...
+    async def aclose(self) -> None: ...
+
+
+class TcpTransport:
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+
+    async def receive(self) -> bytes:
+        return bytes(await self.stream.receive_some(READ_BYTES))
+
+    async def send(self, frames: list[bytes]) -> None:
+        await self.stream.send_all(frames[0] if len(frames) == 1 else b"".join(frames))
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+class WebSocketTransport:
+    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
+        self.ws = ws
+
+    async def receive(self) -> bytes:
+        try:
+            message = await self.ws.get_message()
+        except trio_websocket.ConnectionClosed:
+            return b""
+        if isinstance(message, str):
+            raise ProtocolError("text WebSocket message: the protocol is binary")
+        return bytes(message)
+
+    async def send(self, frames: list[bytes]) -> None:
+        for frame in frames:
+            await self.ws.send_message(frame)
+
+    async def aclose(self) -> None:
+        await self.ws.aclose()
+
+
+class _Closed(Exception):
+    """The peer closed its side."""
+
+
+class Gateway:
+    def __init__(self, tuning: Tuning, registry: Registry, user_pool: EventPool[Any]) -> None:
+        self.tuning = tuning
+        self.registry = registry
+        self.user_pool = user_pool
+        self.accepted = 0
+        self.protocol_errors = 0
+        self.connect_timeouts = 0
+        self.idle_timeouts = 0
+
+    # -- listeners ---------------------------------------------------------------------------------------
+    async def serve_tcp(
+        self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        bound = listeners[0].socket.getsockname()[1]
+
+        async def handler(stream: trio.SocketStream) -> None:
+            peer = stream.socket.getpeername()
+            await self.serve(TcpTransport(stream), "tcp", f"{peer[0]}:{peer[1]}")
+
+        async with trio.open_nursery() as nursery:
+            task_status.started(bound)
+            await trio.serve_listeners(handler, listeners, handler_nursery=nursery)
+
+    async def serve_ws(
+        self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        async def handler(request: trio_websocket.WebSocketRequest) -> None:
+            ws = await request.accept()
+            remote = getattr(ws, "remote", None)
+            await self.serve(WebSocketTransport(ws), "ws", str(remote))
+
+        async with trio.open_nursery() as nursery:
+            ws_server = await nursery.start(
+                lambda task_status: trio_websocket.serve_websocket(
+                    handler,
+                    host,
+                    port,
+                    ssl_context=None,
+                    handler_nursery=nursery,
+                    max_message_size=self.tuning.max_frame_bytes + 16,
+                    connect_timeout=self.tuning.connect_timeout_s,
+                    disconnect_timeout=5,
+                    task_status=task_status,
+                )
+            )
+            task_status.started(ws_server.port)
+
+    # -- one connection ----------------------------------------------------------------------------------
+    async def serve(self, transport: Transport, kind: str, remote: str) -> None:
+        conn = Connection(
+            self.registry.next_id(), kind, remote, outbound_frames=self.tuning.outbound_queue_frames
+        )
+        self.registry.add(conn)
+        self.accepted += 1
+        try:
+            async with trio.open_nursery() as nursery:
+                conn.cancel_scope = nursery.cancel_scope
+                nursery.start_soon(self._write_loop, conn, transport, nursery.cancel_scope)
+                await self._read_loop(conn, transport)
+                conn.close()  # let the writer drain what is queued (a DISCONNECT, a last SENDACK)
+                with trio.move_on_after(5):
+                    await conn.closed.wait()
+        finally:
+            conn.closed.set()
+            self.registry.remove(conn)
+            if conn.authenticated:
+                # Ordered after this uid's other events in its shard; try_submit so a full pool can't
+                # keep a dead connection's task alive (the registry entry is already gone).
+                self.user_pool.try_submit(conn.uid, up.CLOSE, up.ConnEvent(conn))
+            with trio.move_on_after(1) as scope:
+                scope.shield = True
+                try:
+                    await transport.aclose()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+
+    async def _write_loop(self, conn: Connection, transport: Transport, scope: trio.CancelScope) -> None:
+        try:
+            async for frame in conn.outbound:
+                frames, size = [frame], len(frame)
+                while size < WRITE_COALESCE_BYTES:
+                    try:
+                        more = conn.outbound.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    frames.append(more)
+                    size += len(more)
+                await transport.send(frames)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio_websocket.ConnectionClosed, OSError):
+            pass
+        finally:
+            scope.cancel()
+
+    async def _read_loop(self, conn: Connection, transport: Transport) -> None:
+        decoder = FrameDecoder(max_remaining=self.tuning.max_frame_bytes)
+
+        async def next_packet() -> Any:
+            while True:
+                packet = decoder.next_packet()
+                if packet is not None:
+                    conn.received_frames += 1
+                    return packet
+                data = await transport.receive()
+                if not data:
+                    raise _Closed
+                decoder.feed(data)
+
+        try:
+            with trio.move_on_after(self.tuning.connect_timeout_s):
+                first = await next_packet()
+            if not conn.received_frames:
+                self.connect_timeouts += 1
+                conn.close(Reason.UNKNOWN, "no CONNECT in time")
+                return
+            if not isinstance(first, Connect):
+                conn.close(Reason.UNKNOWN, "the first packet must be CONNECT")
+                return
+            decoder.version = negotiate_version(first.version)
+            await self.user_pool.submit(first.uid, up.CONNECT, up.ConnectEvent(conn, first))
+            with trio.move_on_after(self.tuning.handler_timeout_s * 4):
+                await conn.auth_done.wait()
+            if not conn.authenticated:
+                return
+            await self._serve_packets(conn, next_packet)
+        except FrameTooLarge as exc:
+            self.protocol_errors += 1
+            conn.close(Reason.UNKNOWN, str(exc))
+        except ProtocolError as exc:
+            self.protocol_errors += 1
+            conn.close(exc.reason_code, f"protocol error: {exc}")
+        except (_Closed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
+    async def _serve_packets(self, conn: Connection, next_packet: Callable[[], Awaitable[Any]]) -> None:
+        pool = self.user_pool
+        while not conn.closed.is_set():
+            with trio.move_on_after(self.tuning.idle_timeout_s):
+                packet = await next_packet()
+                conn.last_activity = trio.current_time()
+                if isinstance(packet, Send):
+                    await pool.submit(conn.uid, up.SEND, up.SendEvent(conn, packet))
+                elif isinstance(packet, Recvack):
+                    await pool.submit(conn.uid, up.RECVACK, up.RecvackEvent(conn, packet))
+                elif isinstance(packet, Ping):
+                    await pool.submit(conn.uid, up.PING, up.ConnEvent(conn))
+                elif isinstance(packet, Disconnect):
+                    conn.close()
+                    return
+                elif isinstance(packet, Sub):
+                    conn.send_packet(
+                        Suback(
+                            packet.sub_no,
+                            packet.channel_id,
+                            packet.channel_type,
+                            packet.action,
+                            Reason.NOT_SUPPORT_CHANNEL_TYPE,
+                        )
+                    )
+                else:
+                    raise ProtocolError(f"unexpected {type(packet).__name__} from a client")
+                continue
+            self.idle_timeouts += 1
+            conn.close(Reason.UNKNOWN, "idle timeout")
+            return
+
+    def statistics(self) -> dict[str, int]:
+        return {
+            "connections": len(self.registry),
+            "online_users": self.registry.online_users(),
+            "accepted": self.accepted,
+            "protocol_errors": self.protocol_errors,
+            "connect_timeouts": self.connect_timeouts,
+            "idle_timeouts": self.idle_timeouts,
+        }

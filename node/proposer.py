@@ -1,0 +1,157 @@
+"""One proposer per node: merges the ready work of all channels into Raft entries.
+
+Batching per channel alone would leave person-to-person traffic at one entry per message, and PySyncObj
+commits only a few thousand entries per second here; a shared entry carries a hundred or more messages.
+An entry closes after `batch_window_ms` or `batch_max_bytes`, whichever comes first.
+
+Outcomes: a failed proposal is proposed again, byte for byte, until `commit_timeout_s` has passed. That is
+safe for every op (sends are deduplicated in apply by client_msg_no; the other ops are idempotent) and it
+covers both the definite failures (no leader during an election) and the unknown ones (a leader change
+after the entry was sent). Only after the deadline does the work fail, with SYSTEM_ERROR.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from raft.apply import Result
+from raft.bridge import ProposeFailed, RaftNode
+from raft.commands import R_SYSTEM_ERROR, encode_entry
+from storage.store import StoreFull
+
+log = logging.getLogger("imnode.proposer")
+
+Done = Callable[[list[Result]], None]
+OP_OVERHEAD_BYTES = 160  # CBOR keys and ids of one send op beside its payload
+
+
+@dataclass
+class _Work:
+    ops: list[dict[str, Any]]
+    done: Done
+    size: int
+
+
+def _failed(count: int, text: str) -> list[Result]:
+    return [{"r": R_SYSTEM_ERROR, "err": text} for _ in range(count)]
+
+
+class Proposer:
+    def __init__(
+        self,
+        raft: RaftNode,
+        *,
+        batch_window_ms: float,
+        batch_max_bytes: int,
+        commit_timeout_s: float,
+    ) -> None:
+        self._raft = raft
+        self._window_s = batch_window_ms / 1000
+        self._max_bytes = batch_max_bytes
+        self._commit_timeout_s = commit_timeout_s
+        self._queue: collections.deque[_Work] = collections.deque()
+        self._ready = trio.Event()
+        self.entries = 0
+        self.ops = 0
+        self.retries = 0
+        self.timeouts = 0
+        self._committing = 0
+
+    def submit(self, ops: list[dict[str, Any]], done: Done) -> None:
+        """Queue ops for the next entry; `done` gets one result per op (never raises, never blocks).
+
+        The caller bounds how much it queues (one batch in flight per channel, a bounded pending list).
+        """
+        size = sum(len(op.get("payload", b"")) + OP_OVERHEAD_BYTES for op in ops)
+        self._queue.append(_Work(ops, done, size))
+        self._ready.set()
+
+    async def call(self, ops: list[dict[str, Any]]) -> list[Result]:
+        """Propose ops and wait for their results (for the HTTP API)."""
+        finished = trio.Event()
+        box: list[list[Result]] = []
+
+        def done(results: list[Result]) -> None:
+            box.append(results)
+            finished.set()
+
+        self.submit(ops, done)
+        await finished.wait()
+        return box[0]
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                await self._ready.wait()
+                if self._committing:
+                    # Entries are already on their way: let a window's worth of work gather into one
+                    # entry. With nothing in flight, propose at once (low latency at low load).
+                    await trio.sleep(self._window_s)
+                else:
+                    await trio.sleep(0)
+                while self._queue:
+                    batch, size = [], 0
+                    while self._queue and (not batch or size + self._queue[0].size <= self._max_bytes):
+                        work = self._queue.popleft()
+                        batch.append(work)
+                        size += work.size
+                    nursery.start_soon(self._commit, batch)
+                self._ready = trio.Event()
+
+    async def _commit(self, batch: list[_Work]) -> None:
+        ops = [op for work in batch for op in work.ops]
+        self._committing += 1
+        try:
+            results = await self._propose_until_deadline(ops)
+        finally:
+            self._committing -= 1
+        self.entries += 1
+        self.ops += len(ops)
+        start = 0
+        for work in batch:
+            part = results[start : start + len(work.ops)]
+            start += len(work.ops)
+            try:
+                work.done(part)
+            except Exception:
+                log.exception("a proposer completion failed")
+
+    async def _propose_until_deadline(self, ops: list[dict[str, Any]]) -> list[Result]:
+        try:
+            self._raft.store.check_room()
+        except StoreFull as exc:
+            return _failed(len(ops), str(exc))
+        entry = encode_entry(ops)
+        deadline = trio.current_time() + self._commit_timeout_s
+        delay = 0.02
+        while True:
+            remaining = deadline - trio.current_time()
+            if remaining <= 0:
+                self.timeouts += 1
+                return _failed(len(ops), "commit timed out")
+            try:
+                results = await self._raft.propose(entry, timeout_s=remaining)
+            except ProposeFailed as exc:
+                self.retries += 1
+                log.debug("proposal failed (%s); proposing again", exc.reason)
+                await trio.sleep(min(delay, max(0.0, deadline - trio.current_time())))
+                delay = min(delay * 2, 0.5)
+                continue
+            if len(results) != len(ops):
+                return _failed(len(ops), "entry could not be applied")
+            return results
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "queued": len(self._queue),
+            "entries": self.entries,
+            "ops": self.ops,
+            "retries": self.retries,
+            "timeouts": self.timeouts,
+        }

@@ -1,0 +1,142 @@
+"""The pusher event pool: RECV to this node's online devices, resends until RECVACK, offline notices.
+
+Sharded by recipient uid. Each node pushes only to its own connections; every node applies every committed
+message, so every node runs this for its own clients. The payload is encrypted once per connection (each
+connection has its own key), and a RECV that is not acknowledged is resent with DUP by `resend_due`.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from node.config import Config
+from node.connection import Connection
+from node.eventbus import EventPool
+from node.protocol import SETTING_NO_ENCRYPT, Recv, encode
+from node.registry import Registry
+from raft.apply import Result
+from raft.commands import CHANNEL_PERSON
+
+PUSH = "push"
+
+
+@dataclass(slots=True)
+class PushEvent:
+    op: dict[str, Any]
+    result: Result
+    uids: list[str]
+    offline: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PushContext:
+    config: Config
+    node_numeric_id: int
+    registry: Registry
+    delivered: int = 0
+    resent: int = 0
+    expired: int = 0
+    offline_notices: int = 0
+    # The most recent offline recipients, for inspection until webhooks deliver them.
+    recent_offline: collections.deque[tuple[int, str]] = field(
+        default_factory=lambda: collections.deque(maxlen=1000)
+    )
+
+
+def recv_frame(conn: Connection, op: dict[str, Any], result: Result, recipient: str) -> bytes:
+    """The RECV of one message for one connection, encrypted with that connection's key."""
+    if op["ct"] == CHANNEL_PERSON:
+        # A person channel shows the other party: the receiver sees the sender, the sender's other
+        # devices see the receiver.
+        channel_id = op["to"] if recipient == op["from"] else op["from"]
+    else:
+        channel_id = op["cid"]
+    payload = op["payload"]
+    setting = op["setting"]
+    msg_key = ""
+    if conn.session is not None and not setting & SETTING_NO_ENCRYPT:
+        payload = conn.session.encrypt(payload)
+        msg_key = conn.session.recv_msg_key(
+            result["mid"], result["seq"], op["cmn"], op["ts"], op["from"], channel_id, op["ct"], payload
+        )
+    packet = Recv(
+        setting=setting,
+        msg_key=msg_key,
+        from_uid=op["from"],
+        channel_id=channel_id,
+        channel_type=op["ct"],
+        client_msg_no=op["cmn"],
+        message_id=result["mid"],
+        message_seq=result["seq"],
+        timestamp=op["ts"],
+        payload=payload,
+    )
+    return encode(packet, conn.version)
+
+
+async def push_online(ctx: PushContext, ev: PushEvent) -> int | None:
+    tuning = ctx.config.tuning
+    due = trio.current_time() + tuning.recv_resend_interval_s
+    sender_node, sender_conn = ev.op.get("node"), ev.op.get("conn")
+    for uid in ev.uids:
+        conns = ctx.registry.of_uid(uid)
+        if not conns:
+            ev.offline.append(uid)
+            continue
+        for conn in conns:
+            if sender_node == ctx.node_numeric_id and conn.id == sender_conn:
+                continue  # never echo a message to the device that sent it
+            frame = recv_frame(conn, ev.op, ev.result, uid)
+            if conn.send_frame(frame):
+                conn.track_recv(ev.result["mid"], frame, due, tuning.recv_inflight_max)
+                ctx.delivered += 1
+    return None
+
+
+async def offline_notice(ctx: PushContext, ev: PushEvent) -> int | None:
+    """Observer: recipients with no device on this node (webhook delivery builds on this)."""
+    for uid in ev.offline:
+        ctx.offline_notices += 1
+        ctx.recent_offline.append((ev.result["mid"], uid))
+    return None
+
+
+def resend_due(ctx: PushContext, now: float) -> None:
+    """Resend every RECV whose RECVACK is overdue, with DUP set; give up after the configured attempts."""
+    tuning = ctx.config.tuning
+    for conn in ctx.registry:
+        if not conn.inflight:
+            continue
+        for message_id, item in list(conn.inflight.items()):
+            if item.due > now:
+                continue
+            if item.attempts >= tuning.recv_resend_attempts:
+                del conn.inflight[message_id]
+                ctx.expired += 1
+                continue
+            item.attempts += 1
+            item.due = now + tuning.recv_resend_interval_s
+            if conn.send_frame(item.frame):
+                ctx.resent += 1
+
+
+def build_pusher_pool(ctx: PushContext) -> EventPool[PushContext]:
+    tuning = ctx.config.tuning
+    pool: EventPool[PushContext] = EventPool(
+        "pusher",
+        ctx,
+        shards=tuning.pusher_pool_shards,
+        queue_size=tuning.pool_queue_size,
+        handler_timeout_s=tuning.handler_timeout_s,
+        handler_retries=tuning.handler_retries,
+        dead_letters_max=tuning.dead_letters_max,
+    )
+    pool.event_type(PUSH)
+    # Not retried: a second run would push the same RECV twice; resends are the DUP mechanism's job.
+    pool.register(PUSH, "push_online", push_online, retries=0, timeout_s=None)
+    pool.register(PUSH, "offline_notice", offline_notice, kind="observer")
+    return pool

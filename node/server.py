@@ -1,0 +1,208 @@
+"""A running imnode node: the store, Raft, the three event pools, the gateway and the HTTP API, wired.
+
+Start-up order matters: the store opens first, then Raft (which replays its journal into the store at once),
+then the pools and the distributor that feeds committed entries to them, and only then the listeners, so
+no client is accepted before there is somewhere for its events to go.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as serve_http
+
+from node.channel_pool import ChannelContext, Delivery, build_channel_pool
+from node.config import Config, NodeSpec
+from node.gateway import Gateway
+from node.http_api import HttpApi
+from node.ids import Snowflake
+from node.proposer import Proposer
+from node.pusher_pool import PushContext, build_pusher_pool, resend_due
+from node.registry import Registry
+from node.user_pool import UserContext, build_user_pool
+from raft.bridge import RaftNode
+from raft.commands import OP_SEND, R_SUCCESS
+from raft.machine import RaftSettings
+from storage.store import Store
+
+log = logging.getLogger("imnode.node")
+
+# Short GIL switch interval: LMDB and PySyncObj release the GIL on every call, and with the default 5 ms a
+# busy trio thread makes each re-acquire wait (RAFT_NOTES.md: ~75 ms per apply transaction under load).
+SWITCH_INTERVAL_S = 0.0001
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class Listening:
+    """Where a started node listens (ports resolved when the config asked for port 0)."""
+
+    node_id: str
+    tcp: str
+    ws: str
+    http: str
+    raft: str
+
+    def describe(self) -> str:
+        return f"node {self.node_id}: tcp {self.tcp}  ws ws://{self.ws}  http http://{self.http}  raft {self.raft}"
+
+
+class Node:
+    def __init__(self, config: Config, node_id: str) -> None:
+        self.config = config
+        self.spec: NodeSpec = config.node(node_id)
+        tuning = config.tuning
+        self.store = Store(os.path.join(self.spec.data_dir, "store"), map_size=tuning.store_map_bytes)
+        self.raft = RaftNode(
+            RaftSettings(
+                self_addr=self.spec.raft,
+                partners=config.partners(node_id),
+                data_dir=os.path.join(self.spec.data_dir, "raft"),
+                password=config.raft_password or None,
+                min_timeout_s=tuning.raft_min_timeout_s,
+                max_timeout_s=tuning.raft_max_timeout_s,
+                leader_fallback_timeout_s=tuning.leader_fallback_timeout_s,
+                append_entries_batch_bytes=max(4 << 20, 2 * tuning.batch_max_bytes + tuning.max_frame_bytes),
+                compaction_min_entries=tuning.log_compaction_min_entries,
+                compaction_min_time_s=tuning.log_compaction_min_time_s,
+            ),
+            self.store,
+            max_in_flight=tuning.proposals_in_flight,
+        )
+        self.proposer = Proposer(
+            self.raft,
+            batch_window_ms=tuning.batch_window_ms,
+            batch_max_bytes=tuning.batch_max_bytes,
+            commit_timeout_s=tuning.commit_timeout_s,
+        )
+        self.registry = Registry()
+        numeric_id = self.spec.numeric_id
+        self.push_ctx = PushContext(config, numeric_id, self.registry)
+        self.pusher_pool = build_pusher_pool(self.push_ctx)
+        self.channel_ctx = ChannelContext(
+            config, numeric_id, self.store, self.proposer, self.pusher_pool, Snowflake(numeric_id)
+        )
+        self.channel_pool = build_channel_pool(self.channel_ctx)
+        self.user_ctx = UserContext(config, numeric_id, self.store, self.registry, self.channel_pool)
+        self.user_pool = build_user_pool(self.user_ctx)
+        self.gateway = Gateway(tuning, self.registry, self.user_pool)
+        self.http = HttpApi(self)
+        self.listening: Listening | None = None
+        self.committed_messages = 0
+
+    # -- running -----------------------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[Listening] = trio.TASK_STATUS_IGNORED) -> None:
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.raft.run)
+                for pool in (self.pusher_pool, self.channel_pool, self.user_pool):
+                    await nursery.start(pool.run)
+                nursery.start_soon(self._distribute_committed)
+                nursery.start_soon(self.proposer.run)
+                nursery.start_soon(self._resend_loop)
+                nursery.start_soon(self._sync_loop)
+                # Accept clients once a leader is known (bounded: a node of a cluster whose other members
+                # are still down starts listening anyway, and its sends wait for the commit timeout).
+                with trio.move_on_after(self.config.tuning.raft_max_timeout_s * 4):
+                    while not self.raft.is_ready():
+                        await trio.sleep(0.01)
+                tcp_host, tcp_port = _split(self.spec.tcp)
+                ws_host, ws_port = _split(self.spec.ws)
+                http_host, http_port = _split(self.spec.http)
+                tcp_bound = await nursery.start(self.gateway.serve_tcp, tcp_host, tcp_port)
+                ws_bound = await nursery.start(self.gateway.serve_ws, ws_host, ws_port)
+                binds = await nursery.start(
+                    functools.partial(serve_http, self.http, self._http_config(http_host, http_port))
+                )
+                http_bound = int(binds[0].rsplit(":", 1)[1])
+                self.listening = Listening(
+                    self.spec.id,
+                    f"{tcp_host}:{tcp_bound}",
+                    f"{ws_host}:{ws_bound}",
+                    f"{http_host}:{http_bound}",
+                    self.spec.raft,
+                )
+                task_status.started(self.listening)
+        finally:
+            self.raft.close()
+            self.store.close()
+
+    def _http_config(self, host: str, port: int) -> HypercornConfig:
+        config = HypercornConfig()
+        config.bind = [f"{host}:{port}"]
+        config.accesslog = None
+        config.errorlog = logging.getLogger("imnode.http.server")
+        config.graceful_timeout = 1.0
+        return config
+
+    async def _distribute_committed(self) -> None:
+        """Every committed send goes to the channel pool for distribution (on every node)."""
+        async for committed in self.raft.committed():
+            for op, result in zip(committed.ops, committed.results, strict=False):
+                if not isinstance(op, dict) or op.get("t") != OP_SEND:
+                    continue
+                if result.get("r") != R_SUCCESS or result.get("dup"):
+                    continue
+                self.committed_messages += 1
+                await self.channel_pool.submit(f"{op['ct']}:{op['cid']}", "distribute", Delivery(op, result))
+
+    async def _resend_loop(self) -> None:
+        interval = max(0.05, self.config.tuning.recv_resend_interval_s / 4)
+        while True:
+            await trio.sleep(interval)
+            resend_due(self.push_ctx, trio.current_time())
+
+    async def _sync_loop(self) -> None:
+        """Flush LMDB to disk now and then (its commits are unsynced; see the durability note in README)."""
+        while True:
+            await trio.sleep(self.config.tuning.store_sync_interval_s)
+            await trio.to_thread.run_sync(self.store.sync)
+
+    # -- inspection ----------------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        return {
+            "id": self.spec.id,
+            "raft": self.raft.status(),
+            "gateway": self.gateway.statistics(),
+            "proposer": self.proposer.statistics(),
+            "messages": {
+                "committed": self.committed_messages,
+                "acked": self.channel_ctx.acked,
+                "delivered": self.push_ctx.delivered,
+                "resent": self.push_ctx.resent,
+                "expired": self.push_ctx.expired,
+                "offline_notices": self.push_ctx.offline_notices,
+            },
+            "pools": {
+                pool.name: {"queue_depth": sum(pool.queue_depths()), "dead_letters": len(pool.dead_letters)}
+                for pool in (self.user_pool, self.channel_pool, self.pusher_pool)
+            },
+            "store": self.store.stats(),
+        }
+
+    def pool_statistics(self) -> dict[str, Any]:
+        return {
+            pool.name: pool.statistics() for pool in (self.user_pool, self.channel_pool, self.pusher_pool)
+        }
+
+
+async def run_node(config: Config, node_id: str, on_ready: Callable[[Listening], None] | None = None) -> None:
+    """Run one node until cancelled."""
+    node = Node(config, node_id)
+    async with trio.open_nursery() as nursery:
+        listening = await nursery.start(node.run)
+        if on_ready is not None:
+            on_ready(listening)

@@ -1,0 +1,248 @@
+"""The user event pool: connect (auth, kick, CONNACK), send, recvack, ping, close.
+
+Sharded by uid, so one user's connects, sends and closes are handled in order. A send leaves this pool as
+soon as it is decrypted, verified and rate-checked: the channel pool takes it from there, and the SENDACK
+is written when the commit comes back, so the user shard never waits on Raft.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from node.channel_pool import ChannelSend
+from node.config import Config
+from node.connection import Connection
+from node.crypto import CryptoError, Session, generate_keypair, msg_key_matches, random_salt
+from node.eventbus import EventPool
+from node.protocol import (
+    SETTING_NO_ENCRYPT,
+    Connack,
+    Connect,
+    Pong,
+    Reason,
+    Recvack,
+    Send,
+    Sendack,
+    negotiate_version,
+)
+from node.registry import Registry
+from raft.commands import CHANNEL_PERSON, SUPPORTED_CHANNEL_TYPES, person_channel_id
+from storage.store import Store
+
+CONNECT = "connect"
+SEND = "send"
+RECVACK = "recvack"
+PING = "ping"
+CLOSE = "close"
+
+
+@dataclass(slots=True)
+class ConnectEvent:
+    conn: Connection
+    packet: Connect
+
+
+@dataclass(slots=True)
+class SendEvent:
+    conn: Connection
+    packet: Send
+    payload: bytes = b""  # plaintext, once the decrypt step has run
+
+
+@dataclass(slots=True)
+class RecvackEvent:
+    conn: Connection
+    packet: Recvack
+
+
+@dataclass(slots=True)
+class ConnEvent:
+    """ping and close carry nothing but the connection."""
+
+    conn: Connection
+
+
+@dataclass
+class UserContext:
+    config: Config
+    node_numeric_id: int
+    store: Store
+    registry: Registry
+    channel_pool: EventPool[Any]
+
+
+# -- connect ---------------------------------------------------------------------------------------------
+async def auth(ctx: UserContext, ev: ConnectEvent) -> int | None:
+    packet = ev.packet
+    if not packet.uid:
+        return Reason.AUTH_FAIL
+    if ctx.config.encryption and not packet.client_key:
+        return Reason.CLIENT_KEY_IS_EMPTY
+    if ctx.config.token_auth:
+        with ctx.store.read() as txn:
+            user = txn.user(packet.uid)
+        tokens = (user or {}).get("tokens", {})
+        expected = tokens.get(str(packet.device_flag))
+        if not expected or not msg_key_matches(expected, packet.token):
+            return Reason.AUTH_FAIL
+        ev.conn.device_level = (user or {}).get("levels", {}).get(str(packet.device_flag), 0)
+    return None
+
+
+async def kick_older(ctx: UserContext, ev: ConnectEvent) -> int | None:
+    """A second login of the same uid and device flag replaces the first (WuKongIM's rule)."""
+    for older in list(ctx.registry.of_uid(ev.packet.uid)):
+        if older.device_flag == ev.packet.device_flag and older is not ev.conn:
+            older.close(Reason.CONNECT_KICK, "logged in elsewhere")
+            ctx.registry.remove(older)
+    return None
+
+
+async def connack(ctx: UserContext, ev: ConnectEvent) -> int | None:
+    conn, packet = ev.conn, ev.packet
+    server_key = salt = ""
+    if ctx.config.encryption:
+        private_key, server_key = generate_keypair()
+        salt = random_salt()
+        try:
+            conn.session = Session.from_keys(private_key, packet.client_key, salt)
+        except CryptoError:
+            return Reason.CLIENT_KEY_IS_EMPTY
+    conn.uid = packet.uid
+    conn.device_flag = packet.device_flag
+    conn.device_id = packet.device_id
+    conn.version = negotiate_version(packet.version)
+    conn.authenticated = True
+    conn.rate_tokens = float(ctx.config.tuning.send_burst)
+    ctx.registry.bind(conn)
+    conn.send_packet(
+        Connack(
+            time_diff=int(time.time() * 1000) - packet.client_timestamp,
+            reason_code=Reason.SUCCESS,
+            server_key=server_key,
+            salt=salt,
+            server_version=conn.version,
+            node_id=ctx.node_numeric_id,
+        )
+    )
+    conn.auth_done.set()
+    return None
+
+
+async def reject_connect(ctx: UserContext, ev: ConnectEvent, reason: int) -> None:
+    conn = ev.conn
+    conn.version = negotiate_version(ev.packet.version)
+    conn.send_packet(Connack(time_diff=0, reason_code=reason, server_version=conn.version))
+    conn.close(None, f"connect refused ({Reason(reason).name.lower()})")
+    conn.auth_done.set()
+
+
+# -- send ------------------------------------------------------------------------------------------------
+async def decrypt(ctx: UserContext, ev: SendEvent) -> int | None:
+    packet, session = ev.packet, ev.conn.session
+    if session is None or packet.setting & SETTING_NO_ENCRYPT:
+        ev.payload = packet.payload
+        return None
+    expected = session.send_msg_key(
+        packet.client_seq, packet.client_msg_no, packet.channel_id, packet.channel_type, packet.payload
+    )
+    if not msg_key_matches(expected, packet.msg_key):
+        return Reason.MSG_KEY_ERROR
+    try:
+        ev.payload = session.decrypt(packet.payload)
+    except CryptoError:
+        return Reason.PAYLOAD_DECODE_ERROR
+    return None
+
+
+async def rate_limit(ctx: UserContext, ev: SendEvent) -> int | None:
+    """Token bucket per connection: a flood from one client is answered with reason 22."""
+    tuning = ctx.config.tuning
+    conn = ev.conn
+    now = trio.current_time()
+    conn.rate_tokens = min(
+        float(tuning.send_burst), conn.rate_tokens + (now - conn.rate_stamp) * tuning.send_rate_per_s
+    )
+    conn.rate_stamp = now
+    if conn.rate_tokens < 1.0:
+        return Reason.RATE_LIMIT
+    conn.rate_tokens -= 1.0
+    return None
+
+
+async def forward(ctx: UserContext, ev: SendEvent) -> int | None:
+    """Hand the send to the channel pool under the channel's stored id (person channels: the fake id)."""
+    packet = ev.packet
+    if packet.channel_type not in SUPPORTED_CHANNEL_TYPES:
+        return Reason.NOT_SUPPORT_CHANNEL_TYPE
+    if not packet.channel_id or not packet.client_msg_no:
+        return Reason.CHANNEL_ID_ERROR
+    if packet.channel_type == CHANNEL_PERSON:
+        if packet.channel_id == ev.conn.uid:
+            return Reason.CHANNEL_ID_ERROR  # WuKongIM has no channel with oneself
+        channel_id, peer = person_channel_id(ev.conn.uid, packet.channel_id), packet.channel_id
+    else:
+        channel_id, peer = packet.channel_id, ""
+    send = ChannelSend(
+        conn=ev.conn,
+        client_seq=packet.client_seq,
+        client_msg_no=packet.client_msg_no,
+        channel_id=channel_id,
+        channel_type=packet.channel_type,
+        peer=peer,
+        sender=ev.conn.uid,
+        setting=packet.setting,
+        payload=ev.payload,
+    )
+    await ctx.channel_pool.submit(send.route_key, "send", send)
+    return None
+
+
+async def reject_send(ctx: UserContext, ev: SendEvent, reason: int) -> None:
+    ev.conn.send_packet(Sendack(0, ev.packet.client_seq, 0, reason))
+
+
+# -- recvack, ping, close --------------------------------------------------------------------------------
+async def recvack(ctx: UserContext, ev: RecvackEvent) -> int | None:
+    ev.conn.inflight.pop(ev.packet.message_id, None)
+    return None
+
+
+async def ping(ctx: UserContext, ev: ConnEvent) -> int | None:
+    ev.conn.send_packet(Pong())
+    return None
+
+
+async def close(ctx: UserContext, ev: ConnEvent) -> int | None:
+    ctx.registry.remove(ev.conn)
+    return None
+
+
+def build_user_pool(ctx: UserContext) -> EventPool[UserContext]:
+    tuning = ctx.config.tuning
+    pool: EventPool[UserContext] = EventPool(
+        "user",
+        ctx,
+        shards=tuning.user_pool_shards,
+        queue_size=tuning.pool_queue_size,
+        handler_timeout_s=tuning.handler_timeout_s,
+        handler_retries=tuning.handler_retries,
+        dead_letters_max=tuning.dead_letters_max,
+    )
+    pool.event_type(CONNECT, on_reject=reject_connect)
+    pool.register(CONNECT, "auth", auth, retries=0, timeout_s=None)
+    pool.register(CONNECT, "kick", kick_older, retries=0, timeout_s=None)
+    pool.register(CONNECT, "connack", connack, retries=0, timeout_s=None)
+    pool.event_type(SEND, on_reject=reject_send)
+    pool.register(SEND, "decrypt", decrypt, retries=0, timeout_s=None)
+    pool.register(SEND, "rate_limit", rate_limit, retries=0, timeout_s=None)
+    # forward may wait on a full channel pool (backpressure); that is not a failure to retry.
+    pool.register(SEND, "forward", forward, retries=0, timeout_s=None)
+    pool.register(RECVACK, "recvack", recvack, timeout_s=None)
+    pool.register(PING, "ping", ping, timeout_s=None)
+    pool.register(CLOSE, "close", close, timeout_s=None)
+    return pool

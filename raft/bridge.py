@@ -1,0 +1,209 @@
+"""The one crossing between PySyncObj's tick thread and trio.
+
+Rules (../shared/RAFT_NOTES.md): the tick thread never waits on trio, and what it calls into trio can never
+raise. So the tick thread appends to a locked deque and asks trio to run `_wake` soon (idempotent, cannot
+raise); a trio task drains the deque. Flow is bounded upstream, by `max_in_flight` proposals per node.
+
+To the node this module offers a narrow interface: `await propose(entry)` for a result, and a stream of
+`Committed` entries. If Raft and apply ever move to a process of their own, only this module changes.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from raft.apply import Result
+from raft.machine import Committed, Machine, RaftSettings
+from storage.store import Store
+
+log = logging.getLogger("imnode.raft")
+
+# PySyncObj's FAIL_REASON values.
+(
+    SUCCESS,
+    QUEUE_FULL,
+    MISSING_LEADER,
+    DISCARDED,
+    NOT_LEADER,
+    LEADER_CHANGED,
+    REQUEST_DENIED,
+    UNKNOWN_OUTCOME,
+) = range(8)
+# These mean the entry was not and will not be committed; anything else may still commit.
+DEFINITE_FAILURES = frozenset({QUEUE_FULL, MISSING_LEADER, DISCARDED, NOT_LEADER, REQUEST_DENIED})
+FAIL_NAMES = {
+    QUEUE_FULL: "queue_full",
+    MISSING_LEADER: "missing_leader",
+    DISCARDED: "discarded",
+    NOT_LEADER: "not_leader",
+    LEADER_CHANGED: "leader_changed",
+    REQUEST_DENIED: "request_denied",
+    UNKNOWN_OUTCOME: "unknown_outcome",
+}
+ROLE_NAMES = {0: "follower", 1: "candidate", 2: "leader"}
+
+
+class ProposeFailed(Exception):
+    """A proposal did not produce a result. `definite`: it certainly did not commit (safe to report)."""
+
+    def __init__(self, reason: str, *, definite: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.definite = definite
+
+
+@dataclass
+class _Waiter:
+    done: trio.Event
+    result: list[Result] | None = None
+    error: int = SUCCESS
+
+
+class RaftNode:
+    """Owns the PySyncObj machine of one node and its crossing into trio."""
+
+    def __init__(self, settings: RaftSettings, store: Store, *, max_in_flight: int = 64) -> None:
+        self.settings = settings
+        self.store = store
+        self._machine: Machine | None = None
+        self._inbox: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._inbox_lock = threading.Lock()
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._wakeup = trio.Event()
+        self._waiters: dict[int, _Waiter] = {}
+        self._tokens = itertools.count(1)
+        self._in_flight = trio.Semaphore(max_in_flight)
+        self._committed_send, self._committed_receive = trio.open_memory_channel[Committed](256)
+        self.proposed = 0
+        self.failed: collections.Counter[str] = collections.Counter()
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start the machine (journal replay begins at once) and pump the crossing until cancelled."""
+        self._token = trio.lowlevel.current_trio_token()
+        self._machine = Machine(self.settings, self.store, self._on_commit)
+        task_status.started()
+        try:
+            while True:
+                await self._wakeup.wait()
+                self._wakeup = trio.Event()
+                with self._inbox_lock:
+                    items = list(self._inbox)
+                    self._inbox.clear()
+                for item in items:
+                    if item[0] == "result":
+                        self._resolve(item[1], item[2], item[3])
+                    else:
+                        await self._committed_send.send(item[1])
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the tick thread and wait for it (closes the journal); safe to call twice."""
+        machine, self._machine = self._machine, None
+        if machine is not None:
+            machine.destroy()
+            thread = getattr(machine, "_SyncObj__thread", None)
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(timeout=10)
+
+    @property
+    def machine(self) -> Machine:
+        if self._machine is None:
+            raise RuntimeError("raft is not running")
+        return self._machine
+
+    # -- tick thread side (never blocks on trio, never raises into it) -----------------------------------
+    def _post(self, item: tuple[Any, ...]) -> None:
+        with self._inbox_lock:
+            self._inbox.append(item)
+        token = self._token
+        if token is None:
+            return
+        try:
+            token.run_sync_soon(self._wake, idempotent=True)
+        except trio.RunFinishedError:
+            pass  # trio is gone (shutdown): nothing is waiting any more
+
+    def _wake(self) -> None:
+        self._wakeup.set()
+
+    def _on_commit(self, committed: Committed) -> None:
+        self._post(("commit", committed))
+
+    # -- trio side ---------------------------------------------------------------------------------------
+    def _resolve(self, token: int, result: Any, error: int) -> None:
+        waiter = self._waiters.pop(token, None)
+        if waiter is not None:
+            waiter.result = result
+            waiter.error = error
+            waiter.done.set()
+
+    async def propose(self, entry: bytes, *, timeout_s: float) -> list[Result]:
+        """Commit one entry and return its per-op results once this node has applied it.
+
+        Raises ProposeFailed: `definite` when the entry was certainly not committed; otherwise its outcome
+        is unknown (it may still commit) and a retry must be one that dedup makes safe.
+        """
+        async with self._in_flight:
+            token = next(self._tokens)
+            waiter = _Waiter(trio.Event())
+            self._waiters[token] = waiter
+
+            def callback(result: Any, error: int) -> None:
+                self._post(("result", token, result, error))
+
+            self.proposed += 1
+            self.machine.execute(entry, callback=callback)
+            try:
+                with trio.move_on_after(timeout_s):
+                    await waiter.done.wait()
+            finally:
+                self._waiters.pop(token, None)
+            if not waiter.done.is_set():
+                self.failed["timeout"] += 1
+                raise ProposeFailed("timeout", definite=False)
+            if waiter.error != SUCCESS:
+                name = FAIL_NAMES.get(waiter.error, str(waiter.error))
+                self.failed[name] += 1
+                raise ProposeFailed(name, definite=waiter.error in DEFINITE_FAILURES)
+            if waiter.result is None:
+                # Only a replayed entry returns None, and nobody waits on those.
+                raise ProposeFailed("no result", definite=False)
+            return list(waiter.result)
+
+    async def committed(self) -> AsyncIterator[Committed]:
+        """Every entry this node applies, in log order (one consumer)."""
+        async for item in self._committed_receive:
+            yield item
+
+    def status(self) -> dict[str, Any]:
+        """PySyncObj's status, with JSON-friendly names."""
+        raw = self.machine.getStatus()
+        leader = raw.get("leader")
+        return {
+            "self": str(raw.get("self")),
+            "role": ROLE_NAMES.get(raw.get("state", -1), "unknown"),
+            "leader": None if leader is None else str(leader),
+            "has_quorum": bool(raw.get("has_quorum")),
+            "term": raw.get("raft_term"),
+            "commit_index": raw.get("commit_idx"),
+            "applied_index": raw.get("last_applied"),
+            "log_len": raw.get("log_len"),
+            "store_applied_index": self.store.applied_index(),
+            "proposed": self.proposed,
+            "failed": dict(self.failed),
+        }
+
+    def is_ready(self) -> bool:
+        """A leader is known and this node has quorum-backed state to serve from."""
+        machine = self._machine
+        return machine is not None and machine._getLeader() is not None

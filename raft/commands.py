@@ -1,0 +1,162 @@
+"""Raft commands: what a log entry holds, and the checks every field passes before it may be applied.
+
+A log entry is one CBOR list of operations ("ops"), each a map with a type tag ``t``. The proposer merges the
+ready work of many channels (and of the HTTP API) into one entry, because PySyncObj commits a few thousand
+entries per second but well over a hundred thousand small messages per second when they share entries.
+
+`check_op` runs twice: before proposing (so bad input gets a clear error and never reaches the log) and
+again inside apply (so a hand-crafted or corrupted entry becomes an error result, never an exception: an
+apply that raises stalls the whole cluster).
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import cbor2
+
+# Reason codes of the WuKongIM protocol that apply can return (node.protocol.Reason has them all; a test
+# checks that the two agree). raft/ may not import node/, so the few it needs are named here.
+R_SUCCESS = 1
+R_SUBSCRIBER_NOT_EXIST = 3
+R_IN_BLACKLIST = 4
+R_CHANNEL_NOT_EXIST = 5
+R_NOT_ALLOW_SEND = 11
+R_NOT_IN_WHITELIST = 13
+R_SYSTEM_ERROR = 15
+R_CHANNEL_ID_ERROR = 16
+R_BAN = 19
+R_NOT_SUPPORT_CHANNEL_TYPE = 23
+R_DISBAND = 24
+R_SEND_BAN = 25
+
+CHANNEL_PERSON = 1
+CHANNEL_GROUP = 2
+SUPPORTED_CHANNEL_TYPES = (CHANNEL_PERSON, CHANNEL_GROUP)
+
+MAX_ID_BYTES = 128  # uid, channel_id, client_msg_no, device ids: far below LMDB's 511-byte key limit
+MAX_TOKEN_BYTES = 1024
+MAX_PAYLOAD_BYTES = 1 << 20
+MAX_UIDS_PER_OP = 10_000
+MEMBER_LISTS = ("subscribers", "blacklist", "whitelist")
+MEMBER_ACTIONS = ("add", "set", "remove")
+
+OP_SEND = "send"
+OP_TOKEN = "token"
+OP_CHANNEL = "channel"
+OP_MEMBERS = "members"
+OP_CHANNEL_DELETE = "channel_delete"
+
+
+class BadCommand(ValueError):
+    """A command failed validation; the message names the field."""
+
+
+def encode_entry(ops: list[dict[str, Any]]) -> bytes:
+    return cbor2.dumps(ops)
+
+
+def decode_entry(data: bytes) -> list[Any]:
+    """Decode one log entry; raises BadCommand on anything that is not a list."""
+    try:
+        ops = cbor2.loads(data)
+    except Exception as exc:  # cbor2 raises several types on garbage
+        raise BadCommand(f"entry is not CBOR: {exc}") from exc
+    if not isinstance(ops, list):
+        raise BadCommand("entry is not a list of ops")
+    return ops
+
+
+def _id(op: dict[str, Any], field: str, *, allow_empty: bool = False) -> None:
+    value = op.get(field)
+    if not isinstance(value, str):
+        raise BadCommand(f"{field} must be a string")
+    if not value and not allow_empty:
+        raise BadCommand(f"{field} must not be empty")
+    if len(value.encode()) > MAX_ID_BYTES:
+        raise BadCommand(f"{field} longer than {MAX_ID_BYTES} bytes")
+
+
+def _int(op: dict[str, Any], field: str, low: int, high: int) -> None:
+    value = op.get(field)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise BadCommand(f"{field} must be an integer in [{low}, {high}]")
+
+
+def _bool(op: dict[str, Any], field: str) -> None:
+    if field in op and not isinstance(op[field], bool):
+        raise BadCommand(f"{field} must be a boolean")
+
+
+def _uids(op: dict[str, Any], field: str = "uids") -> None:
+    uids = op.get(field)
+    if not isinstance(uids, list) or len(uids) > MAX_UIDS_PER_OP:
+        raise BadCommand(f"{field} must be a list of at most {MAX_UIDS_PER_OP} uids")
+    for uid in uids:
+        if not isinstance(uid, str) or not uid or len(uid.encode()) > MAX_ID_BYTES:
+            raise BadCommand(
+                f"every entry of {field} must be a non-empty string of at most {MAX_ID_BYTES} bytes"
+            )
+
+
+def _channel(op: dict[str, Any]) -> None:
+    _id(op, "cid")
+    _int(op, "ct", 0, 255)
+
+
+def check_op(op: Any) -> dict[str, Any]:
+    """Validate one op and return it; raises BadCommand naming the first bad field."""
+    if not isinstance(op, dict):
+        raise BadCommand("op must be a map")
+    kind = op.get("t")
+    if kind == OP_SEND:
+        _channel(op)
+        _id(op, "from")
+        _id(op, "cmn")
+        _int(op, "mid", 0, (1 << 63) - 1)
+        _int(op, "ts", 0, (1 << 32) - 1)
+        _int(op, "setting", 0, 255)
+        payload = op.get("payload")
+        if not isinstance(payload, bytes) or len(payload) > MAX_PAYLOAD_BYTES:
+            raise BadCommand(f"payload must be bytes of at most {MAX_PAYLOAD_BYTES}")
+        if "to" in op:
+            _id(op, "to", allow_empty=True)
+        _bool(op, "system")
+    elif kind == OP_TOKEN:
+        _id(op, "uid")
+        _int(op, "flag", 0, 255)
+        _int(op, "level", 0, 255)
+        token = op.get("token")
+        if not isinstance(token, str) or len(token.encode()) > MAX_TOKEN_BYTES:
+            raise BadCommand(f"token must be a string of at most {MAX_TOKEN_BYTES} bytes")
+    elif kind == OP_CHANNEL:
+        _channel(op)
+        for flag in ("ban", "disband", "send_ban", "large"):
+            if flag in op:
+                _int(op, flag, 0, 1)
+        if "subs" in op:
+            _uids(op, "subs")
+        _bool(op, "reset")
+    elif kind == OP_MEMBERS:
+        _channel(op)
+        if op.get("list") not in MEMBER_LISTS:
+            raise BadCommand(f"list must be one of {', '.join(MEMBER_LISTS)}")
+        if op.get("action") not in MEMBER_ACTIONS:
+            raise BadCommand(f"action must be one of {', '.join(MEMBER_ACTIONS)}")
+        _uids(op)
+    elif kind == OP_CHANNEL_DELETE:
+        _channel(op)
+    else:
+        raise BadCommand(f"unknown op type {kind!r}")
+    return op
+
+
+def person_channel_id(uid_a: str, uid_b: str) -> str:
+    """The stored id of the person channel between two users, the same whoever sends (WuKongIM's rule).
+
+    `a@b` when (crc32(a), a) > (crc32(b), b), else `b@a`: the crc decides, bytes break a tie.
+    """
+    key_a = (zlib.crc32(uid_a.encode()), uid_a.encode())
+    key_b = (zlib.crc32(uid_b.encode()), uid_b.encode())
+    return f"{uid_a}@{uid_b}" if key_a > key_b else f"{uid_b}@{uid_a}"
