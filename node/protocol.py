@@ -239,7 +239,14 @@ _U8_U8_U8 = struct.Struct(">BBB")
 
 
 def negotiate_version(client_version: int) -> int:
-    """The version a connection runs at, given the one its CONNECT announced."""
+    """The version a connection runs at, given the one its CONNECT announced.
+
+    A client announcing 3 gets the v2 layout: the SDKs learn the server's version only from CONNACK's
+    version byte, which is sent for versions above 3 only, and without it they fall back to v2 (the iOS
+    SDK says so outright; the JS SDK then leaves out `expire` and fails on a RECV that carries it).
+    """
+    if client_version <= 3:
+        return 2
     return min(client_version, LATEST_VERSION)
 
 

@@ -179,7 +179,8 @@ def test_versions_outside_the_supported_range_use_the_nearest_layout() -> None:
     assert encode(send, 1) == encode(send, 2)
     assert encode(send, 9) == encode(send, LATEST_VERSION)
     assert encode(send, 2) != encode(send, 3)
-    assert negotiate_version(1) == 1
+    assert negotiate_version(1) == 2
+    assert negotiate_version(3) == 2  # SDKs fall back to the v2 layout without CONNACK's version byte
     assert negotiate_version(4) == 4
     assert negotiate_version(200) == LATEST_VERSION
 
@@ -341,6 +342,15 @@ def test_four_byte_varint_is_accepted() -> None:
     assert decoder.next_packet() is None  # varint incomplete
 
 
+def test_a_malformed_body_is_consumed_so_the_stream_stays_in_sync() -> None:
+    truncated_sendack = bytes((0x40, 3)) + b"\x00\x00\x00"
+    decoder = FrameDecoder()
+    decoder.feed(truncated_sendack + encode(Sendack(1, 2, 3, 1), 5))
+    with pytest.raises(ProtocolError):
+        decoder.next_packet()
+    assert decoder.next_packet() == Sendack(1, 2, 3, 1)
+
+
 @pytest.mark.parametrize("packet_type", [0, 12, 13, 14, 15])
 def test_unknown_packet_type_is_refused(packet_type: int) -> None:
     decoder = FrameDecoder()
@@ -492,6 +502,45 @@ def test_random_bytes_yield_packets_or_protocol_error(data: bytes, version: int,
         pass
     for packet in got:
         assert encode(packet, version)  # whatever decodes can be written back
+
+
+def _varint_bytes(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    frames=st.lists(
+        st.tuples(st.integers(1, 11), st.integers(0, 15), st.binary(max_size=120)), min_size=1, max_size=8
+    ),
+    version=st.integers(1, 6),
+)
+def test_random_bodies_in_well_formed_frames_yield_packets_or_protocol_error(
+    frames: list[tuple[int, int, bytes]], version: int
+) -> None:
+    # Random bytes rarely form a header and a length that fit; these always do, so every body
+    # decoder meets garbage.
+    stream = b""
+    for packet_type, flags, body in frames:
+        first = bytes((packet_type << 4 | flags,))
+        if packet_type in (PacketType.PING, PacketType.PONG):
+            stream += first
+        else:
+            stream += first + _varint_bytes(len(body)) + body
+    decoder = FrameDecoder(version=version)
+    decoder.feed(stream)
+    for _ in frames:
+        try:
+            assert decoder.next_packet() is not None
+        except ProtocolError:
+            pass
+    # A bad body is consumed with its error, so the stream never loses sync.
+    assert decoder.buffered() == 0
 
 
 _ALL_SAMPLE_FRAMES = [(v, encode(p, v)) for v in VERSIONS for p in _samples(v)]
