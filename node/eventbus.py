@@ -138,7 +138,7 @@ class EventPool(Generic[Ctx]):
         kind: Literal["step", "observer"] = "step",
         before: str | None = None,
         after: str | None = None,
-        timeout_s: float | None | Literal["default"] = "default",
+        timeout_s: float | Literal["default"] | None = "default",
         retries: int | None = None,
     ) -> Handler:
         """Add a handler to an event type's chain (at the end, or before/after a named handler).

@@ -22,6 +22,7 @@ from raft.commands import (
     CHANNEL_PERSON,
     MAX_ID_BYTES,
     MAX_TOKEN_BYTES,
+    MAX_UID_BYTES,
     MAX_UIDS_PER_OP,
     OP_CHANNEL,
     OP_MEMBERS,
@@ -58,7 +59,11 @@ def text(body: Json, field: str, *, required: bool = True, max_bytes: int = MAX_
         raise bad(f"{field} must be a string")
     if required and not value:
         raise bad(f"{field} must not be empty")
-    if len(value.encode()) > max_bytes:
+    try:
+        size = len(value.encode())
+    except UnicodeEncodeError:
+        raise bad(f"{field} is not valid UTF-8 text") from None
+    if size > max_bytes:
         raise bad(f"{field} longer than {max_bytes} bytes")
     return value
 
@@ -77,8 +82,9 @@ def uid_list(body: Json, field: str) -> list[str]:
     if not isinstance(value, list) or len(value) > MAX_UIDS_PER_OP:
         raise bad(f"{field} must be a list of at most {MAX_UIDS_PER_OP} uids")
     for uid in value:
-        if not isinstance(uid, str) or not uid or len(uid.encode()) > MAX_ID_BYTES:
-            raise bad(f"every entry of {field} must be a non-empty string of at most {MAX_ID_BYTES} bytes")
+        if not isinstance(uid, str) or not uid:
+            raise bad(f"every entry of {field} must be a non-empty string")
+        text({"uid": uid}, "uid", max_bytes=MAX_UID_BYTES)
     return value
 
 
@@ -194,7 +200,7 @@ class HttpApi:
     async def user_token(self, body: Json, query: dict[str, list[str]]) -> Json:
         op = {
             "t": OP_TOKEN,
-            "uid": text(body, "uid"),
+            "uid": text(body, "uid", max_bytes=MAX_UID_BYTES),
             "token": text(body, "token", max_bytes=MAX_TOKEN_BYTES),
             "flag": integer(body, "device_flag", high=255),
             "level": integer(body, "device_level", high=255),
@@ -251,7 +257,7 @@ class HttpApi:
         return channel_id
 
     async def messagesync(self, body: Json, query: dict[str, list[str]]) -> Json:
-        login_uid = text(body, "login_uid", required=False)
+        login_uid = text(body, "login_uid", required=False, max_bytes=MAX_UID_BYTES)
         channel_id, channel_type = channel_of(body)
         start = integer(body, "start_message_seq", high=(1 << 32) - 1)
         end = integer(body, "end_message_seq", high=(1 << 32) - 1)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
+import trio.lowlevel
 
 from raft.apply import Result
 from raft.bridge import ProposeFailed, RaftNode
@@ -94,9 +95,10 @@ class Proposer:
                     # entry. With nothing in flight, propose at once (low latency at low load).
                     await trio.sleep(self._window_s)
                 else:
-                    await trio.sleep(0)
+                    await trio.lowlevel.checkpoint()
                 while self._queue:
-                    batch, size = [], 0
+                    batch: list[_Work] = []
+                    size = 0
                     while self._queue and (not batch or size + self._queue[0].size <= self._max_bytes):
                         work = self._queue.popleft()
                         batch.append(work)

@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -56,7 +56,8 @@ class Listening:
     raft: str
 
     def describe(self) -> str:
-        return f"node {self.node_id}: tcp {self.tcp}  ws ws://{self.ws}  http http://{self.http}  raft {self.raft}"
+        urls = f"tcp {self.tcp}  ws ws://{self.ws}  http http://{self.http}  raft {self.raft}"
+        return f"node {self.node_id}: {urls}"
 
 
 class Node:
@@ -117,7 +118,8 @@ class Node:
                 # Accept clients once a leader is known (bounded: a node of a cluster whose other members
                 # are still down starts listening anyway, and its sends wait for the commit timeout).
                 with trio.move_on_after(self.config.tuning.raft_max_timeout_s * 4):
-                    while not self.raft.is_ready():
+                    # Polled: PySyncObj's state lives on its own thread and offers no trio event.
+                    while not self.raft.is_ready():  # noqa: ASYNC110
                         await trio.sleep(0.01)
                 tcp_host, tcp_port = _split(self.spec.tcp)
                 ws_host, ws_port = _split(self.spec.ws)
@@ -125,7 +127,9 @@ class Node:
                 tcp_bound = await nursery.start(self.gateway.serve_tcp, tcp_host, tcp_port)
                 ws_bound = await nursery.start(self.gateway.serve_ws, ws_host, ws_port)
                 binds = await nursery.start(
-                    functools.partial(serve_http, self.http, self._http_config(http_host, http_port))
+                    functools.partial(
+                        serve_http, cast(Any, self.http), self._http_config(http_host, http_port)
+                    )
                 )
                 http_bound = int(binds[0].rsplit(":", 1)[1])
                 self.listening = Listening(

@@ -30,7 +30,7 @@ from node.protocol import (
     negotiate_version,
 )
 from node.registry import Registry
-from raft.commands import CHANNEL_PERSON, SUPPORTED_CHANNEL_TYPES, person_channel_id
+from raft.commands import CHANNEL_PERSON, MAX_UID_BYTES, SUPPORTED_CHANNEL_TYPES, person_channel_id
 from storage.store import Store
 
 CONNECT = "connect"
@@ -78,7 +78,7 @@ class UserContext:
 # -- connect ---------------------------------------------------------------------------------------------
 async def auth(ctx: UserContext, ev: ConnectEvent) -> int | None:
     packet = ev.packet
-    if not packet.uid:
+    if not packet.uid or len(packet.uid.encode()) > MAX_UID_BYTES:
         return Reason.AUTH_FAIL
     if ctx.config.encryption and not packet.client_key:
         return Reason.CLIENT_KEY_IS_EMPTY

@@ -35,7 +35,11 @@ CHANNEL_PERSON = 1
 CHANNEL_GROUP = 2
 SUPPORTED_CHANNEL_TYPES = (CHANNEL_PERSON, CHANNEL_GROUP)
 
-MAX_ID_BYTES = 128  # uid, channel_id, client_msg_no, device ids: far below LMDB's 511-byte key limit
+# Identifier caps keep every LMDB key (511 bytes at most) in range: the longest, a dedup key, is
+# channel (2 + 129) + sender (1 + 64) + client_msg_no (1 + 128) bytes.
+MAX_UID_BYTES = 64
+MAX_ID_BYTES = 128  # group channel ids, client_msg_no
+MAX_CHANNEL_ID_BYTES = 2 * MAX_UID_BYTES + 1  # a person channel's stored id is "uid@uid"
 MAX_TOKEN_BYTES = 1024
 MAX_PAYLOAD_BYTES = 1 << 20
 MAX_UIDS_PER_OP = 10_000
@@ -68,14 +72,22 @@ def decode_entry(data: bytes) -> list[Any]:
     return ops
 
 
-def _id(op: dict[str, Any], field: str, *, allow_empty: bool = False) -> None:
+def utf8_size(value: str, field: str) -> int:
+    """Byte length of `value` in UTF-8; a lone surrogate (JSON can carry one) is a BadCommand."""
+    try:
+        return len(value.encode())
+    except UnicodeEncodeError:
+        raise BadCommand(f"{field} is not valid UTF-8 text") from None
+
+
+def _id(op: dict[str, Any], field: str, *, allow_empty: bool = False, max_bytes: int = MAX_ID_BYTES) -> None:
     value = op.get(field)
     if not isinstance(value, str):
         raise BadCommand(f"{field} must be a string")
     if not value and not allow_empty:
         raise BadCommand(f"{field} must not be empty")
-    if len(value.encode()) > MAX_ID_BYTES:
-        raise BadCommand(f"{field} longer than {MAX_ID_BYTES} bytes")
+    if utf8_size(value, field) > max_bytes:
+        raise BadCommand(f"{field} longer than {max_bytes} bytes")
 
 
 def _int(op: dict[str, Any], field: str, low: int, high: int) -> None:
@@ -94,14 +106,14 @@ def _uids(op: dict[str, Any], field: str = "uids") -> None:
     if not isinstance(uids, list) or len(uids) > MAX_UIDS_PER_OP:
         raise BadCommand(f"{field} must be a list of at most {MAX_UIDS_PER_OP} uids")
     for uid in uids:
-        if not isinstance(uid, str) or not uid or len(uid.encode()) > MAX_ID_BYTES:
+        if not isinstance(uid, str) or not uid or utf8_size(uid, field) > MAX_UID_BYTES:
             raise BadCommand(
-                f"every entry of {field} must be a non-empty string of at most {MAX_ID_BYTES} bytes"
+                f"every entry of {field} must be a non-empty string of at most {MAX_UID_BYTES} bytes"
             )
 
 
 def _channel(op: dict[str, Any]) -> None:
-    _id(op, "cid")
+    _id(op, "cid", max_bytes=MAX_CHANNEL_ID_BYTES)
     _int(op, "ct", 0, 255)
 
 
@@ -112,7 +124,7 @@ def check_op(op: Any) -> dict[str, Any]:
     kind = op.get("t")
     if kind == OP_SEND:
         _channel(op)
-        _id(op, "from")
+        _id(op, "from", max_bytes=MAX_UID_BYTES)
         _id(op, "cmn")
         _int(op, "mid", 0, (1 << 63) - 1)
         _int(op, "ts", 0, (1 << 32) - 1)
@@ -121,14 +133,14 @@ def check_op(op: Any) -> dict[str, Any]:
         if not isinstance(payload, bytes) or len(payload) > MAX_PAYLOAD_BYTES:
             raise BadCommand(f"payload must be bytes of at most {MAX_PAYLOAD_BYTES}")
         if "to" in op:
-            _id(op, "to", allow_empty=True)
+            _id(op, "to", allow_empty=True, max_bytes=MAX_UID_BYTES)
         _bool(op, "system")
     elif kind == OP_TOKEN:
-        _id(op, "uid")
+        _id(op, "uid", max_bytes=MAX_UID_BYTES)
         _int(op, "flag", 0, 255)
         _int(op, "level", 0, 255)
         token = op.get("token")
-        if not isinstance(token, str) or len(token.encode()) > MAX_TOKEN_BYTES:
+        if not isinstance(token, str) or utf8_size(token, "token") > MAX_TOKEN_BYTES:
             raise BadCommand(f"token must be a string of at most {MAX_TOKEN_BYTES} bytes")
     elif kind == OP_CHANNEL:
         _channel(op)

@@ -37,7 +37,7 @@ EXIT_STORE_FAILURE = 70
 class Committed(NamedTuple):
     """One applied entry, handed to the node so it can acknowledge and push."""
 
-    index: int
+    raft_index: int
     ops: list[Any]
     results: list[Result]
 
@@ -67,7 +67,7 @@ def halt(reason: str) -> None:
     os._exit(EXIT_STORE_FAILURE)
 
 
-class Machine(SyncObj):  # type: ignore[misc]
+class Machine(SyncObj):
     """Replicates `execute(entry)` calls; `on_commit` receives every entry this node applies."""
 
     def __init__(self, settings: RaftSettings, store: Store, on_commit: Callable[[Committed], None]) -> None:
@@ -101,7 +101,7 @@ class Machine(SyncObj):  # type: ignore[misc]
         )
         super().__init__(settings.self_addr, list(settings.partners), conf)
 
-    @replicated  # type: ignore[untyped-decorator]
+    @replicated
     def execute(self, entry: bytes) -> list[Result] | None:
         """Apply one entry. Returns None for an entry the store already holds (journal replay)."""
         index = self.raftLastApplied + 1

@@ -45,8 +45,8 @@ def send_permission(
             "whitelist", receiver_chan, sender
         ):
             return c.R_NOT_IN_WHITELIST
-        record = txn.channel(channel_key(channel_id, channel_type)) or {}
-        if record.get("ban"):
+        person = txn.channel(channel_key(channel_id, channel_type)) or {}
+        if person.get("ban"):
             return c.R_BAN
         return c.R_SUCCESS
     chan = channel_key(channel_id, channel_type)

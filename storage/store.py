@@ -59,7 +59,8 @@ class Txn:
     """One LMDB transaction with typed reads and (for write transactions) writes."""
 
     def __init__(self, txn: lmdb.Transaction, dbs: dict[str, Any]) -> None:
-        self._txn = txn
+        # Any: transactions are opened with buffers=False, so values are bytes, which lmdb's stubs don't say.
+        self._txn: Any = txn
         self._dbs = dbs
 
     # -- meta ------------------------------------------------------------------------------------------

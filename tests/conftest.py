@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import signal
 import socket
 import subprocess
@@ -86,13 +85,19 @@ async def node(tmp_path: Path) -> AsyncIterator[RunningNode]:
 async def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0, what: str = "condition") -> None:
     """Poll a condition until it holds; fails the test after `timeout_s`."""
     with trio.fail_after(timeout_s):
-        while not predicate():
+        while not predicate():  # noqa: ASYNC110 - state owned by other threads and tasks
             await trio.sleep(0.01)
 
 
 # -- HTTP without a client dependency ---------------------------------------------------------------------
-async def http_json(base: str, method: str, path: str, body: Any = None, raw: bytes | None = None,
-                    headers: dict[str, str] | None = None) -> tuple[int, Any]:
+async def http_json(
+    base: str,
+    method: str,
+    path: str,
+    body: Any = None,
+    raw: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any]:
     """A minimal HTTP/1.1 request over a trio socket (one request per connection)."""
     import json
 
@@ -126,10 +131,10 @@ initial_members = ["n1"]
 
 [nodes.n1]
 numeric_id = 1
-raft = "127.0.0.1:{ports['raft']}"
-tcp = "127.0.0.1:{ports['tcp']}"
-ws = "127.0.0.1:{ports['ws']}"
-http = "127.0.0.1:{ports['http']}"
+raft = "127.0.0.1:{ports["raft"]}"
+tcp = "127.0.0.1:{ports["tcp"]}"
+ws = "127.0.0.1:{ports["ws"]}"
+http = "127.0.0.1:{ports["http"]}"
 data_dir = "{data_dir}"
 """
     )
@@ -143,12 +148,14 @@ class NodeProcess:
         self.config_path = config_path
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
+        self._log: Any = None
 
     def start(self, timeout_s: float = 30.0) -> None:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+        self._close_log()
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed when the child is reaped
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "node.cli", "node", "start", "--config", str(self.config_path)],
-            stdout=log,
+            stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=REPO,
         )
@@ -161,22 +168,31 @@ class NodeProcess:
             time.sleep(0.05)
         raise AssertionError(f"node did not start in {timeout_s}s:\n{self.log_path.read_text()}")
 
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
     def kill9(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=10)
+        self._close_log()
         # A new start waits for a new "listening" line.
         self.log_path.write_text("")
 
     def terminate(self, timeout_s: float = 15.0) -> int:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=timeout_s)
+        code = self.proc.wait(timeout=timeout_s)
+        self._close_log()
+        return code
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
+        self._close_log()
 
 
 @pytest.fixture
@@ -188,7 +204,3 @@ def node_process(tmp_path: Path) -> Iterator[tuple[NodeProcess, dict[str, int]]]
         yield proc, ports
     finally:
         proc.stop()
-
-
-def env_without_proxy() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}

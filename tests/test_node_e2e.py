@@ -19,7 +19,6 @@ from node.protocol import (
     FrameDecoder,
     Packet,
     Reason,
-    Recv,
     Send,
     Sendack,
     encode,
@@ -47,7 +46,10 @@ class RawConn:
     async def connect(self, uid: str, token: str = "", device_flag: int = 0) -> Connack:
         private, public = generate_keypair()
         await self.write(
-            encode(Connect(self.version, device_flag, "dev-" + uid, uid, token, int(time.time() * 1000), public), 5)
+            encode(
+                Connect(self.version, device_flag, "dev-" + uid, uid, token, int(time.time() * 1000), public),
+                5,
+            )
         )
         connack = await self.read()
         assert isinstance(connack, Connack)
@@ -77,11 +79,24 @@ class RawConn:
                 packets.append(packet)
         return packets
 
-    def send_frame(self, channel_id: str, channel_type: int, payload: bytes, *, seq: int = 1,
-                   cmn: str = "cmn-1", msg_key: str | None = None, raw_payload: bool = False) -> bytes:
+    def send_frame(
+        self,
+        channel_id: str,
+        channel_type: int,
+        payload: bytes,
+        *,
+        seq: int = 1,
+        cmn: str = "cmn-1",
+        msg_key: str | None = None,
+        raw_payload: bool = False,
+    ) -> bytes:
         assert self.session is not None
         wire = payload if raw_payload else self.session.encrypt(payload)
-        key = msg_key if msg_key is not None else self.session.send_msg_key(seq, cmn, channel_id, channel_type, wire)
+        key = (
+            msg_key
+            if msg_key is not None
+            else self.session.send_msg_key(seq, cmn, channel_id, channel_type, wire)
+        )
         return encode(Send(0, seq, cmn, channel_id, channel_type, wire, key), self.version)
 
     async def aclose(self) -> None:
@@ -126,7 +141,11 @@ async def test_person_and_group_messages_reach_tcp_and_v2_websocket_clients(node
             assert group_ack.reason_code == Reason.SUCCESS and group_ack.message_seq == expected_seq
             for member in (bob, carol):
                 message = await member.recv()
-                assert (message.channel_id, message.channel_type, message.message_seq) == ("g1", 2, expected_seq)
+                assert (message.channel_id, message.channel_type, message.message_seq) == (
+                    "g1",
+                    2,
+                    expected_seq,
+                )
                 assert json.loads(message.payload) == json.loads(TEXT)
         assert alice.statistics().bad_msg_keys == 0 and carol.statistics().bad_msg_keys == 0
         with pytest.raises(ClientError):
@@ -159,7 +178,10 @@ async def test_unacked_recv_is_resent_with_dup_until_recvack(tmp_path: Path) -> 
     config = single_node_config(tmp_path / "n1", recv_resend_interval_s=0.2, recv_resend_attempts=3)
     async with running_node(config) as node:
         host, port = node.tcp
-        async with open_client(host, port, "alice") as alice, open_client(host, port, "bob", auto_ack=False) as bob:
+        async with (
+            open_client(host, port, "alice") as alice,
+            open_client(host, port, "bob", auto_ack=False) as bob,
+        ):
             ack = await alice.send("bob", 1, TEXT)
             first = await bob.recv()
             resent = await bob.recv(timeout_s=3)
@@ -172,18 +194,23 @@ async def test_unacked_recv_is_resent_with_dup_until_recvack(tmp_path: Path) -> 
 
 async def test_second_login_with_same_device_flag_kicks_the_first(node: RunningNode) -> None:
     host, port = node.tcp
-    async with open_client(host, port, "alice", device_flag=0) as first:
-        async with open_client(host, port, "alice", device_flag=0), open_client(host, port, "alice", device_flag=1):
-            with trio.fail_after(5):
-                await first.disconnected.wait()
-            assert first.disconnect_reason == Reason.CONNECT_KICK
-            assert len(node.node.registry.of_uid("alice")) == 2
+    async with (
+        open_client(host, port, "alice", device_flag=0) as first,
+        open_client(host, port, "alice", device_flag=0),
+        open_client(host, port, "alice", device_flag=1),
+    ):
+        with trio.fail_after(5):
+            await first.disconnected.wait()
+        assert first.disconnect_reason == Reason.CONNECT_KICK
+        assert len(node.node.registry.of_uid("alice")) == 2
 
 
 async def test_token_auth_on_rejects_a_bad_token_and_accepts_the_set_one(tmp_path: Path) -> None:
     async with running_node(single_node_config(tmp_path / "n1", token_auth=True)) as node:
         host, port = node.tcp
-        status, _ = await http_json(node.http, "POST", "/user/token", {"uid": "alice", "token": "s3cret", "device_flag": 0})
+        status, _ = await http_json(
+            node.http, "POST", "/user/token", {"uid": "alice", "token": "s3cret", "device_flag": 0}
+        )
         assert status == 200
         with pytest.raises(ConnectRefused) as refused:
             async with open_client(host, port, "alice", token="wrong"):
@@ -200,12 +227,20 @@ async def test_group_permissions_give_the_right_reason_codes(node: RunningNode) 
         assert (await alice.send("nope", 2, TEXT)).reason_code == Reason.CHANNEL_NOT_EXIST
         assert (await mallory.send("g1", 2, TEXT)).reason_code == Reason.SUBSCRIBER_NOT_EXIST
         assert (await alice.send("x", 9, TEXT)).reason_code == Reason.NOT_SUPPORT_CHANNEL_TYPE
-        status, _ = await http_json(node.http, "POST", "/channel/subscriber_add",
-                                    {"channel_id": "g1", "channel_type": 2, "subscribers": ["mallory"]})
+        status, _ = await http_json(
+            node.http,
+            "POST",
+            "/channel/subscriber_add",
+            {"channel_id": "g1", "channel_type": 2, "subscribers": ["mallory"]},
+        )
         assert status == 200
         assert (await mallory.send("g1", 2, TEXT)).reason_code == Reason.SUCCESS
-        status, _ = await http_json(node.http, "POST", "/channel/subscriber_remove",
-                                    {"channel_id": "g1", "channel_type": 2, "subscribers": ["mallory"]})
+        status, _ = await http_json(
+            node.http,
+            "POST",
+            "/channel/subscriber_remove",
+            {"channel_id": "g1", "channel_type": 2, "subscribers": ["mallory"]},
+        )
         assert status == 200
         assert (await mallory.send("g1", 2, TEXT)).reason_code == Reason.SUBSCRIBER_NOT_EXIST
         await http_json(node.http, "POST", "/channel", {"channel_id": "g1", "channel_type": 2, "disband": 1})
@@ -294,7 +329,10 @@ async def test_malformed_http_bodies_get_400_with_a_json_error(node: RunningNode
         ("/channel", json.dumps({"channel_id": "g", "channel_type": "two"}).encode()),
         ("/channel/subscriber_add", json.dumps({"channel_id": "", "channel_type": 2}).encode()),
         ("/user/token", json.dumps({"uid": "a" * 500, "token": "t"}).encode()),
-        ("/channel/subscriber_add", json.dumps({"channel_id": "g", "channel_type": 2, "subscribers": [1]}).encode()),
+        (
+            "/channel/subscriber_add",
+            json.dumps({"channel_id": "g", "channel_type": 2, "subscribers": [1]}).encode(),
+        ),
     ]
     before = node.node.raft.proposed
     for path, raw in cases:
@@ -310,10 +348,32 @@ async def test_messagesync_reads_back_what_was_acked(node: RunningNode) -> None:
     host, port = node.tcp
     async with open_client(host, port, "alice") as alice:
         acks = [await alice.send("bob", 1, f"m{i}".encode()) for i in range(5)]
-    status, body = await http_json(node.http, "POST", "/channel/messagesync",
-                                   {"login_uid": "bob", "channel_id": "alice", "channel_type": 1,
-                                    "start_message_seq": 1, "limit": 3, "pull_mode": 1})
+    status, body = await http_json(
+        node.http,
+        "POST",
+        "/channel/messagesync",
+        {
+            "login_uid": "bob",
+            "channel_id": "alice",
+            "channel_type": 1,
+            "start_message_seq": 1,
+            "limit": 3,
+            "pull_mode": 1,
+        },
+    )
     assert status == 200
     assert [m["message_seq"] for m in body["messages"]] == [1, 2, 3] and body["more"] == 1
     assert [m["message_id"] for m in body["messages"]] == [a.message_id for a in acks[:3]]
     assert body["messages"][0]["channel_id"] == "alice"
+
+
+async def test_an_over_long_uid_is_refused_at_connect(node: RunningNode) -> None:
+    host, port = node.tcp
+    with pytest.raises(ConnectRefused) as refused:
+        async with open_client(host, port, "u" * 65):
+            pass
+    assert refused.value.reason_code == Reason.AUTH_FAIL
+    async with open_client(host, port, "u" * 64) as longest, open_client(host, port, "v" * 64) as other:
+        ack = await longest.send("v" * 64, 1, TEXT)
+        assert ack.reason_code == Reason.SUCCESS
+        assert (await other.recv()).from_uid == "u" * 64
