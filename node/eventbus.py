@@ -148,6 +148,8 @@ class EventPool(Generic[Ctx]):
         """
         if kind not in ("step", "observer"):
             raise HandlerError(f"handler {name}: kind must be 'step' or 'observer'")
+        if before is not None and after is not None:
+            raise HandlerError(f"handler {name}: give before= or after=, not both")
         chain = self._chains.setdefault(event_type, [])
         if any(h.name == name for h in chain):
             raise HandlerError(f"{self.name}.{event_type}: a handler named {name!r} is already registered")

@@ -1,0 +1,175 @@
+"""node/config.py: defaults, a valid cluster file, and errors that name the file and the key."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from node.config import DEFAULT_NODE_ID, Config, ConfigError, NodeSpec, Tuning, load
+
+FILE = "cluster.toml"
+
+NODE_1 = """
+[nodes.n1]
+numeric_id = 1
+raft = "127.0.0.1:5301"
+tcp = "127.0.0.1:5101"
+ws = "127.0.0.1:5201"
+http = "127.0.0.1:5001"
+data_dir = "data/n1"
+"""
+
+NODE_2 = """
+[nodes.n2]
+numeric_id = 2
+raft = "127.0.0.1:5302"
+tcp = "127.0.0.1:5102"
+ws = "127.0.0.1:5202"
+http = "127.0.0.1:5002"
+data_dir = "data/n2"
+"""
+
+VALID = (
+    """
+[cluster]
+name = "test-cluster"
+manager_token = "secret"
+raft_password = "raftpw"
+encryption = false
+token_auth = true
+initial_members = ["n1", "n2"]
+
+[tuning]
+user_pool_shards = 2
+handler_timeout_s = 3
+batch_window_ms = 1.5
+"""
+    + NODE_1
+    + NODE_2
+)
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / FILE
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def load_error(tmp_path: Path, text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        load(write(tmp_path, text))
+    message = str(info.value)
+    assert message.startswith(f"{FILE}: "), message
+    return message
+
+
+def test_load_none_gives_single_node_defaults() -> None:
+    config = load(None)
+    assert config == Config()
+    assert config.source == "<defaults>"
+    assert config.initial_members == (DEFAULT_NODE_ID,)
+    assert config.node(DEFAULT_NODE_ID) == NodeSpec()
+    assert config.partners(DEFAULT_NODE_ID) == ()
+    assert config.tuning == Tuning()
+    assert config.encryption is True and config.token_auth is False
+    with pytest.raises(ConfigError, match="no node 'n9'"):
+        config.node("n9")
+
+
+def test_a_valid_file_loads(tmp_path: Path) -> None:
+    config = load(write(tmp_path, VALID))
+    assert config.source == FILE
+    assert config.cluster_name == "test-cluster"
+    assert (config.manager_token, config.raft_password) == ("secret", "raftpw")
+    assert (config.encryption, config.token_auth) == (False, True)
+    assert config.initial_members == ("n1", "n2")
+    assert set(config.nodes) == {"n1", "n2"}
+    n2 = config.node("n2")
+    assert (n2.id, n2.numeric_id, n2.tcp, n2.http) == ("n2", 2, "127.0.0.1:5102", "127.0.0.1:5002")
+    # A relative data_dir is relative to the file, not to the working directory.
+    assert n2.data_dir == os.path.join(str(tmp_path), "data", "n2")
+    assert config.partners("n1") == ("127.0.0.1:5302",)
+    assert config.tuning.user_pool_shards == 2
+    assert config.tuning.handler_timeout_s == 3.0 and isinstance(config.tuning.handler_timeout_s, float)
+    assert config.tuning.batch_window_ms == 1.5
+    assert config.tuning.channel_pool_shards == Tuning().channel_pool_shards
+
+
+def test_initial_members_default_to_every_node(tmp_path: Path) -> None:
+    config = load(write(tmp_path, NODE_1 + NODE_2))
+    assert config.initial_members == ("n1", "n2")
+    assert config.cluster_name == "imnode"
+
+
+def test_a_missing_file_is_named(tmp_path: Path) -> None:
+    path = str(tmp_path / "absent.toml")
+    with pytest.raises(ConfigError, match="absent.toml: no such file"):
+        load(path)
+
+
+def test_toml_syntax_error(tmp_path: Path) -> None:
+    message = load_error(tmp_path, NODE_1 + "\n[cluster\nname = 'x'\n")
+    assert "not valid TOML" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "words"),
+    [
+        ("[clusterr]\nname = 'x'\n" + NODE_1, "clusterr", "unknown section"),
+        ("[cluster]\nnmae = 'x'\n" + NODE_1, "cluster.nmae", "unknown key"),
+        ("[tuning]\nuser_pool_shard = 2\n" + NODE_1, "tuning.user_pool_shard", "unknown key"),
+        (NODE_1 + "colour = 'red'\n", "nodes.n1.colour", "unknown key"),
+        (NODE_1.replace("numeric_id = 1", 'numeric_id = "1"'), "nodes.n1.numeric_id", "expected int"),
+        (NODE_1.replace("numeric_id = 1", "numeric_id = true"), "nodes.n1.numeric_id", "expected an integer"),
+        ("[tuning]\nuser_pool_shards = '8'\n" + NODE_1, "tuning.user_pool_shards", "expected int"),
+        ("[tuning]\nuser_pool_shards = 2.5\n" + NODE_1, "tuning.user_pool_shards", "expected int"),
+        ("[tuning]\nhandler_timeout_s = 'soon'\n" + NODE_1, "tuning.handler_timeout_s", "expected float"),
+        ("[cluster]\nencryption = 'yes'\n" + NODE_1, "cluster.encryption", "expected bool"),
+        ("[cluster]\ninitial_members = 'n1'\n" + NODE_1, "cluster.initial_members", "expected list"),
+        (NODE_1.replace('tcp = "127.0.0.1:5101"\n', ""), "nodes.n1.tcp", "missing"),
+        (NODE_1.replace("numeric_id = 1\n", ""), "nodes.n1.numeric_id", "missing"),
+        ("[cluster]\nname = 'x'\n", "nodes", "at least one"),
+        (NODE_1 + NODE_2.replace("5102", "5101"), "nodes.n2.tcp", "already used by nodes.n1.tcp"),
+        (NODE_1.replace("5201", "5101"), "nodes.n1.ws", "already used by nodes.n1.tcp"),
+        (NODE_1.replace("127.0.0.1:5101", "127.0.0.1"), "nodes.n1.tcp", "not host:port"),
+        (NODE_1.replace("127.0.0.1:5101", ":5101"), "nodes.n1.tcp", "not host:port"),
+        (NODE_1.replace("127.0.0.1:5101", "127.0.0.1:70000"), "nodes.n1.tcp", "not host:port"),
+        (NODE_1.replace("127.0.0.1:5101", "127.0.0.1:0"), "nodes.n1.tcp", "not host:port"),
+        ("[cluster]\ninitial_members = ['n1', 'n7']\n" + NODE_1, "cluster.initial_members", "'n7'"),
+        ("[cluster]\ninitial_members = []\n" + NODE_1, "cluster.initial_members", "at least one"),
+        (NODE_1 + NODE_2.replace("numeric_id = 2", "numeric_id = 1"), "nodes.n2.numeric_id", "already used"),
+        (NODE_1.replace("numeric_id = 1", "numeric_id = 1024"), "nodes.n1.numeric_id", "1..1023"),
+        (NODE_1.replace("numeric_id = 1", "numeric_id = 0"), "nodes.n1.numeric_id", "1..1023"),
+        ("[tuning]\nuser_pool_shards = 0\n" + NODE_1, "tuning.user_pool_shards", "must be positive"),
+        ("[tuning]\nhandler_timeout_s = -1.0\n" + NODE_1, "tuning.handler_timeout_s", "must be positive"),
+        (
+            "[tuning]\nraft_min_timeout_s = 2.0\nraft_max_timeout_s = 1.0\n" + NODE_1,
+            "tuning.raft_max_timeout_s",
+            "above raft_min_timeout_s",
+        ),
+        ("nodes = 5\n", "nodes", "at least one"),
+        ("[tuning]\n" + NODE_1 + "[nodes.n2]\n", "nodes.n2.numeric_id", "missing"),
+        ("tuning = 3\n" + NODE_1, "tuning", "expected a table"),
+    ],
+)
+def test_errors_name_the_file_and_the_key(tmp_path: Path, text: str, key: str, words: str) -> None:
+    message = load_error(tmp_path, text)
+    assert message.startswith(f"{FILE}: {key}:"), message
+    assert words in message, message
+
+
+@pytest.mark.xfail(strict=True, reason="bug: an unhashable initial_members entry raises TypeError")
+def test_initial_members_entries_must_be_strings(tmp_path: Path) -> None:
+    message = load_error(tmp_path, "[cluster]\ninitial_members = [['n1']]\n" + NODE_1)
+    assert "cluster.initial_members" in message
+
+
+@pytest.mark.xfail(strict=True, reason="bug: raft timeouts PySyncObj rejects (assert) pass the config check")
+def test_raft_min_timeout_pysyncobj_would_refuse_is_a_config_error(tmp_path: Path) -> None:
+    # PySyncObj's SyncObjConf.validate() asserts raftMinTimeout > 3 * appendEntriesPeriod (0.1 s): a node
+    # loaded with 0.2 dies at start with a bare AssertionError instead of a message naming the key.
+    message = load_error(tmp_path, "[tuning]\nraft_min_timeout_s = 0.2\nraft_max_timeout_s = 1.0\n" + NODE_1)
+    assert "tuning.raft_min_timeout_s" in message
