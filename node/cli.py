@@ -1,19 +1,25 @@
-"""The `imnode` command line."""
+"""The `imnode` command line: run nodes and clusters, change membership, inspect and verify."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Sequence
+from typing import Any
 
 import trio
 
+from node import operator as op
 from node.config import DEFAULT_NODE_ID, Config, ConfigError, load
 from node.server import Listening, Node
 
 EXIT_CONFIG = 2
+EXIT_FAILED = 1
 
 
 def _configure_logging(level: str) -> None:
@@ -25,6 +31,7 @@ def _configure_logging(level: str) -> None:
     logging.getLogger("pysyncobj").setLevel(logging.ERROR)
 
 
+# -- node ------------------------------------------------------------------------------------------------
 async def _serve_until_signal(node: Node) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
@@ -41,13 +48,218 @@ async def _serve_until_signal(node: Node) -> None:
 def cmd_node_start(args: argparse.Namespace) -> int:
     config: Config = load(args.config)
     node_id = args.node or (DEFAULT_NODE_ID if args.config is None else config.initial_members[0])
+    spec = config.node(node_id)
     if args.data_dir is not None:
-        import dataclasses
-
-        spec = dataclasses.replace(config.node(node_id), data_dir=args.data_dir)
+        spec = dataclasses.replace(spec, data_dir=args.data_dir)
         config = dataclasses.replace(config, nodes={**config.nodes, node_id: spec})
+    if args.partners is not None:
+        # A joining node starts with the current members as its partners (the config only bootstraps).
+        wanted = [p for p in args.partners.split(",") if p and p != node_id]
+        for partner in wanted:
+            config.node(partner)
+        config = dataclasses.replace(config, initial_members=(node_id, *wanted))
     node = Node(config, node_id)
     trio.run(_serve_until_signal, node)
+    return 0
+
+
+# -- cluster ---------------------------------------------------------------------------------------------
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum: int, frame: Any) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+def cmd_cluster_up(args: argparse.Namespace) -> int:
+    config = load(args.config)
+    signal.signal(signal.SIGTERM, _raise_stop)
+    procs: list[op.NodeProcess] = []
+    try:
+        for node_id in config.initial_members:
+            procs.append(op.spawn(args.config, config, node_id))
+            op.say(f"started {node_id} (pid {procs[-1].proc.pid}), log {procs[-1].log_path}")
+        op.say(f"waiting for a leader (at most {args.timeout:.0f}s)...")
+        deadline = time.monotonic() + args.timeout
+        while True:
+            for p in procs:
+                if p.proc.poll() is not None:
+                    raise op.OperatorError(
+                        f"{p.node_id} exited with code {p.proc.returncode}; see {p.log_path}"
+                    )
+            status = op.cluster_status(config)
+            if status["leader"] is not None:
+                break
+            if time.monotonic() > deadline:
+                raise op.OperatorError(f"no leader within {args.timeout:.0f}s; see the log files above")
+            time.sleep(0.2)
+        for node_id in config.initial_members:
+            spec = config.node(node_id)
+            op.say(
+                f"  {node_id}: tcp {spec.tcp}  ws ws://{spec.ws}  http http://{spec.http}  raft {spec.raft}"
+            )
+        op.say(f"cluster {config.cluster_name} is up: leader {status['leader']}. Ctrl-C stops it.")
+        running = {p.node_id for p in procs}
+        while True:
+            time.sleep(0.5)
+            for p in procs:
+                if p.node_id in running and p.proc.poll() is not None:
+                    running.discard(p.node_id)
+                    op.say(f"{p.node_id} exited with code {p.proc.returncode}; see {p.log_path}")
+    except (KeyboardInterrupt, _Stop):
+        op.say("stopping the cluster...")
+        return _stop_all(procs)
+    except op.OperatorError as exc:
+        print(f"imnode: {exc}", file=sys.stderr)
+        _stop_all(procs)
+        return EXIT_FAILED
+
+
+def _stop_all(procs: list[op.NodeProcess]) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave orphans
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for p in procs:
+        if p.proc.poll() is None:
+            p.proc.send_signal(signal.SIGTERM)
+    failed = 0
+    for p in procs:
+        try:
+            code = p.proc.wait(timeout=20)
+        except Exception:
+            p.proc.kill()
+            code = p.proc.wait()
+        op.say(f"  {p.node_id} stopped (exit code {code})")
+        failed += code != 0
+    op.say("cluster stopped")
+    return 0 if not failed else EXIT_FAILED
+
+
+def cmd_cluster_join(args: argparse.Namespace) -> int:
+    config = load(args.config)
+    node_id = args.node
+    config.node(node_id)
+    leader, current = op.members(config)
+    if node_id in current:
+        raise op.OperatorError(f"{node_id} is already a member ({', '.join(current)})")
+    op.say(f"adding {node_id} through leader {leader} (members now: {', '.join(current)})")
+    op.request(config, leader, "POST", "/admin/members", {"action": "add", "node": node_id}, timeout_s=30)
+    spec = config.node(node_id)
+    started = op.spawn(args.config, config, node_id, detach=True, partners=current)
+    proc, log_path = started.proc, started.log_path
+    op.say(f"started {node_id} (pid {proc.pid}), log {log_path}; catching up...")
+    target = op.node_status(config, leader)
+    goal = int((target or {}).get("commit_index") or 0)
+    deadline = time.monotonic() + args.timeout
+    last_report = 0.0
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise op.OperatorError(f"{node_id} exited with code {proc.returncode}; see {log_path}")
+        status = op.node_status(config, node_id)
+        applied = int((status or {}).get("applied_index") or 0)
+        if status is not None and status["role"] in ("follower", "leader") and applied >= goal:
+            op.say(
+                f"{node_id} joined and caught up (applied index {applied}); it serves clients at {spec.tcp}"
+            )
+            return 0
+        if time.monotonic() - last_report > 2:
+            op.say(f"  {node_id}: applied {applied} of {goal}")
+            last_report = time.monotonic()
+        time.sleep(0.2)
+    raise op.OperatorError(f"{node_id} did not catch up within {args.timeout:.0f}s; see {log_path}")
+
+
+def cmd_cluster_remove(args: argparse.Namespace) -> int:
+    config = load(args.config)
+    node_id = args.node
+    config.node(node_id)
+    leader, current = op.members(config)
+    if node_id not in current:
+        raise op.OperatorError(f"{node_id} is not a member ({', '.join(current)})")
+    if len(current) <= 1:
+        raise op.OperatorError("cannot remove the last member")
+    if node_id == leader:
+        op.say(f"{node_id} leads: handing leadership over first")
+        op.request(config, leader, "POST", "/admin/transfer", {})
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            status = op.cluster_status(config)
+            if status["leader"] not in (None, node_id):
+                leader = status["leader"]
+                break
+            time.sleep(0.2)
+        else:
+            raise op.OperatorError("leadership did not move within 15s; nothing was removed")
+        op.say(f"new leader: {leader}")
+    op.request(config, leader, "POST", "/admin/members", {"action": "remove", "node": node_id}, timeout_s=30)
+    op.say(f"{node_id} removed from the cluster")
+    if op.stop_by_pid_file(config, node_id):
+        op.say(f"stopped {node_id}'s process")
+    return 0
+
+
+# -- admin -----------------------------------------------------------------------------------------------
+def cmd_admin_status(args: argparse.Namespace) -> int:
+    config = load(args.config)
+    status = op.cluster_status(config)
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    header = (
+        f"{'node':6} {'role':10} {'term':>5} {'commit':>9} {'applied':>9} {'lag':>6} {'conns':>6} "
+        f"{'queues u/c/p':>14} {'dead':>5}"
+    )
+    print(f"cluster {config.cluster_name}: leader {status['leader'] or '(none)'}")
+    print(header)
+    for node in status["nodes"]:
+        if node["role"] == "down":
+            print(f"{node['id']:6} {'down':10}")
+            continue
+        pools = node["pools"]
+        queues = "/".join(str(pools[p]["queue_depth"]) for p in ("user", "channel", "pusher"))
+        print(
+            f"{node['id']:6} {node['role']:10} {node['term']:>5} {node['commit_index']:>9} "
+            f"{node['applied_index']:>9} {node['lag']:>6} {node['connections']:>6} {queues:>14} "
+            f"{node['dead_letters']:>5}"
+        )
+    return 0
+
+
+def cmd_admin_verify(args: argparse.Namespace) -> int:
+    config = load(args.config)
+    _leader, current = op.members(config)
+    deadline = time.monotonic() + args.timeout
+    while True:
+        digests = {n: op.request(config, n, "GET", "/admin/digests", timeout_s=30) for n in current}
+        indexes = {n: d["applied_index"] for n, d in digests.items()}
+        if len(set(indexes.values())) == 1:
+            break
+        if time.monotonic() > deadline:
+            raise op.OperatorError(
+                f"nodes did not reach the same applied index within {args.timeout:.0f}s: {indexes}"
+            )
+        op.say(f"waiting for nodes to converge: {indexes}")
+        time.sleep(0.5)
+    problems: list[str] = []
+    first = current[0]
+    reference = digests[first]
+    for node_id in current[1:]:
+        other = digests[node_id]
+        if other["state"] != reference["state"]:
+            problems.append(f"{node_id}: replicated state differs from {first}")
+        for channel in sorted(set(reference["channels"]) | set(other["channels"])):
+            a, b = reference["channels"].get(channel), other["channels"].get(channel)
+            if a != b:
+                problems.append(f"channel {channel}: {first} has {a}, {node_id} has {b}")
+    if problems:
+        for problem in problems:
+            print(f"DIFFERENT {problem}")
+        return EXIT_FAILED
+    messages = sum(c["count"] for c in reference["channels"].values())
+    op.say(
+        f"{len(current)} nodes agree at applied index {reference['applied_index']}: "
+        f"{len(reference['channels'])} channels, {messages} messages"
+    )
     return 0
 
 
@@ -72,7 +284,56 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--config", help="cluster TOML file (see cluster.example.toml)")
     start.add_argument("--node", help="which node of the config to run (default: the first initial member)")
     start.add_argument("--data-dir", help="override the node's data directory")
+    start.add_argument(
+        "--partners", help="comma-separated node ids of the current members (used by cluster join)"
+    )
     start.set_defaults(func=cmd_node_start)
+
+    cluster = commands.add_parser("cluster", help="run a cluster, add and remove nodes")
+    cluster_commands = cluster.add_subparsers(dest="action", required=True, metavar="ACTION")
+    up = cluster_commands.add_parser(
+        "up",
+        help="start every initial member as its own process; Ctrl-C stops them all",
+        description="Start each initial member of the config as its own process (log: <data_dir>/node.log), "
+        "wait for a leader, print where each node listens. Ctrl-C or SIGTERM stops them all cleanly.",
+    )
+    up.add_argument("--config", required=True)
+    up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for a leader (default 60)")
+    up.set_defaults(func=cmd_cluster_up)
+    join = cluster_commands.add_parser(
+        "join",
+        help="add a configured node to the running cluster and start it",
+        description="Add the node through the leader (refused unless every member is up and caught up), "
+        "start it in the background (log and pid file in its data dir) and wait until it has caught up.",
+    )
+    join.add_argument("--config", required=True)
+    join.add_argument("--node", required=True)
+    join.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the catch-up")
+    join.set_defaults(func=cmd_cluster_join)
+    remove = cluster_commands.add_parser(
+        "remove",
+        help="remove a node from the cluster (and stop it if this machine started it)",
+        description="Remove a member through the leader (a leader hands over first), then stop its process "
+        "if its pid file is in its data dir.",
+    )
+    remove.add_argument("--config", required=True)
+    remove.add_argument("--node", required=True)
+    remove.set_defaults(func=cmd_cluster_remove)
+
+    admin = commands.add_parser("admin", help="inspect and verify a running cluster")
+    admin_commands = admin.add_subparsers(dest="action", required=True, metavar="ACTION")
+    status = admin_commands.add_parser(
+        "status", help="role, term, commit/applied index, lag, connections, queues and dead letters per node"
+    )
+    status.add_argument("--config", required=True)
+    status.add_argument("--json", action="store_true", help="one JSON object: {leader, nodes: [...]}")
+    status.set_defaults(func=cmd_admin_status)
+    verify = admin_commands.add_parser(
+        "verify", help="compare per-channel digests across the members; exit 1 on any difference"
+    )
+    verify.add_argument("--config", required=True)
+    verify.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for nodes to converge")
+    verify.set_defaults(func=cmd_admin_verify)
     return parser
 
 
@@ -85,6 +346,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"imnode: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except op.OperatorError as exc:
+        print(f"imnode: {exc}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -135,8 +135,17 @@ def _check_tuning(source: str, tuning: Tuning) -> None:
         value = getattr(tuning, f.name)
         if value <= 0:
             raise ConfigError(f"{source}: tuning.{f.name}: must be positive, got {value!r}")
+    if tuning.log_compaction_min_entries < 2:
+        raise ConfigError(f"{source}: tuning.log_compaction_min_entries: must be at least 2")
+    # PySyncObj asserts these at start (heartbeats every 0.1 s); say so here, naming the key.
+    if tuning.raft_min_timeout_s <= 0.3:
+        raise ConfigError(f"{source}: tuning.raft_min_timeout_s: must be above 0.3 (3 heartbeat periods)")
     if tuning.raft_max_timeout_s <= tuning.raft_min_timeout_s:
         raise ConfigError(f"{source}: tuning.raft_max_timeout_s: must be above raft_min_timeout_s")
+    if tuning.leader_fallback_timeout_s <= 0.1:
+        raise ConfigError(
+            f"{source}: tuning.leader_fallback_timeout_s: must be above 0.1 (one heartbeat period)"
+        )
 
 
 def load(path: str | None) -> Config:
@@ -206,6 +215,10 @@ def load(path: str | None) -> Config:
 
     members = cluster.get("initial_members", list(nodes))
     for member in members:
+        if not isinstance(member, str):
+            raise ConfigError(
+                f"{source}: cluster.initial_members: entries must be node ids (strings), got {member!r}"
+            )
         if member not in nodes:
             raise ConfigError(f"{source}: cluster.initial_members: {member!r} has no [nodes.{member}] table")
     if not members:

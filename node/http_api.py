@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
+from node import admin
 from node.protocol import Reason
 from raft.commands import (
     CHANNEL_PERSON,
@@ -118,6 +119,9 @@ class HttpApi:
             "/channel/max_message_seq": Route("GET", self.max_message_seq),
             "/admin/status": Route("GET", self.admin_status, admin=True),
             "/admin/pools": Route("GET", self.admin_pools, admin=True),
+            "/admin/members": Route("POST", self.admin_members, admin=True),
+            "/admin/transfer": Route("POST", self.admin_transfer, admin=True),
+            "/admin/digests": Route("GET", self.admin_digests, admin=True),
         }
 
     # -- ASGI plumbing -----------------------------------------------------------------------------------
@@ -314,7 +318,29 @@ class HttpApi:
         return {"message_seq": int(record.get("last_seq", 0))}
 
     async def admin_status(self, body: Json, query: dict[str, list[str]]) -> Json:
-        return dict(self.node.status())
+        return admin.status(self.node)
+
+    async def admin_members(self, body: Json, query: dict[str, list[str]]) -> Json:
+        action = body.get("action")
+        if action not in ("add", "remove"):
+            raise bad("action must be 'add' or 'remove'")
+        node_id = text(body, "node")
+        try:
+            if action == "add":
+                return await admin.add_member(self.node, node_id)
+            return await admin.remove_member(self.node, node_id)
+        except admin.AdminRefused as exc:
+            raise HttpError(409, str(exc)) from None
+
+    async def admin_transfer(self, body: Json, query: dict[str, list[str]]) -> Json:
+        node_id = text(body, "node", required=False) or None
+        try:
+            return await admin.transfer_leadership(self.node, node_id)
+        except admin.AdminRefused as exc:
+            raise HttpError(409, str(exc)) from None
+
+    async def admin_digests(self, body: Json, query: dict[str, list[str]]) -> Json:
+        return admin.digests(self.node)
 
     async def admin_pools(self, body: Json, query: dict[str, list[str]]) -> Json:
         return dict(self.node.pool_statistics())

@@ -102,6 +102,7 @@ class Node:
         self.http = HttpApi(self)
         self.listening: Listening | None = None
         self.committed_messages = 0
+        self.membership_busy = False
 
     # -- running -----------------------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[Listening] = trio.TASK_STATUS_IGNORED) -> None:
@@ -176,27 +177,6 @@ class Node:
             await trio.to_thread.run_sync(self.store.sync)
 
     # -- inspection ----------------------------------------------------------------------------------------
-    def status(self) -> dict[str, Any]:
-        return {
-            "id": self.spec.id,
-            "raft": self.raft.status(),
-            "gateway": self.gateway.statistics(),
-            "proposer": self.proposer.statistics(),
-            "messages": {
-                "committed": self.committed_messages,
-                "acked": self.channel_ctx.acked,
-                "delivered": self.push_ctx.delivered,
-                "resent": self.push_ctx.resent,
-                "expired": self.push_ctx.expired,
-                "offline_notices": self.push_ctx.offline_notices,
-            },
-            "pools": {
-                pool.name: {"queue_depth": sum(pool.queue_depths()), "dead_letters": len(pool.dead_letters)}
-                for pool in (self.user_pool, self.channel_pool, self.pusher_pool)
-            },
-            "store": self.store.stats(),
-        }
-
     def pool_statistics(self) -> dict[str, Any]:
         return {
             pool.name: pool.statistics() for pool in (self.user_pool, self.channel_pool, self.pusher_pool)

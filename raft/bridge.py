@@ -180,6 +180,47 @@ class RaftNode:
                 raise ProposeFailed("no result", definite=False)
             return list(waiter.result)
 
+    async def _call(self, start: Any, timeout_s: float) -> Any:
+        """Run `start(callback)` on PySyncObj and wait for the callback; raises ProposeFailed."""
+        token = next(self._tokens)
+        waiter = _Waiter(trio.Event())
+        self._waiters[token] = waiter
+
+        def callback(result: Any, error: int) -> None:
+            self._post(("result", token, result, error))
+
+        start(callback)
+        try:
+            with trio.move_on_after(timeout_s):
+                await waiter.done.wait()
+        finally:
+            self._waiters.pop(token, None)
+        if not waiter.done.is_set():
+            raise ProposeFailed("timeout", definite=False)
+        if waiter.error != SUCCESS:
+            name = FAIL_NAMES.get(waiter.error, str(waiter.error))
+            raise ProposeFailed(name, definite=waiter.error in DEFINITE_FAILURES)
+        return waiter.result
+
+    async def add_member(self, address: str, *, timeout_s: float) -> None:
+        """Add a node (PySyncObj dynamic membership; one change at a time, committed through the log)."""
+        machine = self.machine
+        await self._call(lambda cb: machine.addNodeToCluster(address, callback=cb), timeout_s)
+
+    async def remove_member(self, address: str, *, timeout_s: float) -> None:
+        machine = self.machine
+        await self._call(lambda cb: machine.removeNodeFromCluster(address, callback=cb), timeout_s)
+
+    async def transfer_leadership(self, address: str | None, *, timeout_s: float) -> None:
+        """Ask the leader to hand over (to `address`, or the most caught-up follower)."""
+        machine = self.machine
+        await self._call(lambda cb: machine.transferLeadership(address, callback=cb), timeout_s)
+
+    def members(self) -> list[str]:
+        """Raft addresses of the current members, this node first."""
+        machine = self.machine
+        return [machine.selfNode.address, *sorted(node.address for node in machine.otherNodes)]
+
     async def committed(self) -> AsyncIterator[Committed]:
         """Every entry this node applies, in log order (one consumer)."""
         async for item in self._committed_receive:
@@ -189,7 +230,20 @@ class RaftNode:
         """PySyncObj's status, with JSON-friendly names."""
         raw = self.machine.getStatus()
         leader = raw.get("leader")
+        match = {
+            k.removeprefix("match_idx_server_"): v
+            for k, v in raw.items()
+            if k.startswith("match_idx_server_")
+        }
+        connected = {
+            k.removeprefix("partner_node_status_server_"): v == 2
+            for k, v in raw.items()
+            if k.startswith("partner_node_status_server_")
+        }
         return {
+            "members": self.members(),
+            "connected": connected,
+            "match_index": match,
             "self": str(raw.get("self")),
             "role": ROLE_NAMES.get(raw.get("state", -1), "unknown"),
             "leader": None if leader is None else str(leader),

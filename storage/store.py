@@ -195,6 +195,11 @@ class Txn:
     def delete(self, db: str, key: bytes) -> bool:
         return bool(self._txn.delete(key, db=self._dbs[db]))
 
+    def raw_items(self, db: str) -> Iterator[tuple[bytes, bytes]]:
+        """Every (key, value) of a database as stored, in key order (digests, verification)."""
+        for key, value in self._txn.cursor(db=self._dbs[db]):
+            yield bytes(key), bytes(value)
+
     def scan(self, db: str, prefix: bytes, limit: int = 1 << 30) -> list[tuple[bytes, Any]]:
         cursor = self._txn.cursor(db=self._dbs[db])
         found: list[tuple[bytes, Any]] = []
@@ -217,6 +222,8 @@ class Store:
         self.generation = 0
         # Re-entrant so a reader that nests a read on the same thread does not deadlock itself.
         self._swap_lock = threading.RLock()
+        self._sync_lock = threading.Lock()
+        self._closed = False
         self._open()
 
     def _open(self) -> None:
@@ -262,8 +269,9 @@ class Store:
 
     def check_room(self) -> None:
         """Refuse new work before the map or the disk is nearly full: apply must never hit MapFull."""
-        info = self.env.info()
-        stat = self.env.stat()
+        with self._swap_lock:
+            info = self.env.info()
+            stat = self.env.stat()
         used = (info["last_pgno"] + 1) * stat["psize"]
         if used > self.fill_limit * self.map_size:
             raise StoreFull(f"store map {used} of {self.map_size} bytes used")
@@ -272,15 +280,20 @@ class Store:
             raise StoreFull(f"disk nearly full: {disk.free} bytes free")
 
     def sync(self) -> None:
-        self.env.sync(True)
+        # Its own lock, not the swap lock: an fsync can take a while, and readers must not wait on it.
+        with self._sync_lock:
+            if not self._closed:
+                self.env.sync(True)
 
     def copy_to_fd(self, fd: int) -> None:
         """Write a consistent copy of the whole environment (one read snapshot) to `fd`."""
+        # No lock: this runs on the tick thread, the same thread that installs snapshots, so the
+        # environment cannot be swapped under it; holding the swap lock would stall every reader.
         self.env.copyfd(fd, compact=True)
 
     def install(self, data_file: str) -> None:
         """Replace the store with the LMDB data file `data_file` (a snapshot): close, swap, reopen."""
-        with self._swap_lock:
+        with self._swap_lock, self._sync_lock:
             self.env.close()
             os.replace(data_file, os.path.join(self.path, "data.mdb"))
             lock_file = os.path.join(self.path, "lock.mdb")
@@ -290,13 +303,17 @@ class Store:
             self.generation += 1
 
     def close(self) -> None:
-        with self._swap_lock:
+        with self._swap_lock, self._sync_lock:
+            if self._closed:
+                return
+            self._closed = True
             self.env.sync(True)
             self.env.close()
 
     def stats(self) -> dict[str, int]:
-        info = self.env.info()
-        stat = self.env.stat()
+        with self._swap_lock:
+            info = self.env.info()
+            stat = self.env.stat()
         return {
             "map_size": self.map_size,
             "used_bytes": (info["last_pgno"] + 1) * stat["psize"],

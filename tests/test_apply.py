@@ -83,9 +83,7 @@ def stored_seqs(store: Store, cid: str, ct: int = GROUP) -> list[int]:
 def dump_all(store: Store) -> dict[str, list[tuple[bytes, bytes]]]:
     """Every key and value of every named database."""
     with store.env.begin(buffers=False) as txn:
-        return {
-            name: [(bytes(k), bytes(v)) for k, v in txn.cursor(db=store._dbs[name])] for name in DB_NAMES
-        }
+        return {name: [(bytes(k), bytes(v)) for k, v in txn.cursor(db=store._dbs[name])] for name in DB_NAMES}
 
 
 # -- seqs and dedup ----------------------------------------------------------------------------------------
@@ -298,7 +296,10 @@ def test_permission_allows_the_right_sender(store: Store) -> None:
 
 
 def test_system_uid_bypasses_every_check(store: Store) -> None:
-    apply(store, [channel("g", ban=1, disband=1, send_ban=1, subs=["u1"]), members("g", "blacklist", "add", ["sys"])])
+    apply(
+        store,
+        [channel("g", ban=1, disband=1, send_ban=1, subs=["u1"]), members("g", "blacklist", "add", ["sys"])],
+    )
     with store.write() as txn:
         txn.set_meta("system_uids", ["sys"])
     results = apply(
@@ -322,7 +323,7 @@ BAD_OPS: dict[str, tuple[Any, str]] = {
     "none": (None, "op must be a map"),
     "unknown type": ({"t": "explode"}, "unknown op type"),
     "no type": ({"cid": "g"}, "unknown op type"),
-    "over-long uid": ({**send("g", "u" * (c.MAX_ID_BYTES + 1), "m")}, "from"),
+    "over-long uid": ({**send("g", "u" * (c.MAX_UID_BYTES + 1), "m")}, "from"),
     "over-long cid": ({**send("g" * 300, "u1", "m")}, "cid"),
     "empty cmn": ({**send("g", "u1", "")}, "cmn"),
     "payload not bytes": ({**send("g", "u1", "m"), "payload": "text"}, "payload"),
@@ -359,7 +360,12 @@ def test_bad_op_among_good_ones_leaves_them_applied(store: Store) -> None:
     apply(store, [members("g", "subscribers", "add", ["u1"])])
     results = apply(
         store,
-        [send("g", "u1", "a", mid=1), "garbage", {**send("g", "u1", "b"), "payload": 3}, send("g", "u1", "c", mid=2)],
+        [
+            send("g", "u1", "a", mid=1),
+            "garbage",
+            {**send("g", "u1", "b"), "payload": 3},
+            send("g", "u1", "c", mid=2),
+        ],
     )
     assert [r["r"] for r in results] == [1, 15, 15, 1]
     assert [r.get("seq") for r in results] == [1, None, None, 2]
@@ -397,7 +403,8 @@ _scalar = st.one_of(
     st.binary(max_size=64),
 )
 _value = st.recursive(
-    _scalar, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    _scalar,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
 )
 _field_value = st.one_of(_value, _uid, _group, st.integers(0, 3), st.just(b"payload"))
 _near_op = st.builds(
@@ -405,8 +412,11 @@ _near_op = st.builds(
     st.sampled_from([c.OP_SEND, c.OP_TOKEN, c.OP_CHANNEL, c.OP_MEMBERS, c.OP_CHANNEL_DELETE, "other"]),
     st.dictionaries(
         st.sampled_from(
-            ["cid", "ct", "from", "cmn", "mid", "ts", "setting", "payload", "to", "system", "uid", "flag"]
-            + ["level", "token", "ban", "disband", "send_ban", "large", "subs", "reset", "list", "action", "uids"]
+            [
+                *("cid", "ct", "from", "cmn", "mid", "ts", "setting", "payload", "to", "system", "uid"),
+                *("flag", "level", "token", "ban", "disband", "send_ban", "large", "subs", "reset"),
+                *("list", "action", "uids"),
+            ]
         ),
         _field_value,
     ),
@@ -443,8 +453,13 @@ def test_check_op_names_a_surrogate_field_instead_of_crashing() -> None:
 
 def test_person_channel_between_two_long_valid_uids(store: Store) -> None:
     alice, bob = "a" * c.MAX_UID_BYTES, "b" * c.MAX_UID_BYTES  # the longest uids CONNECT accepts
-    [result] = apply(store, [person_send(alice, bob, "m")])
+    # With the longest client_msg_no too, the dedup key is the longest key apply writes: it must fit LMDB.
+    cmn = "c" * c.MAX_ID_BYTES
+    [result] = apply(store, [person_send(alice, bob, cmn)])
     assert (result["r"], result.get("seq")) == (c.R_SUCCESS, 1)
+    assert apply(store, [person_send(alice, bob, cmn)])[0]["dup"] is True
+    [too_long] = apply(store, [person_send(alice + "a", bob, "m2")])
+    assert too_long["r"] == c.R_SYSTEM_ERROR
 
 
 # -- person channel ids and reason codes ----------------------------------------------------------------

@@ -13,7 +13,7 @@ import textwrap
 import types
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import cbor2
 import pytest
@@ -36,8 +36,20 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def as_machine(store: Store) -> Machine:
+    """The snapshot pair touches only `self._store`: a namespace holding one stands in for a machine."""
+    return cast(Machine, types.SimpleNamespace(_store=store))
+
+
 def group_setup(cid: str, uids: list[str]) -> dict[str, Any]:
-    return {"t": c.OP_MEMBERS, "cid": cid, "ct": c.CHANNEL_GROUP, "list": "subscribers", "action": "add", "uids": uids}
+    return {
+        "t": c.OP_MEMBERS,
+        "cid": cid,
+        "ct": c.CHANNEL_GROUP,
+        "list": "subscribers",
+        "action": "add",
+        "uids": uids,
+    }
 
 
 def send(cid: str, sender: str, cmn: str, mid: int) -> dict[str, Any]:
@@ -91,9 +103,10 @@ async def running_node(settings: RaftSettings, store: Store) -> AsyncIterator[Ru
     async with trio.open_nursery() as nursery:
         await nursery.start(node.run)
         nursery.start_soon(running.consume)
-        # A lone node elects itself after one election timeout; poll with a bound (no event exists for it).
+        # A lone node elects itself after one election timeout; PySyncObj offers no event for that, so
+        # poll, bounded.
         with trio.fail_after(READY_TIMEOUT_S):
-            while not node.is_ready():
+            while not node.is_ready():  # noqa: ASYNC110
                 await trio.sleep(0.01)
         yield running
         nursery.cancel_scope.cancel()
@@ -196,10 +209,9 @@ async def test_snapshot_of_a_live_machine_installs_into_a_store_behind(tmp_path:
             # Serialize on the live machine: nothing is in flight, so no apply races the copy.
             run.node.machine._serialize_snapshot(snap, (last, prev, {TCPNode(f"127.0.0.1:{port}")}))
             applied = store.applied_index()
-        with open(snap, "rb") as f:
-            assert f.read(len(SNAPSHOT_MAGIC)) == SNAPSHOT_MAGIC
+        assert (await trio.Path(snap).read_bytes()).startswith(SNAPSHOT_MAGIC)
 
-        loaded = Machine._load_snapshot(types.SimpleNamespace(_store=behind), snap)
+        loaded = Machine._load_snapshot(as_machine(behind), snap)
 
         assert loaded[0] == last and loaded[1] == prev
         assert {node.address for node in loaded[2]} == {f"127.0.0.1:{port}"}
@@ -212,7 +224,9 @@ async def test_snapshot_of_a_live_machine_installs_into_a_store_behind(tmp_path:
         behind.close()
 
 
-def _snapshot_pair(tmp_path: os.PathLike[str], source_applied: int, target_applied: int) -> tuple[Store, Store, str]:
+def _snapshot_pair(
+    tmp_path: os.PathLike[str], source_applied: int, target_applied: int
+) -> tuple[Store, Store, str]:
     source = Store(os.path.join(tmp_path, "source"), map_size=16 << 20)
     target = Store(os.path.join(tmp_path, "target"), map_size=16 << 20)
     with source.write() as txn:
@@ -223,14 +237,14 @@ def _snapshot_pair(tmp_path: os.PathLike[str], source_applied: int, target_appli
         txn.set_applied_index(target_applied)
     snap = os.path.join(tmp_path, "snap.bin")
     cluster = {TCPNode("127.0.0.1:1"), TCPNode("127.0.0.1:2")}
-    Machine._serialize_snapshot(types.SimpleNamespace(_store=source), snap, ((b"x", 9, 2), (b"y", 8, 2), cluster))
+    Machine._serialize_snapshot(as_machine(source), snap, ((b"x", 9, 2), (b"y", 8, 2), cluster))
     return source, target, snap
 
 
 def test_snapshot_replaces_only_a_store_that_is_behind(tmp_path: os.PathLike[str]) -> None:
     source, target, snap = _snapshot_pair(tmp_path, source_applied=9, target_applied=12)
     try:
-        last, prev, cluster = Machine._load_snapshot(types.SimpleNamespace(_store=target), snap)
+        last, prev, cluster = Machine._load_snapshot(as_machine(target), snap)
         assert (last, prev) == ((b"x", 9, 2), (b"y", 8, 2))
         assert sorted(node.address for node in cluster) == ["127.0.0.1:1", "127.0.0.1:2"]
         # The target is ahead: its own data stays.
@@ -246,7 +260,7 @@ def test_snapshot_replaces_only_a_store_that_is_behind(tmp_path: os.PathLike[str
 def test_snapshot_header_then_lmdb_copy(tmp_path: os.PathLike[str]) -> None:
     source, target, snap = _snapshot_pair(tmp_path, source_applied=9, target_applied=3)
     try:
-        Machine._load_snapshot(types.SimpleNamespace(_store=target), snap)
+        Machine._load_snapshot(as_machine(target), snap)
         assert target.generation == 1
         assert target.applied_index() == 9
         assert message_seqs(target, "g") == [1]
@@ -278,3 +292,21 @@ def test_a_bad_snapshot_halts_the_process(tmp_path: os.PathLike[str], content: b
     )
     assert done.returncode == EXIT_STORE_FAILURE, done.stderr
     assert "survived" not in done.stdout
+
+
+async def test_a_full_map_grows_inside_apply_instead_of_stalling(tmp_path: os.PathLike[str]) -> None:
+    # An apply that raised MapFullError would be retried by PySyncObj forever: the store must grow instead.
+    store = Store(os.path.join(tmp_path, "store"), map_size=256 << 10)
+    try:
+        async with running_node(fast_settings(tmp_path, free_port()), store) as run:
+            await run.propose([group_setup("g", ["u1"])])
+            big = {**send("g", "u1", "big", 1), "payload": b"p" * (600 << 10)}
+            assert await run.propose([big]) == [{"r": 1, "mid": 1, "seq": 1}]
+            assert store.map_size >= 1 << 20
+            with store.read() as txn:
+                stored = txn.message(keys.channel_key("g", c.CHANNEL_GROUP), 1)
+            assert stored is not None and len(stored["payload"]) == 600 << 10
+            # and the log goes on
+            assert await run.propose([send("g", "u1", "small", 2)]) == [{"r": 1, "mid": 2, "seq": 2}]
+    finally:
+        store.close()

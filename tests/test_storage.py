@@ -1,8 +1,9 @@
-"""storage/: key encodings, prefix scans, member indexes, snapshot install and the fill limit, on real LMDB."""
+"""storage/ on real LMDB: key encodings, prefix scans, member indexes, snapshot install, fill limit."""
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -58,7 +59,9 @@ def test_channel_key_round_trips() -> None:
 def test_message_keys_sort_numerically() -> None:
     chan = keys.channel_key("g", GROUP)
     seqs = [1, 2, 9, 10, 255, 256, 65536, 2**40]
-    assert sorted(keys.message_key(chan, s) for s in reversed(seqs)) == [keys.message_key(chan, s) for s in seqs]
+    assert sorted(keys.message_key(chan, s) for s in reversed(seqs)) == [
+        keys.message_key(chan, s) for s in seqs
+    ]
 
 
 def test_part_over_255_bytes_is_refused() -> None:
@@ -109,7 +112,11 @@ def test_member_scan_stays_in_its_channel(store: Store) -> None:
 
 
 def test_message_scan_stays_in_its_channel(store: Store) -> None:
-    a, ab, a_person = keys.channel_key("a", GROUP), keys.channel_key("ab", GROUP), keys.channel_key("a", PERSON)
+    a, ab, a_person = (
+        keys.channel_key("a", GROUP),
+        keys.channel_key("ab", GROUP),
+        keys.channel_key("a", PERSON),
+    )
     with store.write() as txn:
         for seq in range(1, 4):
             txn.put_message(a, seq, _msg(seq, "a"))
@@ -176,7 +183,11 @@ def test_add_and_remove_member_return_whether_anything_changed(store: Store) -> 
 
 
 def test_user_channels_index_follows_subscribers_only(store: Store) -> None:
-    g1, g2, p = keys.channel_key("g1", GROUP), keys.channel_key("g2", GROUP), keys.channel_key("u1@u2", PERSON)
+    g1, g2, p = (
+        keys.channel_key("g1", GROUP),
+        keys.channel_key("g2", GROUP),
+        keys.channel_key("u1@u2", PERSON),
+    )
     with store.write() as txn:
         txn.add_member("subscribers", g1, "u1")
         txn.add_member("subscribers", p, "u1")
@@ -315,3 +326,41 @@ def test_grow_doubles_the_map(tmp_path: os.PathLike[str]) -> None:
     finally:
         s.close()
 
+
+def test_env_calls_wait_for_a_snapshot_install_in_progress(tmp_path: os.PathLike[str]) -> None:
+    # The node calls sync() from a worker thread every second and check_room() before proposing, while
+    # install() runs on PySyncObj's tick thread: close, os.replace, reopen, under _swap_lock and
+    # _sync_lock (an fsync holds only the latter, so readers never wait on it).
+    s = Store(os.path.join(tmp_path, "db"), map_size=16 << 20)
+    closed, release = threading.Event(), threading.Event()
+
+    def installing() -> None:  # the critical section of install(), held open until released
+        with s._swap_lock, s._sync_lock:
+            s.env.close()
+            closed.set()
+            release.wait(10)
+            s._open()
+
+    outcomes: dict[str, str] = {}
+
+    def call(name: str) -> None:
+        try:
+            getattr(s, name)()
+            outcomes[name] = "ok"
+        except Exception as exc:
+            outcomes[name] = repr(exc)
+
+    installer = threading.Thread(target=installing)
+    installer.start()
+    assert closed.wait(10)
+    workers = [threading.Thread(target=call, args=(name,)) for name in ("sync", "check_room", "stats")]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(0.2)  # a correct store keeps them blocked on the lock; a buggy one fails them at once
+    release.set()
+    installer.join(10)
+    for worker in workers:
+        worker.join(10)
+    s.close()
+    assert outcomes == {"sync": "ok", "check_room": "ok", "stats": "ok"}

@@ -1,0 +1,166 @@
+"""What the operator commands do: run a cluster's processes, change membership, report and verify.
+
+These commands talk to nodes only through their authenticated admin HTTP endpoints (the manager token from
+the config in the `token` header), so they work the same against nodes started by `cluster up`, by hand,
+or on other machines. Every wait is bounded and reports progress.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+from node.config import Config
+
+STATUS_TIMEOUT_S = 2.0
+PID_FILE = "node.pid"
+LOG_FILE = "node.log"
+
+
+class OperatorError(Exception):
+    """A command cannot go on; the message says why and what to do."""
+
+
+def request(
+    config: Config, node_id: str, method: str, path: str, body: Any = None, timeout_s: float = 5.0
+) -> Any:
+    """One admin call to a node; OperatorError with the node's own message on a refusal."""
+    spec = config.node(node_id)
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(f"http://{spec.http}{path}", data=data, method=method)
+    req.add_header("Content-Type", "application/json")
+    if config.manager_token:
+        req.add_header("token", config.manager_token)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as response:
+            return json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read()).get("msg", "")
+        except ValueError:
+            message = ""
+        raise OperatorError(f"{node_id}: {message or exc.reason} (HTTP {exc.code})") from None
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        raise OperatorError(f"{node_id} is not reachable at http://{spec.http}: {exc}") from None
+
+
+def node_status(config: Config, node_id: str) -> dict[str, Any] | None:
+    """The node's admin status, or None if it does not answer."""
+    try:
+        answer = request(config, node_id, "GET", "/admin/status", timeout_s=STATUS_TIMEOUT_S)
+    except OperatorError:
+        return None
+    return answer if isinstance(answer, dict) else None
+
+
+def cluster_status(config: Config) -> dict[str, Any]:
+    """Every configured node's status (`role: down` when it does not answer) and the leader."""
+    nodes: list[dict[str, Any]] = []
+    leaders: set[str] = set()
+    for node_id in config.nodes:
+        status = node_status(config, node_id)
+        if status is None:
+            nodes.append(
+                {"id": node_id, "role": "down", "term": None, "commit_index": None, "applied_index": None}
+            )
+            continue
+        nodes.append(status)
+        if status.get("role") == "leader":
+            leaders.add(node_id)
+    # Two nodes can call themselves leader for a moment (an old one not yet stepped down): take the
+    # one of the highest term.
+    leader = max(leaders, key=lambda n: next(s["term"] for s in nodes if s["id"] == n)) if leaders else None
+    return {"leader": leader, "nodes": nodes}
+
+
+def wait_for_leader(config: Config, timeout_s: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = cluster_status(config)
+        if status["leader"] is not None:
+            return status
+        time.sleep(0.2)
+    raise OperatorError(f"no leader within {timeout_s:.0f}s; see the nodes' log files")
+
+
+def members(config: Config) -> tuple[str, list[str]]:
+    """(leader, current members) as the leader reports them."""
+    status = cluster_status(config)
+    leader = status["leader"]
+    if leader is None:
+        raise OperatorError("no leader is reachable: is the cluster up?")
+    for node in status["nodes"]:
+        if node["id"] == leader:
+            return leader, list(node["members"])
+    raise OperatorError("the leader's status is missing")
+
+
+# -- processes -------------------------------------------------------------------------------------------
+@dataclass
+class NodeProcess:
+    node_id: str
+    proc: subprocess.Popen[bytes]
+    log_path: str
+
+
+def spawn(
+    config_path: str, config: Config, node_id: str, *, detach: bool = False, partners: list[str] | None = None
+) -> NodeProcess:
+    """Start `imnode node start` for one node, logging to <data_dir>/node.log; writes a pid file."""
+    spec = config.node(node_id)
+    os.makedirs(spec.data_dir, exist_ok=True)
+    log_path = os.path.join(spec.data_dir, LOG_FILE)
+    command = [sys.executable, "-m", "node.cli", "node", "start", "--config", config_path, "--node", node_id]
+    if partners is not None:
+        command += ["--partners", ",".join(partners)]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=detach,  # a joined node outlives the `cluster join` command
+        )
+    with open(os.path.join(spec.data_dir, PID_FILE), "w") as pid_file:
+        pid_file.write(str(proc.pid))
+    return NodeProcess(node_id, proc, log_path)
+
+
+def stop_by_pid_file(config: Config, node_id: str, timeout_s: float = 15.0) -> bool:
+    """SIGTERM the node whose pid file is in its data dir; True if a process was stopped."""
+    path = os.path.join(config.node(node_id).data_dir, PID_FILE)
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip())
+    except (OSError, ValueError):
+        return False
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        os.remove(path)
+        return False
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.1)
+    with contextlib.suppress(OSError):
+        os.remove(path)
+    return True
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
