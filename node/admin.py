@@ -48,6 +48,7 @@ def status(node: Node) -> dict[str, Any]:
         "applied_index": applied,
         "lag": max(0, commit - applied),
         "store_applied_index": raft["store_applied_index"],
+        "log_len": raft["log_len"],
         "members": [node_id_of(node, m) for m in raft["members"]],
         "connected": {node_id_of(node, k): v for k, v in raft["connected"].items()},
         "has_quorum": raft["has_quorum"],

@@ -106,8 +106,12 @@ class Gateway:
         bound = listeners[0].socket.getsockname()[1]
 
         async def handler(stream: trio.SocketStream) -> None:
-            peer = stream.socket.getpeername()
-            await self.serve(TcpTransport(stream), "tcp", f"{peer[0]}:{peer[1]}")
+            try:
+                peer = stream.socket.getpeername()
+                await self.serve(TcpTransport(stream), "tcp", f"{peer[0]}:{peer[1]}")
+            except Exception:
+                # One connection's failure must never reach the listener's nursery (it would stop the node).
+                log.exception("tcp connection failed")
 
         async with trio.open_nursery() as nursery:
             task_status.started(bound)
@@ -117,9 +121,14 @@ class Gateway:
         self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
     ) -> None:
         async def handler(request: trio_websocket.WebSocketRequest) -> None:
-            ws = await request.accept()
-            remote = getattr(ws, "remote", None)
-            await self.serve(WebSocketTransport(ws), "ws", str(remote))
+            try:
+                ws = await request.accept()
+                await self.serve(WebSocketTransport(ws), "ws", str(getattr(ws, "remote", None)))
+            except trio_websocket.ConnectionClosed:
+                pass  # the peer broke the WebSocket protocol or went away: its connection only
+            except Exception:
+                # One connection's failure must never reach the server's nursery (it would stop the node).
+                log.exception("websocket connection failed")
 
         async with trio.open_nursery() as nursery:
             ws_server = await nursery.start(
@@ -163,7 +172,12 @@ class Gateway:
                 scope.shield = True
                 try:
                     await transport.aclose()
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                except (
+                    trio.BrokenResourceError,
+                    trio.ClosedResourceError,
+                    trio_websocket.ConnectionClosed,
+                    OSError,
+                ):
                     pass
 
     async def _write_loop(self, conn: Connection, transport: Transport, scope: trio.CancelScope) -> None:
