@@ -51,6 +51,7 @@ class Tuning:
     log_compaction_min_time_s: float = 3600.0
     store_map_bytes: int = 64 << 30
     store_sync_interval_s: float = 1.0
+    node_down_after_s: float = 15.0
 
 
 @dataclass(frozen=True)

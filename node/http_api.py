@@ -98,8 +98,9 @@ def channel_of(body: Json) -> tuple[str, int]:
 @dataclass
 class Route:
     method: str
-    fn: Callable[[Json, dict[str, list[str]]], Awaitable[Any]]
+    fn: Callable[[Any, dict[str, list[str]]], Awaitable[Any]]
     admin: bool = False
+    body: type = dict  # the JSON type the body must have (WuKongIM takes a bare array in a few places)
 
 
 class HttpApi:
@@ -117,6 +118,7 @@ class HttpApi:
             "/channel/subscriber_remove": Route("POST", self.subscriber_remove),
             "/channel/messagesync": Route("POST", self.messagesync),
             "/channel/max_message_seq": Route("GET", self.max_message_seq),
+            "/user/onlinestatus": Route("POST", self.online_status, body=list),
             "/admin/status": Route("GET", self.admin_status, admin=True),
             "/admin/pools": Route("GET", self.admin_pools, admin=True),
             "/admin/members": Route("POST", self.admin_members, admin=True),
@@ -179,14 +181,14 @@ class HttpApi:
                 raise HttpError(413, f"body larger than {MAX_BODY_BYTES} bytes")
             if not message.get("more_body"):
                 break
-        body: Json = {}
+        body: Any = {}
         if route.method == "POST":
             try:
-                parsed = json.loads(raw or b"{}")
+                parsed = json.loads(raw or (b"{}" if route.body is dict else b"[]"))
             except (ValueError, UnicodeDecodeError) as exc:
                 raise bad(f"body is not JSON: {exc}") from None
-            if not isinstance(parsed, dict):
-                raise bad("body must be a JSON object")
+            if not isinstance(parsed, route.body):
+                raise bad(f"body must be a JSON {'object' if route.body is dict else 'array'}")
             body = parsed
         return await route.fn(body, query)
 
@@ -316,6 +318,18 @@ class HttpApi:
         with self.node.store.read() as txn:
             record = txn.channel(channel_key(channel_id, channel_type)) or {}
         return {"message_seq": int(record.get("last_seq", 0))}
+
+    async def online_status(self, body: list[Any], query: dict[str, list[str]]) -> list[Json]:
+        """WuKongIM's /user/onlinestatus: the online devices among the given uids, cluster-wide."""
+        if len(body) > MAX_UIDS_PER_OP:
+            raise bad(f"at most {MAX_UIDS_PER_OP} uids")
+        uids = uid_list({"uids": body}, "uids")
+        online: list[Json] = []
+        with self.node.store.read() as txn:
+            for uid in dict.fromkeys(uids):
+                for _node, _conn, row in txn.presence_of(uid):
+                    online.append({"uid": uid, "device_flag": row["flag"], "online": 1})
+        return online
 
     async def admin_status(self, body: Json, query: dict[str, list[str]]) -> Json:
         return admin.status(self.node)

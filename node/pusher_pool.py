@@ -16,6 +16,7 @@ import trio
 from node.config import Config
 from node.connection import Connection
 from node.eventbus import EventPool
+from node.presence import Presence
 from node.protocol import SETTING_NO_ENCRYPT, Recv, encode
 from node.registry import Registry
 from raft.apply import Result
@@ -37,6 +38,7 @@ class PushContext:
     config: Config
     node_numeric_id: int
     registry: Registry
+    presence: Presence
     delivered: int = 0
     resent: int = 0
     expired: int = 0
@@ -98,8 +100,16 @@ async def push_online(ctx: PushContext, ev: PushEvent) -> int | None:
 
 
 async def offline_notice(ctx: PushContext, ev: PushEvent) -> int | None:
-    """Observer: recipients with no device on this node (webhook delivery builds on this)."""
+    """Observer: recipients with no device anywhere in the cluster (webhook delivery builds on this).
+
+    Every node runs this for the recipients it has no connection for; only the ones offline everywhere
+    count, and only on the node that took the send, so each offline recipient is noticed once.
+    """
+    if ev.op.get("node") != ctx.node_numeric_id:
+        return None
     for uid in ev.offline:
+        if ctx.presence.is_online(uid):
+            continue
         ctx.offline_notices += 1
         ctx.recent_offline.append((ev.result["mid"], uid))
     return None

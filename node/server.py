@@ -24,12 +24,13 @@ from node.config import Config, NodeSpec
 from node.gateway import Gateway
 from node.http_api import HttpApi
 from node.ids import Snowflake
+from node.presence import Presence
 from node.proposer import Proposer
 from node.pusher_pool import PushContext, build_pusher_pool, resend_due
 from node.registry import Registry
 from node.user_pool import UserContext, build_user_pool
 from raft.bridge import RaftNode
-from raft.commands import OP_SEND, R_SUCCESS
+from raft.commands import OP_PRESENCE, OP_SEND, R_SUCCESS
 from raft.machine import RaftSettings
 from storage.store import Store
 
@@ -90,13 +91,16 @@ class Node:
         )
         self.registry = Registry()
         numeric_id = self.spec.numeric_id
-        self.push_ctx = PushContext(config, numeric_id, self.registry)
+        self.presence = Presence(config, numeric_id, self.store, self.registry)
+        self.push_ctx = PushContext(config, numeric_id, self.registry, self.presence)
         self.pusher_pool = build_pusher_pool(self.push_ctx)
         self.channel_ctx = ChannelContext(
             config, numeric_id, self.store, self.proposer, self.pusher_pool, Snowflake(numeric_id)
         )
         self.channel_pool = build_channel_pool(self.channel_ctx)
-        self.user_ctx = UserContext(config, numeric_id, self.store, self.registry, self.channel_pool)
+        self.user_ctx = UserContext(
+            config, numeric_id, self.store, self.registry, self.channel_pool, self.presence
+        )
         self.user_pool = build_user_pool(self.user_ctx)
         self.gateway = Gateway(tuning, self.registry, self.user_pool)
         self.http = HttpApi(self)
@@ -116,6 +120,8 @@ class Node:
                 nursery.start_soon(self.proposer.run)
                 nursery.start_soon(self._resend_loop)
                 nursery.start_soon(self._sync_loop)
+                nursery.start_soon(self.presence.announce_epoch, self.proposer)
+                nursery.start_soon(self.presence.watch_nodes, self.raft)
                 # Accept clients once a leader is known (bounded: a node of a cluster whose other members
                 # are still down starts listening anyway, and its sends wait for the commit timeout).
                 with trio.move_on_after(self.config.tuning.raft_max_timeout_s * 4):
@@ -157,7 +163,12 @@ class Node:
         """Every committed send goes to the channel pool for distribution (on every node)."""
         async for committed in self.raft.committed():
             for op, result in zip(committed.ops, committed.results, strict=False):
-                if not isinstance(op, dict) or op.get("t") != OP_SEND:
+                if not isinstance(op, dict):
+                    continue
+                if op.get("t") == OP_PRESENCE and result.get("r") == R_SUCCESS and not result.get("stale"):
+                    self.presence.on_committed(op)
+                    continue
+                if op.get("t") != OP_SEND:
                     continue
                 if result.get("r") != R_SUCCESS or result.get("dup"):
                     continue

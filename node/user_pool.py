@@ -18,6 +18,7 @@ from node.config import Config
 from node.connection import Connection
 from node.crypto import CryptoError, Session, generate_keypair, msg_key_matches, random_salt
 from node.eventbus import EventPool
+from node.presence import Presence
 from node.protocol import (
     SETTING_NO_ENCRYPT,
     Connack,
@@ -73,6 +74,7 @@ class UserContext:
     store: Store
     registry: Registry
     channel_pool: EventPool[Any]
+    presence: Presence
 
 
 # -- connect ---------------------------------------------------------------------------------------------
@@ -119,6 +121,7 @@ async def connack(ctx: UserContext, ev: ConnectEvent) -> int | None:
     conn.authenticated = True
     conn.rate_tokens = float(ctx.config.tuning.send_burst)
     ctx.registry.bind(conn)
+    ctx.presence.online(conn)  # replicated in the background: the CONNACK does not wait for it
     conn.send_packet(
         Connack(
             time_diff=int(time.time() * 1000) - packet.client_timestamp,
@@ -219,6 +222,8 @@ async def ping(ctx: UserContext, ev: ConnEvent) -> int | None:
 
 async def close(ctx: UserContext, ev: ConnEvent) -> int | None:
     ctx.registry.remove(ev.conn)
+    if ev.conn.authenticated:
+        ctx.presence.offline(ev.conn)
     return None
 
 

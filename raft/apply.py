@@ -15,6 +15,7 @@ from typing import Any
 
 from raft import commands as c
 from raft.permissions import send_permission
+from storage import keys
 from storage.keys import channel_key
 from storage.store import Txn
 
@@ -179,7 +180,56 @@ def apply_channel_delete(view: EntryView, op: dict[str, Any]) -> Result:
     return {"r": c.R_SUCCESS}
 
 
+def _node_epochs(txn: Txn) -> dict[str, int]:
+    return dict(txn.meta("node_epochs") or {})
+
+
+def _drop_node_rows(txn: Txn, node: int) -> int:
+    """Delete every presence row of `node`; returns how many."""
+    stale = [key for key, _row in txn.raw_items("presence") if keys.split_presence_key(key)[1] == node]
+    for key in stale:
+        txn.delete("presence", key)
+    return len(stale)
+
+
+def apply_presence(view: EntryView, op: dict[str, Any]) -> Result:
+    """Connections coming and going on one node; changes from an older epoch of that node are stale."""
+    txn = view.txn
+    epochs = _node_epochs(txn)
+    if op["epoch"] < epochs.get(str(op["node"]), 0):
+        return {"r": c.R_SUCCESS, "stale": True}
+    for change in op["changes"]:
+        key = keys.presence_key(change["uid"], op["node"], change["conn"])
+        if change["online"]:
+            txn.put("presence", key, {"flag": change["flag"], "level": change["level"], "epoch": op["epoch"]})
+        else:
+            txn.delete("presence", key)
+    return {"r": c.R_SUCCESS}
+
+
+def apply_node_epoch(view: EntryView, op: dict[str, Any]) -> Result:
+    """A node (re)started: its earlier connections are gone, whatever rows they left."""
+    txn = view.txn
+    epochs = _node_epochs(txn)
+    if op["epoch"] <= epochs.get(str(op["node"]), 0):
+        return {"r": c.R_SUCCESS, "stale": True}
+    epochs[str(op["node"])] = op["epoch"]
+    txn.set_meta("node_epochs", epochs)
+    return {"r": c.R_SUCCESS, "cleared": _drop_node_rows(txn, op["node"])}
+
+
+def apply_node_down(view: EntryView, op: dict[str, Any]) -> Result:
+    """The leader lost a node for a while: its connections count as offline until it comes back."""
+    txn = view.txn
+    if op["epoch"] != _node_epochs(txn).get(str(op["node"]), 0):
+        return {"r": c.R_SUCCESS, "stale": True}  # the node has restarted since the leader looked
+    return {"r": c.R_SUCCESS, "cleared": _drop_node_rows(txn, op["node"])}
+
+
 APPLIERS: dict[str, Callable[[EntryView, dict[str, Any]], Result]] = {
+    c.OP_PRESENCE: apply_presence,
+    c.OP_NODE_EPOCH: apply_node_epoch,
+    c.OP_NODE_DOWN: apply_node_down,
     c.OP_SEND: apply_send,
     c.OP_TOKEN: apply_token,
     c.OP_CHANNEL: apply_channel,

@@ -51,6 +51,10 @@ OP_TOKEN = "token"
 OP_CHANNEL = "channel"
 OP_MEMBERS = "members"
 OP_CHANNEL_DELETE = "channel_delete"
+OP_PRESENCE = "presence"
+OP_NODE_EPOCH = "node_epoch"
+OP_NODE_DOWN = "node_down"
+MAX_PRESENCE_CHANGES = 10_000
 
 
 class BadCommand(ValueError):
@@ -159,6 +163,24 @@ def check_op(op: Any) -> dict[str, Any]:
         _uids(op)
     elif kind == OP_CHANNEL_DELETE:
         _channel(op)
+    elif kind == OP_PRESENCE:
+        _int(op, "node", 0, 1023)
+        _int(op, "epoch", 0, (1 << 63) - 1)
+        changes = op.get("changes")
+        if not isinstance(changes, list) or len(changes) > MAX_PRESENCE_CHANGES:
+            raise BadCommand(f"changes must be a list of at most {MAX_PRESENCE_CHANGES}")
+        for change in changes:
+            if not isinstance(change, dict):
+                raise BadCommand("every presence change must be a map")
+            _id(change, "uid", max_bytes=MAX_UID_BYTES)
+            _int(change, "conn", 0, (1 << 63) - 1)
+            _int(change, "flag", 0, 255)
+            _int(change, "level", 0, 255)
+            if not isinstance(change.get("online"), bool):
+                raise BadCommand("online must be a boolean")
+    elif kind in (OP_NODE_EPOCH, OP_NODE_DOWN):
+        _int(op, "node", 0, 1023)
+        _int(op, "epoch", 0, (1 << 63) - 1)
     else:
         raise BadCommand(f"unknown op type {kind!r}")
     return op

@@ -68,3 +68,19 @@ def dedup_key(chan: bytes, sender: str, client_msg_no: str) -> bytes:
 
 def u64(value: int) -> bytes:
     return _U64.pack(value)
+
+
+_U16 = struct.Struct(">H")
+
+
+def presence_key(uid: str, node: int, conn: int) -> bytes:
+    """One online connection: uid first, so "is this user online anywhere" is one prefix scan."""
+    return part(uid) + _U16.pack(node) + _U64.pack(conn)
+
+
+def split_presence_key(key: bytes) -> tuple[str, int, int]:
+    length = key[0]
+    uid = key[1 : 1 + length].decode()
+    (node,) = _U16.unpack_from(key, 1 + length)
+    (conn,) = _U64.unpack_from(key, 3 + length)
+    return uid, int(node), int(conn)

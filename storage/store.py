@@ -185,6 +185,20 @@ class Txn:
         while cursor.set_range(chan) and cursor.key().startswith(chan) and len(cursor.key()) == len(chan) + 8:
             cursor.delete()
 
+    # -- presence: who is online on which node ------------------------------------------------------
+    def presence_of(self, uid: str) -> list[tuple[int, int, dict[str, Any]]]:
+        """(node, conn, row) of every online connection of `uid`, cluster-wide."""
+        found = []
+        for key, value in self.scan("presence", keys.part(uid)):
+            _uid, node, conn = keys.split_presence_key(key)
+            found.append((node, conn, value))
+        return found
+
+    def all_presence(self) -> Iterator[tuple[str, int, int, dict[str, Any]]]:
+        for key, value in self.raw_items("presence"):
+            uid, node, conn = keys.split_presence_key(key)
+            yield uid, node, conn, cbor2.loads(value)
+
     # -- generic rows for later features (conversations, presence, outbox) ----------------------------
     def get(self, db: str, key: bytes) -> Any:
         return _load(self._txn.get(key, db=self._dbs[db]))

@@ -220,3 +220,54 @@ async def test_follower_restarted_after_a_snapshot_catches_up_identical(tmp_path
         assert installed, "the restarted follower caught up without a snapshot: the test did not test that"
     finally:
         cluster.stop_all()
+
+
+async def online_on(cluster: Cluster, node_id: str, uids: list[str]) -> list[dict[str, object]]:
+    status, body = await http_json(
+        cluster.http(node_id), "POST", "/user/onlinestatus", uids, headers={"token": MANAGER_TOKEN}
+    )
+    assert status == 200, body
+    return list(body)
+
+
+async def test_presence_is_replicated_and_a_login_elsewhere_kicks_the_older_one(cluster: Cluster) -> None:
+    await trio.to_thread.run_sync(cluster.start_all)
+
+    async def wait_online(node_id: str, expected: list[dict[str, object]]) -> None:
+        with trio.fail_after(10):
+            while await online_on(cluster, node_id, ["alice", "bob"]) != expected:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+
+    async with open_client(*cluster.tcp("n1"), "alice", device_flag=1) as first:
+        await wait_online("n3", [{"uid": "alice", "device_flag": 1, "online": 1}])
+        async with open_client(*cluster.tcp("n2"), "alice", device_flag=1) as second:
+            with trio.fail_after(10):
+                await first.disconnected.wait()
+            assert first.disconnect_reason == Reason.CONNECT_KICK
+            await second.ping()
+            await wait_online("n1", [{"uid": "alice", "device_flag": 1, "online": 1}])
+        await wait_online("n3", [])
+
+
+async def test_a_lost_node_is_declared_down_and_a_restart_clears_its_old_presence(tmp_path: Path) -> None:
+    cluster = Cluster(write_cluster_toml(tmp_path / "cluster.toml", tuning={"node_down_after_s": 1.0}))
+    try:
+        leader = await trio.to_thread.run_sync(cluster.start_all)
+        lost = next(n for n in ("n1", "n2", "n3") if n != leader)
+        watcher = next(n for n in ("n1", "n2", "n3") if n not in (leader, lost))
+
+        async def wait_online(expected: list[dict[str, object]]) -> None:
+            with trio.fail_after(15):
+                while await online_on(cluster, watcher, ["carol"]) != expected:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+
+        async with open_client(*cluster.tcp(lost), "carol"):
+            await wait_online([{"uid": "carol", "device_flag": 0, "online": 1}])
+            await trio.to_thread.run_sync(cluster.kill9, lost)  # no offline event ever leaves it
+            await wait_online([])  # the leader declared the node down
+        await trio.to_thread.run_sync(cluster.start, lost)
+        await trio.to_thread.run_sync(cluster.wait_serving, lost)
+        async with open_client(*cluster.tcp(lost), "carol"):
+            await wait_online([{"uid": "carol", "device_flag": 0, "online": 1}])
+    finally:
+        cluster.stop_all()

@@ -113,6 +113,7 @@ class Ledger:
     acked: dict[int, int] = field(default_factory=dict)  # message_id -> message_seq, SENDACK reason 1
     outcomes: Counter[str] = field(default_factory=Counter)
     last_bytes: bytes = b""
+    last_leave: str = "read the answer"
 
 
 class LiveNode:
@@ -164,8 +165,8 @@ class LiveNode:
         if self.crash_input is None:
             self.crash_input = self.ledger.last_bytes
         raise AssertionError(
-            f"the node crashed ({first_leaf(self.error)!r}); the example in flight had written "
-            f"{self.crash_input!r}"
+            f"the node crashed ({leaves(self.error) if self.error else None}); the example in flight had "
+            f"written {self.crash_input!r}, then {self.ledger.last_leave}"
         ) from self.error
 
     def run(self, afn: Callable[..., Awaitable[T]], *args: Any) -> T:
@@ -189,6 +190,13 @@ class LiveNode:
         self._thread.join(30)
         assert not self._thread.is_alive(), "the live node did not stop within 30 s"
         return self.error
+
+
+def leaves(exc: BaseException) -> str:
+    """The distinct leaf exceptions of a group: the node's own error is among them, not always first."""
+    if isinstance(exc, BaseExceptionGroup):
+        return ", ".join(dict.fromkeys(leaves(e) for e in exc.exceptions))
+    return repr(exc)
 
 
 def first_leaf(exc: BaseException | None) -> BaseException | None:
@@ -780,7 +788,7 @@ async def reset(stream: trio.SocketStream) -> None:
 
 async def play_ws_port(live: LiveNode, data: bytes, splits: tuple[int, ...], leave: str) -> None:
     ledger = live.ledger
-    ledger.last_bytes = data
+    ledger.last_bytes, ledger.last_leave = data, leave
     with trio.fail_after(EXAMPLE_BOUND_S):
         stream = await trio.open_tcp_stream(*live.node.ws)
         async with stream:
@@ -808,12 +816,6 @@ async def play_ws_port(live: LiveNode, data: bytes, splits: tuple[int, ...], lea
                 return
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: gateway.serve_ws's handler lets `request.accept()` (ConnectionClosed) and `ws.remote` "
-    "(OSError ENOTCONN) raise when the client is already gone after its upgrade request, and that crashes "
-    "the whole node",
-)
 def test_websocket_port_raw_bytes(own_live: LiveNode) -> None:
     live = own_live
     before = Counter(live.ledger.outcomes)
@@ -837,7 +839,63 @@ def test_websocket_port_raw_bytes(own_live: LiveNode) -> None:
     example()
     live.run(check_serving, live, True)
     outcomes = live.ledger.outcomes - before
-    assert outcomes["closed"], outcomes
+    assert outcomes["closed"] and outcomes["left"], outcomes
+
+
+async def test_clients_that_vanish_at_once_leave_the_node_serving(tmp_path: Path) -> None:
+    """Peers gone before the gateway's handler runs: its getpeername and the WebSocket accept then fail.
+
+    Each of these once stopped the whole node (the error escaped the handler into the listener's nursery).
+    """
+
+    async def reset_at_once(address: tuple[str, int]) -> None:
+        # A bare socket: no checkpoint between connect and reset, so the reset lands before the handler runs.
+        sock = trio.socket.socket()
+        await sock.connect(address)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+
+    async def tcp_reset(node: RunningNode) -> None:
+        await reset_at_once(node.tcp)
+
+    async def tcp_half_connect_then_reset(node: RunningNode) -> None:
+        stream = await trio.open_tcp_stream(*node.tcp)
+        await stream.send_all(encode(Connect(5, 0, "d", "gone", "", 0, FIXED_PUBLIC), 5)[:7])
+        await reset(stream)
+
+    async def ws_reset(node: RunningNode) -> None:
+        await reset_at_once(node.ws)
+
+    async def ws_upgrade_then(node: RunningNode, tail: bytes, how: str) -> None:
+        stream = await trio.open_tcp_stream(*node.ws)
+        await stream.send_all(UPGRADE + tail)
+        await (reset(stream) if how == "reset" else stream.aclose())
+
+    attacks: dict[str, Callable[[RunningNode], Awaitable[None]]] = {
+        "tcp: reset at once": tcp_reset,
+        "tcp: half a CONNECT, then reset": tcp_half_connect_then_reset,
+        "ws: reset at once": ws_reset,
+        "ws: upgrade request, then close": lambda n: ws_upgrade_then(n, b"", "close"),
+        "ws: upgrade request, then reset": lambda n: ws_upgrade_then(n, b"", "reset"),
+        "ws: upgrade request and an unmasked frame, then close": lambda n: ws_upgrade_then(
+            n, ws_frame(0x2, b"", masked=False, fin=True), "close"
+        ),
+    }
+    in_flight = ""
+    try:
+        async with running_node(single_node_config(tmp_path / "n1")) as node:
+            for name, attack in attacks.items():
+                in_flight = name
+                for _ in range(5):
+                    await attack(node)
+                host, port = node.tcp
+                with trio.fail_after(10):
+                    async with open_client(host, port, "alice") as alice, open_client(*node.ws, "bob", websocket=True) as bob:
+                        ack = await alice.send("bob", 1, TEXT)
+                        assert ack.reason_code == Reason.SUCCESS
+                        assert (await bob.recv()).message_id == ack.message_id
+    except BaseExceptionGroup as group:
+        raise AssertionError(f"the node crashed after {in_flight!r}: {leaves(group)}") from group
 
 
 # -- the decoder under the same inputs: any split gives the same packets and the same error ----------------------
