@@ -35,13 +35,18 @@ def _configure_logging(level: str) -> None:
 async def _serve_until_signal(node: Node) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
+
+            async def stop_on_signal() -> None:
+                # Watching from the start: a signal during start-up stops the node too.
+                async for signum in signals:
+                    print(f"received {signal.Signals(signum).name}: stopping", flush=True)
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(stop_on_signal)
             listening: Listening = await nursery.start(node.run)
             print(f"imnode {listening.describe()}", flush=True)
             print(f"data in {node.spec.data_dir}; Ctrl-C stops", flush=True)
-            async for signum in signals:
-                print(f"received {signal.Signals(signum).name}: stopping", flush=True)
-                nursery.cancel_scope.cancel()
-                break
     print("imnode stopped cleanly", flush=True)
 
 
@@ -58,9 +63,30 @@ def cmd_node_start(args: argparse.Namespace) -> int:
         for partner in wanted:
             config.node(partner)
         config = dataclasses.replace(config, initial_members=(node_id, *wanted))
+    _check_ports_free(config, node_id)
     node = Node(config, node_id)
     trio.run(_serve_until_signal, node)
     return 0
+
+
+def _check_ports_free(config: Config, node_id: str) -> None:
+    """Fail fast and clearly on a port in use (PySyncObj would retry its bind quietly forever)."""
+    import socket
+
+    spec = config.node(node_id)
+    for name, address in (("raft", spec.raft), ("tcp", spec.tcp), ("ws", spec.ws), ("http", spec.http)):
+        host, _, port = address.rpartition(":")
+        if int(port) == 0:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, int(port)))
+            except OSError as exc:
+                raise op.OperatorError(
+                    f"node {node_id}: cannot listen on {address} ({name}): {exc.strerror}; "
+                    "is another node running?"
+                ) from None
 
 
 # -- cluster ---------------------------------------------------------------------------------------------
@@ -74,7 +100,9 @@ def _raise_stop(signum: int, frame: Any) -> None:
 
 def cmd_cluster_up(args: argparse.Namespace) -> int:
     config = load(args.config)
+    # Both set explicitly: a shell starts background jobs with SIGINT ignored, and Python then keeps it so.
     signal.signal(signal.SIGTERM, _raise_stop)
+    signal.signal(signal.SIGINT, _raise_stop)
     procs: list[op.NodeProcess] = []
     try:
         for node_id in config.initial_members:

@@ -271,3 +271,47 @@ async def test_a_lost_node_is_declared_down_and_a_restart_clears_its_old_presenc
             await wait_online([{"uid": "carol", "device_flag": 0, "online": 1}])
     finally:
         cluster.stop_all()
+
+
+def test_cluster_up_starts_every_member_and_ctrl_c_stops_them_cleanly(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    config = write_cluster_toml(tmp_path / "cluster.toml")
+    up = subprocess.Popen(
+        [sys.executable, "-m", "node.cli", "cluster", "up", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+    )
+    assert up.stdout is not None
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = up.stdout.readline()
+            lines.append(line)
+            if "is up" in line or not line:
+                break
+        assert any("is up" in line for line in lines), "".join(lines)
+        assert sum(" tcp 127.0.0.1:" in line for line in lines) == 3
+        status = Cluster(config).cli("admin", "status", "--json")
+        report = json.loads(status.stdout)
+        assert report["leader"] in ("n1", "n2", "n3")
+        assert sorted(n["role"] for n in report["nodes"] if n["id"] != "n4") in (
+            ["follower", "follower", "leader"],
+        )
+        clash = Cluster(config).cli("node", "start", "--node", "n1")
+        assert clash.returncode == 1 and "cannot listen" in clash.stderr
+        up.send_signal(signal.SIGINT)
+        rest, _ = up.communicate(timeout=60)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.communicate(timeout=10)
+    assert up.returncode == 0, "".join(lines) + rest
+    assert rest.count("stopped (exit code 0)") == 3 and "cluster stopped" in rest

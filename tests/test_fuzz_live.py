@@ -11,8 +11,9 @@ served before a successful CONNACK, nothing follows a DISCONNECT, and a DISCONNE
 Why a node in a thread: Hypothesis drives examples synchronously, and pytest-trio runs each example of an
 async test in a trio.run of its own, so a node could not outlive one example. Here the node runs on its own
 trio loop in a background thread for the whole module and each example runs on that loop through
-`trio.from_thread.run`: one node start per module, not per example, and Hypothesis still shrinks a failure
-to its smallest input (printed with the exact bytes written).
+`trio.from_thread.run`: one node start per module, not per example. A failure names the exact bytes the
+failing example wrote (Hypothesis does not shrink here: the examples share one node, so a failure may
+depend on the examples before it). Tests whose input may crash the node get a node of their own.
 
 Examples are derandomized so that CI runs the same inputs every time; set IMNODE_FUZZ_EXPLORE=1 to draw
 new ones.
@@ -20,6 +21,7 @@ new ones.
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import struct
@@ -67,7 +69,7 @@ from node.protocol import (
 )
 from raft.commands import person_channel_id
 from storage.keys import channel_key
-from tests.conftest import RunningNode, running_node, single_node_config
+from tests.conftest import RunningNode, running_node, single_node_config, wait_for
 
 T = TypeVar("T")
 
@@ -96,7 +98,7 @@ FUZZ_SETTINGS = settings(
     derandomize=os.environ.get("IMNODE_FUZZ_EXPLORE") is None,
     database=None,
     # No shrinking: the examples share one node, so a failure may depend on the examples before it, and
-    # after a crash every replay fails at once; the failing example's exact bytes are in its message.
+    # after a crash every replay would fail at once and "shrink" to a meaningless example.
     phases=(Phase.explicit, Phase.reuse, Phase.generate),
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -113,7 +115,7 @@ class Ledger:
     acked: dict[int, int] = field(default_factory=dict)  # message_id -> message_seq, SENDACK reason 1
     outcomes: Counter[str] = field(default_factory=Counter)
     last_bytes: bytes = b""
-    last_leave: str = "read the answer"
+    last_leave: str = "read"  # how the client left: read the answer, or close / reset at once
 
 
 class LiveNode:
@@ -396,7 +398,7 @@ class Conversation:
             return
 
 
-# -- what the examples write ----------------------------------------------------------------------------------
+# -- what the examples write ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Encoded:
     """Any packet, with any field values its wire format can carry, laid out at `version`."""
@@ -468,10 +470,12 @@ def mutate(data: bytes, mutations: tuple[Mutation, ...]) -> bytes:
 def split(data: bytes, points: tuple[int, ...]) -> list[bytes]:
     cuts = sorted({p % len(data) for p in points if data} - {0})
     bounds = [0, *cuts, len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+    return [data[a:b] for a, b in itertools.pairwise(bounds) if b > a]
 
 
-def materialize(spec: Encoded | Sealed | Raw | Declared, session: Session, version: int, seq: int, cmn: str) -> bytes:
+def materialize(
+    spec: Encoded | Sealed | Raw | Declared, session: Session, version: int, seq: int, cmn: str
+) -> bytes:
     if isinstance(spec, Encoded):
         return encode(spec.packet, spec.version)
     if isinstance(spec, Sealed):
@@ -483,7 +487,7 @@ def materialize(spec: Encoded | Sealed | Raw | Declared, session: Session, versi
     return bytes((spec.first,)) + varint(spec.length) + spec.tail
 
 
-# -- strategies -----------------------------------------------------------------------------------------------
+# -- strategies ----------------------------------------------------------------------------------------------
 u8 = st.integers(0, 0xFF)
 u32 = st.integers(0, 0xFFFFFFFF)
 i32 = st.integers(-(2**31), 2**31 - 1)
@@ -553,11 +557,15 @@ packets: st.SearchStrategy[Packet] = st.one_of(
     st.just(Pong()),
     st.builds(Disconnect, reason_code=u8, reason=short_text),
     st.builds(
-        Sub, setting=u8, sub_no=short_text, channel_id=short_text, channel_type=u8, action=u8, param=short_text
+        Sub,
+        setting=u8,
+        sub_no=short_text,
+        channel_id=short_text,
+        channel_type=u8,
+        action=u8,
+        param=short_text,
     ),
-    st.builds(
-        Suback, sub_no=short_text, channel_id=short_text, channel_type=u8, action=u8, reason_code=u8
-    ),
+    st.builds(Suback, sub_no=short_text, channel_id=short_text, channel_type=u8, action=u8, reason_code=u8),
 )
 
 frame_specs: st.SearchStrategy[Encoded | Sealed | Raw | Declared] = st.one_of(
@@ -574,7 +582,8 @@ frame_specs: st.SearchStrategy[Encoded | Sealed | Raw | Declared] = st.one_of(
         Declared,
         first=st.one_of(st.integers(1, 11).map(lambda t: t << 4), u8),
         length=st.one_of(
-            st.integers(SERVER_MAX_FRAME_BYTES + 1, MAX_REMAINING_LENGTH), st.integers(0, MAX_REMAINING_LENGTH)
+            st.integers(SERVER_MAX_FRAME_BYTES + 1, MAX_REMAINING_LENGTH),
+            st.integers(0, MAX_REMAINING_LENGTH),
         ),
         tail=st.binary(max_size=32),
     ),
@@ -604,7 +613,7 @@ plans = st.builds(
 )
 
 
-# -- one example ----------------------------------------------------------------------------------------------
+# -- one example ---------------------------------------------------------------------------------------------
 async def play(live: LiveNode, peer: Peer, plan: Plan, *, connect_first: bool, websocket: bool) -> None:
     ledger = live.ledger
     talk = Conversation()
@@ -628,7 +637,7 @@ async def play(live: LiveNode, peer: Peer, plan: Plan, *, connect_first: bool, w
         for seq, (spec, muts) in enumerate(plan.frames, start=1)
     ]
     data = b"".join(written)
-    ledger.last_bytes = data
+    ledger.last_bytes, ledger.last_leave = data, "read"
     ledger.fuzz_frames += len(written)
     try:
         for i, chunk in enumerate(split(data, plan.splits)):
@@ -658,7 +667,7 @@ async def play_ws(live: LiveNode, plan: Plan, connect_first: bool) -> None:
             await play(live, WsPeer(ws), plan, connect_first=connect_first, websocket=True)
 
 
-# -- the node still serves -------------------------------------------------------------------------------------
+# -- the node still serves -----------------------------------------------------------------------------------
 def stored_messages(node: RunningNode) -> list[dict[str, Any]]:
     with node.node.store.read() as txn:
         return [record for _key, record in txn.scan("messages", b"")]
@@ -690,13 +699,17 @@ async def check_serving(live: LiveNode, websocket: bool) -> None:
         assert not lost, f"acknowledged with SENDACK reason 1 but not stored: {lost}"
         fuzz_stored = len(stored) - ledger.good_sent
         assert fuzz_stored <= ledger.fuzz_frames, (fuzz_stored, ledger.fuzz_frames)
-        # Every connection of the examples and of this check is gone from the node, not just from our side.
-        while len(node.node.registry):
-            await trio.sleep(0.01)
+    # Every connection of the examples and of this check is gone from the node, not just from our side.
+    await wait_for(lambda: not len(node.node.registry), 10, "no connection left in the registry")
 
 
-def fuzz(live: LiveNode, player: Callable[[LiveNode, Plan, bool], Awaitable[None]], *, connect_first: bool,
-         websocket: bool) -> Counter[str]:
+def fuzz(
+    live: LiveNode,
+    player: Callable[[LiveNode, Plan, bool], Awaitable[None]],
+    *,
+    connect_first: bool,
+    websocket: bool,
+) -> Counter[str]:
     """Run the examples, checking the node serves every HEALTH_EVERY examples and at the end."""
     before = Counter(live.ledger.outcomes)
 
@@ -707,7 +720,8 @@ def fuzz(live: LiveNode, player: Callable[[LiveNode, Plan, bool], Awaitable[None
         try:
             live.run(player, live, plan, connect_first)
         finally:
-            note(f"bytes written after {'CONNECT' if connect_first else 'connecting'}: {live.ledger.last_bytes!r}")
+            after = "CONNECT" if connect_first else "connecting"
+            note(f"bytes written after {after}: {live.ledger.last_bytes!r}")
         if live.ledger.examples % HEALTH_EVERY == 0:
             live.run(check_serving, live, websocket)
 
@@ -716,7 +730,7 @@ def fuzz(live: LiveNode, player: Callable[[LiveNode, Plan, bool], Awaitable[None
     return live.ledger.outcomes - before
 
 
-# -- the tests -------------------------------------------------------------------------------------------------
+# -- the tests -----------------------------------------------------------------------------------------------
 def test_tcp_fuzz_before_connect(live: LiveNode) -> None:
     outcomes = fuzz(live, play_tcp, connect_first=False, websocket=False)
     assert outcomes["disconnect"] and outcomes["closed"], outcomes
@@ -890,7 +904,10 @@ async def test_clients_that_vanish_at_once_leave_the_node_serving(tmp_path: Path
                     await attack(node)
                 host, port = node.tcp
                 with trio.fail_after(10):
-                    async with open_client(host, port, "alice") as alice, open_client(*node.ws, "bob", websocket=True) as bob:
+                    async with (
+                        open_client(host, port, "alice") as alice,
+                        open_client(*node.ws, "bob", websocket=True) as bob,
+                    ):
                         ack = await alice.send("bob", 1, TEXT)
                         assert ack.reason_code == Reason.SUCCESS
                         assert (await bob.recv()).message_id == ack.message_id
@@ -898,11 +915,17 @@ async def test_clients_that_vanish_at_once_leave_the_node_serving(tmp_path: Path
         raise AssertionError(f"the node crashed after {in_flight!r}: {leaves(group)}") from group
 
 
-# -- the decoder under the same inputs: any split gives the same packets and the same error ----------------------
+# -- the decoder under the same inputs: any split gives the same packets and the same error ------------------
 @settings(max_examples=300, deadline=None, derandomize=FUZZ_SETTINGS.derandomize, database=None)
-@given(frames=st.lists(st.tuples(frame_specs, mutations), min_size=1, max_size=4), splits=st.lists(st.integers(0, 1 << 16), max_size=6), version=st.integers(2, 5))
+@given(
+    frames=st.lists(st.tuples(frame_specs, mutations), min_size=1, max_size=4),
+    splits=st.lists(st.integers(0, 1 << 16), max_size=6),
+    version=st.integers(2, 5),
+)
 def test_decoder_gives_the_same_packets_and_error_however_the_bytes_are_split(
-    frames: list[tuple[Encoded | Sealed | Raw | Declared, tuple[Mutation, ...]]], splits: list[int], version: int
+    frames: list[tuple[Encoded | Sealed | Raw | Declared, tuple[Mutation, ...]]],
+    splits: list[int],
+    version: int,
 ) -> None:
     data = b"".join(
         mutate(materialize(spec, DUMMY_SESSION, version, seq, f"c{seq}"), muts)
@@ -926,7 +949,7 @@ def test_decoder_gives_the_same_packets_and_error_however_the_bytes_are_split(
     assert decode([bytes((b,)) for b in data[:2000]] + [data[2000:]]) == whole
 
 
-# -- limits ------------------------------------------------------------------------------------------------------
+# -- limits --------------------------------------------------------------------------------------------------
 async def _expect_disconnect_then_close(peer: Peer, what: str, *, disconnect: bool = True) -> None:
     talk = Conversation()
     ledger = Ledger()
@@ -975,19 +998,24 @@ async def test_a_frame_over_the_size_limit_gets_disconnect_and_close(tmp_path: P
                     await peer.send(data)
                 except SEND_ERRORS:
                     pass
-                await _expect_disconnect_then_close(peer, f"ws connect_first={connect_first}", disconnect=disconnect)
+                await _expect_disconnect_then_close(
+                    peer, f"ws connect_first={connect_first}", disconnect=disconnect
+                )
 
         whole_over = encode(Send(0, 1, "c", "x", 1, b"\x00" * (limit + 1)), 5)
         for connect_first in (False, True):
             await tcp_case(connect_first, declared_over)
             await tcp_case(connect_first, whole_over)
             await ws_case(connect_first, declared_over, disconnect=True)
-            # Over the WebSocket message limit: the WebSocket layer closes it (code 1009), no frame is decoded.
+            # Over the WebSocket message limit: the WebSocket layer closes it (code 1009), nothing is decoded.
             await ws_case(connect_first, whole_over + b"\x00" * 64, disconnect=False)
         assert node.node.gateway.protocol_errors >= 6
 
         host, port = node.tcp
-        async with open_client(host, port, "alice") as alice, open_client(*node.ws, "bob", websocket=True) as bob:
+        async with (
+            open_client(host, port, "alice") as alice,
+            open_client(*node.ws, "bob", websocket=True) as bob,
+        ):
             ack = await alice.send("bob", 1, TEXT)
             assert ack.reason_code == Reason.SUCCESS
             assert (await bob.recv()).message_id == ack.message_id

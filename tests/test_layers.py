@@ -65,9 +65,14 @@ def imports_of(path: Path, root: Path) -> list[Import]:
                 found += [Import(rel, node.lineno, f"{module}.{alias.name}") for alias in node.names]
             else:
                 found.append(Import(rel, node.lineno, module))
-        elif isinstance(node, ast.Call) and _is_dynamic_import(node.func):
-            if node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
-                found.append(Import(rel, node.lineno, node.args[0].value))
+        elif (
+            isinstance(node, ast.Call)
+            and _is_dynamic_import(node.func)
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            found.append(Import(rel, node.lineno, node.args[0].value))
     return found
 
 
@@ -103,15 +108,20 @@ def test_layer_imports_point_down(layer: str) -> None:
 
 def test_only_raft_imports_pysyncobj() -> None:
     users = sorted(
-        {imp.file for layer in OUR_PACKAGES for path in _modules(layer) for imp in imports_of(path, REPO)
-         if imp.top == "pysyncobj"}
+        {
+            imp.file
+            for layer in OUR_PACKAGES
+            for path in _modules(layer)
+            for imp in imports_of(path, REPO)
+            if imp.top == "pysyncobj"
+        }
     )
     assert users, "nothing imports pysyncobj: the rule below would hold vacuously"
     assert all(file.startswith("raft/") for file in users), f"pysyncobj outside raft/: {users}"
 
 
 def test_node_reaches_raft_only_through_its_public_modules() -> None:
-    """node/ does use raft/ (bridge, machine, commands…): the walk must see those imports, or it sees nothing."""
+    """node/ does use raft/ (bridge, machine, …): the walk must see those imports, or it sees nothing."""
     raft_users = {
         imp.module for path in _modules("node") for imp in imports_of(path, REPO) if imp.top == "raft"
     }
