@@ -16,6 +16,7 @@ import trio
 
 from node import operator as op
 from node.config import DEFAULT_NODE_ID, Config, ConfigError, load
+from node.plugins import PluginError
 from node.server import Listening, Node
 
 EXIT_CONFIG = 2
@@ -291,6 +292,35 @@ def cmd_admin_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_admin_handlers(args: argparse.Namespace) -> int:
+    config = load(args.config)
+    node_id = args.node or op.cluster_status(config)["leader"] or config.initial_members[0]
+    if args.disable or args.enable:
+        name = args.disable or args.enable
+        op.request(
+            config, node_id, "POST", "/admin/handlers/state", {"name": name, "enabled": bool(args.enable)}
+        )
+        op.say(f"{name} {'enabled' if args.enable else 'disabled'} on every node (through Raft)")
+        return 0
+    report = op.request(config, node_id, "GET", "/admin/handlers")
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    disabled = ", ".join(report["disabled"]) or "none"
+    print(f"handler chains on {report['node']} (disabled cluster-wide: {disabled})")
+    columns = f"{'pool.event':22} {'handler':24} {'kind':8} {'on':3} {'calls':>9} {'rejects':>8}"
+    print(f"{columns} {'errors':>7} {'p99 ms':>8}")
+    for pool, chains in report["pools"].items():
+        for event, chain in chains.items():
+            for h in chain:
+                on = "yes" if h["enabled"] else "no"
+                print(
+                    f"{pool + '.' + event:22} {h['name']:24} {h['kind']:8} {on:3} "
+                    f"{h['calls']:>9} {h['rejects']:>8} {h['errors']:>7} {h['p99_ms']:>8}"
+                )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imnode",
@@ -362,6 +392,19 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--config", required=True)
     verify.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for nodes to converge")
     verify.set_defaults(func=cmd_admin_verify)
+    handlers = admin_commands.add_parser(
+        "handlers",
+        help="list every handler chain with counts; switch a handler on or off on every node",
+        description="Without --disable/--enable: each pool's chains with calls, rejects, errors and p99 "
+        "time. --disable NAME / --enable NAME switch a handler on every node at run time, through Raft.",
+    )
+    handlers.add_argument("--config", required=True)
+    handlers.add_argument("--node", help="which node to ask (default: the leader)")
+    switch = handlers.add_mutually_exclusive_group()
+    switch.add_argument("--disable", metavar="NAME")
+    switch.add_argument("--enable", metavar="NAME")
+    handlers.add_argument("--json", action="store_true")
+    handlers.set_defaults(func=cmd_admin_handlers)
     return parser
 
 
@@ -377,6 +420,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except op.OperatorError as exc:
         print(f"imnode: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except PluginError as exc:
+        print(f"imnode: plugin error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 if __name__ == "__main__":

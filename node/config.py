@@ -79,6 +79,11 @@ class Config:
     initial_members: tuple[str, ...] = (DEFAULT_NODE_ID,)
     nodes: dict[str, NodeSpec] = field(default_factory=lambda: {DEFAULT_NODE_ID: NodeSpec()})
     tuning: Tuning = field(default_factory=Tuning)
+    # Handler plugins from [[plugins]] tables: ("module:object", options). Switching one on or off at run
+    # time goes through Raft (`imnode admin handlers --disable NAME`), so every node agrees.
+    plugins: tuple[tuple[str, dict[str, Any]], ...] = ()
+    # Also load the plugins installed packages publish under the `imnode.handlers` entry point group.
+    entry_point_plugins: bool = True
     source: str = "<defaults>"
 
     def node(self, node_id: str) -> NodeSpec:
@@ -161,7 +166,7 @@ def load(path: str | None) -> Config:
         raise ConfigError(f"{path}: no such file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    allowed = {"cluster", "nodes", "tuning"}
+    allowed = {"cluster", "nodes", "tuning", "plugins"}
     for key in doc:
         if key not in allowed:
             raise ConfigError(f"{source}: {key}: unknown section (known: {', '.join(sorted(allowed))})")
@@ -176,6 +181,7 @@ def load(path: str | None) -> Config:
         "encryption": bool,
         "token_auth": bool,
         "initial_members": list,
+        "entry_point_plugins": bool,
     }
     for key, value in cluster.items():
         if key not in cluster_keys:
@@ -225,6 +231,7 @@ def load(path: str | None) -> Config:
     if not members:
         raise ConfigError(f"{source}: cluster.initial_members: must name at least one node")
 
+    plugins = _plugins(source, doc.get("plugins", []))
     tuning = Tuning(**_table(source, "tuning", doc.get("tuning", {}), Tuning))
     _check_tuning(source, tuning)
     return Config(
@@ -236,5 +243,28 @@ def load(path: str | None) -> Config:
         initial_members=tuple(members),
         nodes=nodes,
         tuning=tuning,
+        plugins=plugins,
+        entry_point_plugins=cluster.get("entry_point_plugins", True),
         source=source,
     )
+
+
+def _plugins(source: str, raw: Any) -> tuple[tuple[str, dict[str, Any]], ...]:
+    if not isinstance(raw, list):
+        raise ConfigError(f"{source}: plugins: expected [[plugins]] tables")
+    plugins = []
+    for i, table in enumerate(raw):
+        key = f"plugins[{i}]"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: {key}: expected a table")
+        for name in table:
+            if name not in ("handler", "options"):
+                raise ConfigError(f"{source}: {key}.{name}: unknown key (known: handler, options)")
+        ref = table.get("handler")
+        if not isinstance(ref, str) or ":" not in ref:
+            raise ConfigError(f"{source}: {key}.handler: expected 'module:object', got {ref!r}")
+        options = table.get("options", {})
+        if not isinstance(options, dict):
+            raise ConfigError(f"{source}: {key}.options: expected a table")
+        plugins.append((ref, options))
+    return tuple(plugins)

@@ -38,6 +38,8 @@ RejectFn = Callable[[Any, Any, int], Awaitable[None]]
 SUCCESS = 1
 SYSTEM_ERROR = 15
 LATENCY_SAMPLES = 512
+BREAKER_FAILURES = 5
+BREAKER_COOLDOWN_S = 10.0
 
 
 @dataclass
@@ -47,6 +49,7 @@ class HandlerStats:
     errors: int = 0
     timeouts: int = 0
     dead_lettered: int = 0
+    bypassed: int = 0
     total_s: float = 0.0
     recent_s: collections.deque[float] = field(
         default_factory=lambda: collections.deque(maxlen=LATENCY_SAMPLES)
@@ -61,6 +64,7 @@ class HandlerStats:
             "errors": self.errors,
             "timeouts": self.timeouts,
             "dead_lettered": self.dead_lettered,
+            "bypassed": self.bypassed,
             "p99_ms": round(p99 * 1000, 3),
         }
 
@@ -73,7 +77,15 @@ class Handler:
     timeout_s: float | None  # None: a trusted built-in that never waits (no cancel scope per call)
     retries: int
     enabled: bool = True
+    # What a step that keeps failing does to its event: built-ins reject it (reason 15); plugins are
+    # skipped, so a broken extension never stops messages.
+    on_error: Literal["reject", "skip"] = "reject"
     stats: HandlerStats = field(default_factory=HandlerStats)
+    # Circuit breaker: after `BREAKER_FAILURES` failures in a row the handler is bypassed for
+    # `BREAKER_COOLDOWN_S`, so a hanging plugin costs its timeout a few times, not on every event.
+    failures_in_row: int = 0
+    open_until: float = 0.0
+    priority: int | None = None
 
 
 @dataclass(frozen=True)
@@ -140,16 +152,19 @@ class EventPool(Generic[Ctx]):
         after: str | None = None,
         timeout_s: float | Literal["default"] | None = "default",
         retries: int | None = None,
+        on_error: Literal["reject", "skip"] = "reject",
+        priority: int | None = None,
     ) -> Handler:
         """Add a handler to an event type's chain (at the end, or before/after a named handler).
 
         `timeout_s=None` is for built-in handlers that never block: a cancel scope per call costs about
-        as much as the handler itself on the send path.
+        as much as the handler itself on the send path. `priority` (lower runs first) places a handler
+        among others that gave one; without before/after/priority it goes last.
         """
         if kind not in ("step", "observer"):
             raise HandlerError(f"handler {name}: kind must be 'step' or 'observer'")
-        if before is not None and after is not None:
-            raise HandlerError(f"handler {name}: give before= or after=, not both")
+        if sum(x is not None for x in (before, after, priority)) > 1:
+            raise HandlerError(f"handler {name}: give one of before=, after= or priority=")
         chain = self._chains.setdefault(event_type, [])
         if any(h.name == name for h in chain):
             raise HandlerError(f"{self.name}.{event_type}: a handler named {name!r} is already registered")
@@ -159,8 +174,13 @@ class EventPool(Generic[Ctx]):
             kind,
             self.handler_timeout_s if timeout_s == "default" else timeout_s,
             self.handler_retries if retries is None else retries,
+            on_error=on_error,
+            priority=priority,
         )
         position = len(chain)
+        if priority is not None:
+            later = [i for i, h in enumerate(chain) if h.priority is not None and h.priority > priority]
+            position = later[0] if later else len(chain)
         anchor = before or after
         if anchor is not None:
             names = [h.name for h in chain]
@@ -178,6 +198,9 @@ class EventPool(Generic[Ctx]):
         if not any(h.name == name for h in chain):
             raise HandlerError(f"{self.name}.{event_type}: no handler named {name!r}")
         self._chains[event_type] = [h for h in chain if h.name != name]
+
+    def event_types(self) -> set[str]:
+        return set(self._chains)
 
     def chain(self, event_type: str) -> list[Handler]:
         return list(self._chains.get(event_type, []))
@@ -228,6 +251,9 @@ class EventPool(Generic[Ctx]):
         for handler in self._chains.get(event_type, ()):
             if not handler.enabled:
                 continue
+            if handler.open_until and handler.open_until > time.monotonic():
+                handler.stats.bypassed += 1
+                continue
             if handler.kind == "observer":
                 try:
                     self._observer_send.send_nowait((handler, event_type, event))
@@ -277,12 +303,30 @@ class EventPool(Generic[Ctx]):
                 handler.stats.errors += 1
                 last_error = exc
                 continue
+            handler.failures_in_row = 0
             if result is None or result == SUCCESS:
                 return SUCCESS
+            if not isinstance(result, int) or isinstance(result, bool) or not 0 <= result <= 255:
+                last_error = TypeError(f"handler returned {result!r}, not a reason code")
+                handler.stats.errors += 1
+                break
             handler.stats.rejects += 1
             return int(result)
         self._dead_letter(handler, event_type, event, last_error)
-        return SYSTEM_ERROR
+        self._trip(handler)
+        return SUCCESS if handler.on_error == "skip" else SYSTEM_ERROR
+
+    def _trip(self, handler: Handler) -> None:
+        handler.failures_in_row += 1
+        if handler.failures_in_row >= BREAKER_FAILURES:
+            handler.open_until = time.monotonic() + BREAKER_COOLDOWN_S
+            handler.failures_in_row = 0
+            log.warning(
+                "%s: handler %s keeps failing; bypassed for %.0fs",
+                self.name,
+                handler.name,
+                BREAKER_COOLDOWN_S,
+            )
 
     async def _run_observers(self) -> None:
         async for handler, event_type, event in self._observer_receive:
@@ -290,11 +334,13 @@ class EventPool(Generic[Ctx]):
             for attempt in range(handler.retries + 1):
                 try:
                     await self._call(handler, event)
+                    handler.failures_in_row = 0
                     break
                 except Exception as exc:
                     handler.stats.errors += 1
                     if attempt == handler.retries:
                         self._dead_letter(handler, event_type, event, exc)
+                        self._trip(handler)
                     else:
                         await trio.sleep(delay)
                         delay = min(delay * 2, 2.0)
@@ -327,7 +373,14 @@ class EventPool(Generic[Ctx]):
             "latency": self.latency.as_dict(),
             "handlers": {
                 event_type: [
-                    {"name": h.name, "kind": h.kind, "enabled": h.enabled, **h.stats.as_dict()} for h in chain
+                    {
+                        "name": h.name,
+                        "kind": h.kind,
+                        "enabled": h.enabled,
+                        "bypassed_until": h.open_until if h.open_until > time.monotonic() else None,
+                        **h.stats.as_dict(),
+                    }
+                    for h in chain
                 ]
                 for event_type, chain in self._chains.items()
             },

@@ -26,6 +26,7 @@ from raft.commands import (
     MAX_UID_BYTES,
     MAX_UIDS_PER_OP,
     OP_CHANNEL,
+    OP_HANDLER_STATE,
     OP_MEMBERS,
     OP_TOKEN,
     person_channel_id,
@@ -40,6 +41,14 @@ SYNC_LIMIT_MAX = 10_000
 Json = dict[str, Any]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class PlainText:
+    """A non-JSON answer (Prometheus text)."""
+
+    text: str
+    content_type: bytes = b"text/plain; version=0.0.4; charset=utf-8"
 
 
 class HttpError(Exception):
@@ -124,6 +133,9 @@ class HttpApi:
             "/admin/members": Route("POST", self.admin_members, admin=True),
             "/admin/transfer": Route("POST", self.admin_transfer, admin=True),
             "/admin/digests": Route("GET", self.admin_digests, admin=True),
+            "/admin/handlers": Route("GET", self.admin_handlers, admin=True),
+            "/admin/handlers/state": Route("POST", self.admin_handler_state, admin=True),
+            "/metrics": Route("GET", self.metrics),
         }
 
     # -- ASGI plumbing -----------------------------------------------------------------------------------
@@ -352,6 +364,33 @@ class HttpApi:
             return await admin.transfer_leadership(self.node, node_id)
         except admin.AdminRefused as exc:
             raise HttpError(409, str(exc)) from None
+
+    async def metrics(self, body: Json, query: dict[str, list[str]]) -> PlainText:
+        return PlainText(self.node.metrics.render())
+
+    async def admin_handlers(self, body: Json, query: dict[str, list[str]]) -> Json:
+        """Every pool's chains with per-handler counts, and the replicated list of disabled handlers."""
+        with self.node.store.read() as txn:
+            disabled = txn.meta("handlers_disabled") or []
+        return {
+            "node": self.node.spec.id,
+            "disabled": disabled,
+            "plugins": self.node.plugin_names,
+            "pools": {name: pool.statistics()["handlers"] for name, pool in self.node.pools.items()},
+        }
+
+    async def admin_handler_state(self, body: Json, query: dict[str, list[str]]) -> Json:
+        name = text(body, "name")
+        enabled = body.get("enabled")
+        if not isinstance(enabled, bool):
+            raise bad("enabled must be true or false")
+        known = {
+            h.name for pool in self.node.pools.values() for t in pool.event_types() for h in pool.chain(t)
+        }
+        if name not in known:
+            raise bad(f"no handler named {name!r} (known: {', '.join(sorted(known))})")
+        await self._propose([{"t": OP_HANDLER_STATE, "name": name, "enabled": enabled}])
+        return {"name": name, "enabled": enabled}
 
     async def admin_digests(self, body: Json, query: dict[str, list[str]]) -> Json:
         return admin.digests(self.node)

@@ -19,18 +19,22 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as serve_http
 
+from node import plugins
 from node.channel_pool import ChannelContext, Delivery, build_channel_pool
 from node.config import Config, NodeSpec
+from node.eventbus import EventPool
 from node.gateway import Gateway
 from node.http_api import HttpApi
 from node.ids import Snowflake
+from node.metrics import Metrics, register_node_metrics
+from node.plugins import PluginHost
 from node.presence import Presence
 from node.proposer import Proposer
 from node.pusher_pool import PushContext, build_pusher_pool, resend_due
 from node.registry import Registry
 from node.user_pool import UserContext, build_user_pool
 from raft.bridge import RaftNode
-from raft.commands import OP_PRESENCE, OP_SEND, R_SUCCESS
+from raft.commands import OP_HANDLER_STATE, OP_PRESENCE, OP_SEND, R_SUCCESS
 from raft.machine import RaftSettings
 from storage.store import Store
 
@@ -103,10 +107,41 @@ class Node:
         )
         self.user_pool = build_user_pool(self.user_ctx)
         self.gateway = Gateway(tuning, self.registry, self.user_pool)
+        self.pools: dict[str, EventPool[Any]] = {
+            "user": self.user_pool,
+            "channel": self.channel_pool,
+            "pusher": self.pusher_pool,
+        }
+        self.metrics = Metrics()
+        self.plugin_names = self._install_plugins()
+        with self.store.read() as txn:
+            self._apply_handler_states(txn.meta("handlers_disabled") or [])
         self.http = HttpApi(self)
         self.listening: Listening | None = None
         self.committed_messages = 0
         self.membership_busy = False
+        register_node_metrics(self)
+
+    def _install_plugins(self) -> list[str]:
+        """Load every configured and published plugin; a bad one stops the start (PluginError names it)."""
+        host = PluginHost(self.metrics, self.spec.id)
+        refs = [plugins.PluginRef(ref, options) for ref, options in self.config.plugins]
+        if self.config.entry_point_plugins:
+            refs += plugins.entry_point_plugins()
+        names: list[str] = []
+        for ref in refs:
+            specs = plugins.load(ref, host)
+            plugins.install(ref, specs, self.pools)
+            names += [spec.name for spec in specs]
+        return names
+
+    def _apply_handler_states(self, disabled: list[str]) -> None:
+        """Make the local chains match the replicated list of disabled handlers."""
+        names = {h.name for pool in self.pools.values() for t in pool.event_types() for h in pool.chain(t)}
+        for name in names:
+            enabled = name not in disabled
+            for pool in self.pools.values():
+                pool.set_enabled(name, enabled)
 
     # -- running -----------------------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[Listening] = trio.TASK_STATUS_IGNORED) -> None:
@@ -167,6 +202,10 @@ class Node:
                     continue
                 if op.get("t") == OP_PRESENCE and result.get("r") == R_SUCCESS and not result.get("stale"):
                     self.presence.on_committed(op)
+                    continue
+                if op.get("t") == OP_HANDLER_STATE and result.get("r") == R_SUCCESS:
+                    with self.store.read() as txn:
+                        self._apply_handler_states(txn.meta("handlers_disabled") or [])
                     continue
                 if op.get("t") != OP_SEND:
                     continue

@@ -226,7 +226,20 @@ def apply_node_down(view: EntryView, op: dict[str, Any]) -> Result:
     return {"r": c.R_SUCCESS, "cleared": _drop_node_rows(txn, op["node"])}
 
 
+def apply_handler_state(view: EntryView, op: dict[str, Any]) -> Result:
+    """Switch a handler on or off on every node: the list of disabled handlers is replicated state."""
+    txn = view.txn
+    disabled = set(txn.meta("handlers_disabled") or [])
+    if op["enabled"]:
+        disabled.discard(op["name"])
+    else:
+        disabled.add(op["name"])
+    txn.set_meta("handlers_disabled", sorted(disabled))
+    return {"r": c.R_SUCCESS}
+
+
 APPLIERS: dict[str, Callable[[EntryView, dict[str, Any]], Result]] = {
+    c.OP_HANDLER_STATE: apply_handler_state,
     c.OP_PRESENCE: apply_presence,
     c.OP_NODE_EPOCH: apply_node_epoch,
     c.OP_NODE_DOWN: apply_node_down,

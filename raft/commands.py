@@ -55,6 +55,7 @@ OP_PRESENCE = "presence"
 OP_NODE_EPOCH = "node_epoch"
 OP_NODE_DOWN = "node_down"
 MAX_PRESENCE_CHANGES = 10_000
+OP_HANDLER_STATE = "handler_state"
 
 
 class BadCommand(ValueError):
@@ -178,6 +179,10 @@ def check_op(op: Any) -> dict[str, Any]:
             _int(change, "level", 0, 255)
             if not isinstance(change.get("online"), bool):
                 raise BadCommand("online must be a boolean")
+    elif kind == OP_HANDLER_STATE:
+        _id(op, "name")
+        if not isinstance(op.get("enabled"), bool):
+            raise BadCommand("enabled must be a boolean")
     elif kind in (OP_NODE_EPOCH, OP_NODE_DOWN):
         _int(op, "node", 0, 1023)
         _int(op, "epoch", 0, (1 << 63) - 1)
