@@ -118,10 +118,14 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
                         f"{p.node_id} exited with code {p.proc.returncode}; see {p.log_path}"
                     )
             status = op.cluster_status(config)
-            if status["leader"] is not None:
+            answering = {n["id"] for n in status["nodes"] if n["role"] != "down"}
+            if status["leader"] is not None and answering >= set(config.initial_members):
                 break
             if time.monotonic() > deadline:
-                raise op.OperatorError(f"no leader within {args.timeout:.0f}s; see the log files above")
+                raise op.OperatorError(
+                    f"the cluster did not come up within {args.timeout:.0f}s (leader: {status['leader']}, "
+                    f"answering: {', '.join(sorted(answering)) or 'none'}); see the log files above"
+                )
             time.sleep(0.2)
         for node_id in config.initial_members:
             spec = config.node(node_id)

@@ -14,12 +14,12 @@ from collections.abc import Callable
 from typing import Any
 
 from raft import commands as c
+from raft import conversations, outbox
 from raft.permissions import send_permission
+from raft.view import EntryView, Result
 from storage import keys
 from storage.keys import channel_key
 from storage.store import Txn
-
-Result = dict[str, Any]
 
 
 def _error(reason: int, text: str) -> Result:
@@ -30,59 +30,6 @@ def _new_channel(channel_type: int) -> dict[str, Any]:
     return {"type": channel_type, "last_seq": 0, "ban": 0, "disband": 0, "send_ban": 0, "large": 0}
 
 
-class EntryView:
-    """The transaction of one entry, with the rows a batch touches again and again read once.
-
-    LMDB releases the GIL on every call, and each re-acquire can wait behind the busy trio thread (the
-    GIL convoy of RAFT_NOTES.md), so apply keeps its LMDB calls per message few: channel records are read
-    and written once per entry, system uids and whitelist presence once per entry.
-    """
-
-    def __init__(self, txn: Txn) -> None:
-        self.txn = txn
-        self._channels: dict[bytes, dict[str, Any] | None] = {}
-        self._dirty: set[bytes] = set()
-        self._meta: dict[str, Any] = {}
-        self._has_members: dict[tuple[str, bytes], bool] = {}
-
-    def channel(self, chan: bytes) -> dict[str, Any] | None:
-        if chan not in self._channels:
-            self._channels[chan] = self.txn.channel(chan)
-        return self._channels[chan]
-
-    def put_channel(self, chan: bytes, record: dict[str, Any]) -> None:
-        self._channels[chan] = record
-        self._dirty.add(chan)
-
-    def meta(self, name: str) -> Any:
-        if name not in self._meta:
-            self._meta[name] = self.txn.meta(name)
-        return self._meta[name]
-
-    def is_member(self, db: str, chan: bytes, uid: str) -> bool:
-        return self.txn.is_member(db, chan, uid)
-
-    def has_members(self, db: str, chan: bytes) -> bool:
-        key = (db, chan)
-        if key not in self._has_members:
-            self._has_members[key] = self.txn.has_members(db, chan)
-        return self._has_members[key]
-
-    def flush(self) -> None:
-        for chan in sorted(self._dirty):
-            record = self._channels[chan]
-            if record is not None:
-                self.txn.put_channel(chan, record)
-        self._dirty.clear()
-
-    def invalidate(self) -> None:
-        """Forget cached rows (after an op that may change them in ways the cache does not track)."""
-        self.flush()
-        self._channels.clear()
-        self._meta.clear()
-        self._has_members.clear()
-
-
 def apply_send(view: EntryView, op: dict[str, Any]) -> Result:
     txn = view.txn
     chan = channel_key(op["cid"], op["ct"])
@@ -90,13 +37,16 @@ def apply_send(view: EntryView, op: dict[str, Any]) -> Result:
     if original is not None:
         # A retry of a send that already committed: answer with the original ids, store nothing.
         return {"r": c.R_SUCCESS, "mid": original["mid"], "seq": original["seq"], "dup": True}
-    reason = send_permission(view, op["cid"], op["ct"], op["from"], op.get("to", ""))
+    reason = send_permission(
+        view, op["cid"], op["ct"], op["from"], op.get("to", ""), api=op.get("api", False)
+    )
     if reason != c.R_SUCCESS:
         return {"r": reason}
     existing = view.channel(chan)
     channel = existing or _new_channel(op["ct"])
     seq = int(channel["last_seq"]) + 1
     channel["last_seq"] = seq
+    channel["version"] = view.index
     txn.put_message(
         chan,
         seq,
@@ -119,6 +69,11 @@ def apply_send(view: EntryView, op: dict[str, Any]) -> Result:
         txn.add_member("subscribers", chan, op["from"])
         if op.get("to"):
             txn.add_member("subscribers", chan, op["to"])
+    conversations.on_send(view, chan, op["from"], seq)
+    if outbox.wants(view, "notify"):
+        outbox.append(view, "notify", {"ck": chan, "seq": seq})
+    if outbox.wants(view, "offline"):
+        outbox.append(view, "offline", {"ck": chan, "seq": seq, "to": op.get("to", "")})
     return {"r": c.R_SUCCESS, "mid": op["mid"], "seq": seq}
 
 
@@ -142,9 +97,12 @@ def apply_channel(view: EntryView, op: dict[str, Any]) -> Result:
             channel[flag] = op[flag]
     txn.put_channel(chan, channel)
     if op.get("reset"):
-        txn.clear_members("subscribers", chan)
+        for uid in txn.members("subscribers", chan):
+            txn.remove_member("subscribers", chan, uid)
+            conversations.on_unsubscribed(view, chan, uid)
     for uid in op.get("subs", []):
-        txn.add_member("subscribers", chan, uid)
+        if txn.add_member("subscribers", chan, uid):
+            conversations.on_subscribed(view, chan, uid, int(channel["last_seq"]))
     return {"r": c.R_SUCCESS}
 
 
@@ -157,13 +115,20 @@ def apply_members(view: EntryView, op: dict[str, Any]) -> Result:
             txn.put_channel(chan, _new_channel(op["ct"]))  # WuKongIM creates a channel on first subscriber
         else:
             return _error(c.R_CHANNEL_NOT_EXIST, "channel does not exist")
+    subscribers = op["list"] == "subscribers"
+    last_seq = int((txn.channel(chan) or {}).get("last_seq", 0))
     if op["action"] == "set":
-        txn.clear_members(op["list"], chan)
+        for uid in txn.members(op["list"], chan):
+            if uid not in op["uids"]:
+                txn.remove_member(op["list"], chan, uid)
+                if subscribers:
+                    conversations.on_unsubscribed(view, chan, uid)
     for uid in op["uids"]:
         if op["action"] == "remove":
-            txn.remove_member(op["list"], chan, uid)
-        else:
-            txn.add_member(op["list"], chan, uid)
+            if txn.remove_member(op["list"], chan, uid) and subscribers:
+                conversations.on_unsubscribed(view, chan, uid)
+        elif txn.add_member(op["list"], chan, uid) and subscribers:
+            conversations.on_subscribed(view, chan, uid, last_seq)
     return {"r": c.R_SUCCESS}
 
 
@@ -198,12 +163,20 @@ def apply_presence(view: EntryView, op: dict[str, Any]) -> Result:
     epochs = _node_epochs(txn)
     if op["epoch"] < epochs.get(str(op["node"]), 0):
         return {"r": c.R_SUCCESS, "stale": True}
+    notify = outbox.wants(view, "online")
     for change in op["changes"]:
         key = keys.presence_key(change["uid"], op["node"], change["conn"])
         if change["online"]:
             txn.put("presence", key, {"flag": change["flag"], "level": change["level"], "epoch": op["epoch"]})
         else:
             txn.delete("presence", key)
+        if notify:
+            # WuKongIM's format: uid-deviceFlag-online-connId-deviceOnlineCount-totalOnlineCount
+            rows = txn.presence_of(change["uid"])
+            same_device = sum(1 for _n, _c, row in rows if row.get("flag") == change["flag"])
+            online = int(change["online"])
+            status = f"{change['uid']}-{change['flag']}-{online}-{change['conn']}-{same_device}-{len(rows)}"
+            outbox.append(view, "online", {"status": status})
     return {"r": c.R_SUCCESS}
 
 
@@ -238,7 +211,36 @@ def apply_handler_state(view: EntryView, op: dict[str, Any]) -> Result:
     return {"r": c.R_SUCCESS}
 
 
+def apply_system_uids(view: EntryView, op: dict[str, Any]) -> Result:
+    current = set(view.txn.meta("system_uids") or [])
+    if op["action"] == "add":
+        current.update(op["uids"])
+    else:
+        current.difference_update(op["uids"])
+    view.txn.set_meta("system_uids", sorted(current))
+    return {"r": c.R_SUCCESS}
+
+
+def apply_device_quit(view: EntryView, op: dict[str, Any]) -> Result:
+    """Log a device out: its token is cleared (so it cannot log in again); nodes kick its connections."""
+    txn = view.txn
+    user = txn.user(op["uid"])
+    if user is not None:
+        flags = list(user.get("tokens", {})) if op["flag"] == -1 else [str(op["flag"])]
+        for flag in flags:
+            user["tokens"][flag] = ""
+        txn.put_user(op["uid"], user)
+    return {"r": c.R_SUCCESS}
+
+
 APPLIERS: dict[str, Callable[[EntryView, dict[str, Any]], Result]] = {
+    c.OP_SYSTEM_UIDS: apply_system_uids,
+    c.OP_DEVICE_QUIT: apply_device_quit,
+    c.OP_CONVERSATION: conversations.apply_conversation,
+    c.OP_WEBHOOK_CONFIG: outbox.apply_webhook_config,
+    c.OP_WEBHOOK_ADVANCE: outbox.apply_webhook_advance,
+    c.OP_WEBHOOK_DEADLETTER: outbox.apply_webhook_deadletter,
+    c.OP_DEADLETTER_REMOVE: outbox.apply_deadletter_remove,
     c.OP_HANDLER_STATE: apply_handler_state,
     c.OP_PRESENCE: apply_presence,
     c.OP_NODE_EPOCH: apply_node_epoch,
@@ -251,10 +253,10 @@ APPLIERS: dict[str, Callable[[EntryView, dict[str, Any]], Result]] = {
 }
 
 
-def apply_ops(txn: Txn, ops: list[Any]) -> list[Result]:
+def apply_ops(txn: Txn, ops: list[Any], index: int = 0) -> list[Result]:
     """Apply every op of one entry in order; bad ops become error results and write nothing."""
     results: list[Result] = []
-    view = EntryView(txn)
+    view = EntryView(txn, index)
     for op in ops:
         try:
             checked = c.check_op(op)
@@ -262,7 +264,7 @@ def apply_ops(txn: Txn, ops: list[Any]) -> list[Result]:
             results.append(_error(c.R_SYSTEM_ERROR, str(exc)))
             continue
         results.append(APPLIERS[checked["t"]](view, checked))
-        if checked["t"] != c.OP_SEND:
+        if checked["t"] not in (c.OP_SEND, c.OP_PRESENCE, c.OP_WEBHOOK_ADVANCE):
             view.invalidate()
     view.flush()
     return results

@@ -56,6 +56,17 @@ OP_NODE_EPOCH = "node_epoch"
 OP_NODE_DOWN = "node_down"
 MAX_PRESENCE_CHANGES = 10_000
 OP_HANDLER_STATE = "handler_state"
+OP_SYSTEM_UIDS = "system_uids"
+OP_DEVICE_QUIT = "device_quit"
+OP_CONVERSATION = "conversation"
+OP_WEBHOOK_CONFIG = "webhook_config"
+OP_WEBHOOK_ADVANCE = "webhook_advance"
+OP_WEBHOOK_DEADLETTER = "webhook_deadletter"
+OP_DEADLETTER_REMOVE = "deadletter_remove"
+WEBHOOK_EVENTS = ("msg.notify", "msg.offline", "user.onlinestatus")
+WEBHOOK_STREAMS = ("notify", "offline", "online")
+CONVERSATION_ACTIONS = ("clear", "set_unread", "delete")
+MAX_URL_BYTES = 2048
 
 
 class BadCommand(ValueError):
@@ -139,7 +150,7 @@ def check_op(op: Any) -> dict[str, Any]:
             raise BadCommand(f"payload must be bytes of at most {MAX_PAYLOAD_BYTES}")
         if "to" in op:
             _id(op, "to", allow_empty=True, max_bytes=MAX_UID_BYTES)
-        _bool(op, "system")
+        _bool(op, "api")
     elif kind == OP_TOKEN:
         _id(op, "uid", max_bytes=MAX_UID_BYTES)
         _int(op, "flag", 0, 255)
@@ -179,6 +190,48 @@ def check_op(op: Any) -> dict[str, Any]:
             _int(change, "level", 0, 255)
             if not isinstance(change.get("online"), bool):
                 raise BadCommand("online must be a boolean")
+    elif kind == OP_SYSTEM_UIDS:
+        if op.get("action") not in ("add", "remove"):
+            raise BadCommand("action must be add or remove")
+        _uids(op)
+    elif kind == OP_DEVICE_QUIT:
+        _id(op, "uid", max_bytes=MAX_UID_BYTES)
+        _int(op, "flag", -1, 255)
+    elif kind == OP_CONVERSATION:
+        _channel(op)
+        _id(op, "uid", max_bytes=MAX_UID_BYTES)
+        if op.get("action") not in CONVERSATION_ACTIONS:
+            raise BadCommand(f"action must be one of {', '.join(CONVERSATION_ACTIONS)}")
+        if op["action"] == "set_unread":
+            _int(op, "unread", 0, (1 << 32) - 1)
+    elif kind == OP_WEBHOOK_CONFIG:
+        url = op.get("url")
+        if not isinstance(url, str) or utf8_size(url, "url") > MAX_URL_BYTES:
+            raise BadCommand(f"url must be a string of at most {MAX_URL_BYTES} bytes")
+        events = op.get("events")
+        if not isinstance(events, list) or any(e not in WEBHOOK_EVENTS for e in events):
+            raise BadCommand(f"events must be a list of {', '.join(WEBHOOK_EVENTS)}")
+        if "outbox_max" in op:
+            _int(op, "outbox_max", 1, 1 << 40)
+    elif kind in (OP_WEBHOOK_ADVANCE, OP_WEBHOOK_DEADLETTER):
+        if op.get("stream") not in WEBHOOK_STREAMS:
+            raise BadCommand(f"stream must be one of {', '.join(WEBHOOK_STREAMS)}")
+        _int(op, "from", 0, (1 << 63) - 1)
+        _int(op, "to", 0, (1 << 63) - 1)
+        if kind == OP_WEBHOOK_DEADLETTER:
+            error = op.get("error")
+            if not isinstance(error, str) or utf8_size(error, "error") > 1024:
+                raise BadCommand("error must be a string of at most 1024 bytes")
+            _int(op, "attempts", 0, 1 << 20)
+    elif kind == OP_DEADLETTER_REMOVE:
+        if op.get("stream") not in WEBHOOK_STREAMS:
+            raise BadCommand(f"stream must be one of {', '.join(WEBHOOK_STREAMS)}")
+        seqs = op.get("seqs")
+        if not isinstance(seqs, list) or len(seqs) > MAX_UIDS_PER_OP:
+            raise BadCommand("seqs must be a list")
+        for seq in seqs:
+            if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+                raise BadCommand("every seq must be a non-negative integer")
     elif kind == OP_HANDLER_STATE:
         _id(op, "name")
         if not isinstance(op.get("enabled"), bool):

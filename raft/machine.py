@@ -116,7 +116,7 @@ class Machine(SyncObj):
                 with self._store.write() as txn:
                     if index <= txn.applied_index():
                         return None
-                    results = apply_ops(txn, ops) if not decode_error else []
+                    results = apply_ops(txn, ops, index) if not decode_error else []
                     txn.set_applied_index(index)
                 break
             except lmdb.MapFullError:

@@ -23,11 +23,18 @@ class PermissionView(Protocol):
 
 
 def send_permission(
-    txn: PermissionView | Txn, channel_id: str, channel_type: int, sender: str, receiver: str
+    txn: PermissionView | Txn,
+    channel_id: str,
+    channel_type: int,
+    sender: str,
+    receiver: str,
+    *,
+    api: bool = False,
 ) -> int:
     """The reason code for `sender` sending to the channel (R_SUCCESS when allowed).
 
-    For a person channel `channel_id` is the stored (fake) id and `receiver` the other party.
+    For a person channel `channel_id` is the stored (fake) id and `receiver` the other party. `api`: a
+    business-server send (HTTP /message/send), which WuKongIM checks at channel level only (ban, disband).
     """
     if channel_type not in c.SUPPORTED_CHANNEL_TYPES:
         return c.R_NOT_SUPPORT_CHANNEL_TYPE
@@ -39,15 +46,17 @@ def send_permission(
             return c.R_CHANNEL_ID_ERROR
         # A person channel honours the receiver's own lists, kept on the channel named after the receiver.
         receiver_chan = channel_key(receiver, c.CHANNEL_PERSON)
+        person = txn.channel(channel_key(channel_id, channel_type)) or {}
+        if person.get("ban"):
+            return c.R_BAN
+        if api:
+            return c.R_SUCCESS
         if txn.is_member("blacklist", receiver_chan, sender):
             return c.R_IN_BLACKLIST
         if txn.has_members("whitelist", receiver_chan) and not txn.is_member(
             "whitelist", receiver_chan, sender
         ):
             return c.R_NOT_IN_WHITELIST
-        person = txn.channel(channel_key(channel_id, channel_type)) or {}
-        if person.get("ban"):
-            return c.R_BAN
         return c.R_SUCCESS
     chan = channel_key(channel_id, channel_type)
     record = txn.channel(chan)
@@ -57,6 +66,8 @@ def send_permission(
         return c.R_DISBAND
     if record.get("ban"):
         return c.R_BAN
+    if api:
+        return c.R_SUCCESS
     if record.get("send_ban"):
         return c.R_SEND_BAN
     if txn.is_member("blacklist", chan, sender):

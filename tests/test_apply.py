@@ -333,7 +333,7 @@ BAD_OPS: dict[str, tuple[Any, str]] = {
     "negative mid": ({**send("g", "u1", "m"), "mid": -1}, "mid"),
     "float ts": ({**send("g", "u1", "m"), "ts": 1.5}, "ts"),
     "channel type 256": ({**send("g", "u1", "m"), "ct": 256}, "ct"),
-    "bool as system flag": ({**send("g", "u1", "m"), "system": 1}, "system"),
+    "int as api flag": ({**send("g", "u1", "m"), "api": 1}, "api"),
     "bad member list": (members("g", "graylist", "add", ["u1"]), "list"),
     "bad member action": (members("g", "subscribers", "promote", ["u1"]), "action"),
     "uid not a string": (members("g", "subscribers", "add", ["u1", 5]), "uids"),  # type: ignore[list-item]

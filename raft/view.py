@@ -1,0 +1,94 @@
+"""The view apply works through: one LMDB write transaction plus per-entry caches of hot rows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from storage import keys
+from storage.store import Txn
+
+Result = dict[str, Any]
+
+
+class EntryView:
+    """The transaction of one entry, with the rows a batch touches again and again read once.
+
+    LMDB releases the GIL on every call, and each re-acquire can wait behind the busy trio thread (the
+    GIL convoy of RAFT_NOTES.md), so apply keeps its LMDB calls per message few: channel records are read
+    and written once per entry, system uids and whitelist presence once per entry.
+    """
+
+    def __init__(self, txn: Txn, index: int = 0) -> None:
+        self.txn = txn
+        # The Raft index of the entry being applied: deterministic and increasing, so it serves as the
+        # version of whatever the entry changes (conversation sync asks "what changed since version v").
+        self.index = index
+        self._conversations: dict[bytes, dict[str, Any] | None] = {}
+        self._dirty_conversations: set[bytes] = set()
+        self._dirty_meta: set[str] = set()
+        self._channels: dict[bytes, dict[str, Any] | None] = {}
+        self._dirty: set[bytes] = set()
+        self._meta: dict[str, Any] = {}
+        self._has_members: dict[tuple[str, bytes], bool] = {}
+
+    def channel(self, chan: bytes) -> dict[str, Any] | None:
+        if chan not in self._channels:
+            self._channels[chan] = self.txn.channel(chan)
+        return self._channels[chan]
+
+    def put_channel(self, chan: bytes, record: dict[str, Any]) -> None:
+        self._channels[chan] = record
+        self._dirty.add(chan)
+
+    def meta(self, name: str) -> Any:
+        if name not in self._meta:
+            self._meta[name] = self.txn.meta(name)
+        return self._meta[name]
+
+    def set_meta(self, name: str, value: Any) -> None:
+        """Cached and written once at flush (outbox heads change with every message of an entry)."""
+        self._meta[name] = value
+        self._dirty_meta.add(name)
+
+    def is_member(self, db: str, chan: bytes, uid: str) -> bool:
+        return self.txn.is_member(db, chan, uid)
+
+    def has_members(self, db: str, chan: bytes) -> bool:
+        key = (db, chan)
+        if key not in self._has_members:
+            self._has_members[key] = self.txn.has_members(db, chan)
+        return self._has_members[key]
+
+    def conversation(self, uid: str, chan: bytes) -> dict[str, Any] | None:
+        key = keys.user_channel_key(uid, chan)
+        if key not in self._conversations:
+            self._conversations[key] = self.txn.get("conversations", key)
+        return self._conversations[key]
+
+    def put_conversation(self, uid: str, chan: bytes, row: dict[str, Any]) -> None:
+        key = keys.user_channel_key(uid, chan)
+        self._conversations[key] = row
+        self._dirty_conversations.add(key)
+
+    def flush(self) -> None:
+        for chan in sorted(self._dirty):
+            record = self._channels[chan]
+            if record is not None:
+                self.txn.put_channel(chan, record)
+        self._dirty.clear()
+        for key in sorted(self._dirty_conversations):
+            row = self._conversations[key]
+            if row is not None:
+                self.txn.put("conversations", key, row)
+        self._dirty_conversations.clear()
+        for name in sorted(self._dirty_meta):
+            self.txn.set_meta(name, self._meta[name])
+        self._dirty_meta.clear()
+
+    def invalidate(self) -> None:
+        """Forget cached rows (after an op that may change them in ways the cache does not track)."""
+        self.flush()
+        self._conversations.clear()
+        self._channels.clear()
+        self._meta.clear()
+        self._has_members.clear()
