@@ -9,6 +9,7 @@ The proposer merges the batches of all channels into shared Raft entries.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,8 @@ class ChannelSend:
     sender: str
     setting: int
     payload: bytes
+    api: bool = False  # sent by the business server over HTTP: channel-level checks only
+    reply: Callable[[Result], None] | None = None  # for sends without a connection (HTTP)
 
     @property
     def route_key(self) -> str:
@@ -75,6 +78,8 @@ class ChannelContext:
 
 
 def _sendack(send: ChannelSend, result: Result) -> None:
+    if send.reply is not None:
+        send.reply(result)
     if send.conn is not None:
         send.conn.send_packet(
             Sendack(int(result.get("mid", 0)), send.client_seq, int(result.get("seq", 0)), int(result["r"]))
@@ -85,7 +90,9 @@ def _sendack(send: ChannelSend, result: Result) -> None:
 async def permission(ctx: ChannelContext, send: ChannelSend) -> int | None:
     """Fast path only: apply checks again against the replicated state and decides."""
     with ctx.store.read() as txn:
-        reason = send_permission(txn, send.channel_id, send.channel_type, send.sender, send.peer)
+        reason = send_permission(
+            txn, send.channel_id, send.channel_type, send.sender, send.peer, api=send.api
+        )
     return None if reason == Reason.SUCCESS else reason
 
 
@@ -108,6 +115,8 @@ async def store(ctx: ChannelContext, send: ChannelSend) -> int | None:
         "node": ctx.node_numeric_id,
         "conn": send.conn.id if send.conn is not None else 0,
     }
+    if send.api:
+        op["api"] = True
     batch.pending.append((send, op))
     if not batch.in_flight:
         _flush(ctx, send.route_key, batch)

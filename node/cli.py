@@ -325,6 +325,31 @@ def cmd_admin_handlers(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_admin_deadletters(args: argparse.Namespace) -> int:
+    config = load(args.config)
+    leader = op.cluster_status(config)["leader"]
+    if leader is None:
+        raise op.OperatorError("no leader is reachable: is the cluster up?")
+    if args.replay:
+        result = op.request(config, leader, "POST", "/admin/deadletters/replay", {}, timeout_s=300)
+        op.say(
+            f"replayed {result['replayed']} dead letters, {result['failed']} failed{': ' + result['error'] if result['error'] else ''}"
+        )
+        return 0 if not result["failed"] else EXIT_FAILED
+    report = op.request(config, leader, "GET", "/admin/deadletters")
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    letters = report["deadletters"]
+    pending = ", ".join(f"{stream} {count}" for stream, count in report["pending"].items())
+    print(f"{len(letters)} dead letters (webhook events not yet delivered: {pending})")
+    for letter in letters:
+        print(
+            f"  {letter['event']:18} #{letter['seq']:<8} attempts {letter['attempts']:<3} {letter['error']}"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imnode",
@@ -409,6 +434,16 @@ def build_parser() -> argparse.ArgumentParser:
     switch.add_argument("--enable", metavar="NAME")
     handlers.add_argument("--json", action="store_true")
     handlers.set_defaults(func=cmd_admin_handlers)
+    deadletters = admin_commands.add_parser(
+        "deadletters",
+        help="list webhook events that failed every attempt; --replay sends them again",
+        description="Webhook events the leader could not deliver after the configured attempts. "
+        "--replay posts them again, oldest first; the delivered ones leave the list.",
+    )
+    deadletters.add_argument("--config", required=True)
+    deadletters.add_argument("--replay", action="store_true")
+    deadletters.add_argument("--json", action="store_true")
+    deadletters.set_defaults(func=cmd_admin_deadletters)
     return parser
 
 

@@ -55,6 +55,20 @@ class Tuning:
 
 
 @dataclass(frozen=True)
+class WebhookSettings:
+    """Where and how the leader posts webhook events (no url: webhooks off)."""
+
+    url: str = ""
+    events: tuple[str, ...] = ("msg.notify", "msg.offline", "user.onlinestatus")
+    attempts: int = 5
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+    timeout_s: float = 5.0
+    batch_max: int = 100
+    outbox_max: int = 100_000
+
+
+@dataclass(frozen=True)
 class NodeSpec:
     """Where one node listens and keeps its data."""
 
@@ -79,6 +93,7 @@ class Config:
     initial_members: tuple[str, ...] = (DEFAULT_NODE_ID,)
     nodes: dict[str, NodeSpec] = field(default_factory=lambda: {DEFAULT_NODE_ID: NodeSpec()})
     tuning: Tuning = field(default_factory=Tuning)
+    webhook: WebhookSettings = field(default_factory=WebhookSettings)
     # Handler plugins from [[plugins]] tables: ("module:object", options). Switching one on or off at run
     # time goes through Raft (`imnode admin handlers --disable NAME`), so every node agrees.
     plugins: tuple[tuple[str, dict[str, Any]], ...] = ()
@@ -166,7 +181,7 @@ def load(path: str | None) -> Config:
         raise ConfigError(f"{path}: no such file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    allowed = {"cluster", "nodes", "tuning", "plugins"}
+    allowed = {"cluster", "nodes", "tuning", "plugins", "webhook"}
     for key in doc:
         if key not in allowed:
             raise ConfigError(f"{source}: {key}: unknown section (known: {', '.join(sorted(allowed))})")
@@ -232,6 +247,7 @@ def load(path: str | None) -> Config:
         raise ConfigError(f"{source}: cluster.initial_members: must name at least one node")
 
     plugins = _plugins(source, doc.get("plugins", []))
+    webhook = _webhook(source, doc.get("webhook", {}))
     tuning = Tuning(**_table(source, "tuning", doc.get("tuning", {}), Tuning))
     _check_tuning(source, tuning)
     return Config(
@@ -244,9 +260,28 @@ def load(path: str | None) -> Config:
         nodes=nodes,
         tuning=tuning,
         plugins=plugins,
+        webhook=webhook,
         entry_point_plugins=cluster.get("entry_point_plugins", True),
         source=source,
     )
+
+
+def _webhook(source: str, raw: Any) -> WebhookSettings:
+    raw = dict(raw) if isinstance(raw, dict) else raw
+    events = raw.pop("events", None) if isinstance(raw, dict) else None
+    values = _table(source, "webhook", raw, WebhookSettings)
+    if events is not None:
+        known = ("msg.notify", "msg.offline", "user.onlinestatus")
+        if not isinstance(events, list) or any(e not in known for e in events):
+            raise ConfigError(f"{source}: webhook.events: expected a list of {', '.join(known)}")
+        values["events"] = tuple(events)
+    url = values.get("url", "")
+    if url and not url.startswith("http://"):
+        raise ConfigError(f"{source}: webhook.url: only http:// URLs are supported, got {url!r}")
+    for key in ("attempts", "batch_max", "outbox_max", "backoff_initial_s", "backoff_max_s", "timeout_s"):
+        if key in values and values[key] <= 0:
+            raise ConfigError(f"{source}: webhook.{key}: must be positive")
+    return WebhookSettings(**values)
 
 
 def _plugins(source: str, raw: Any) -> tuple[tuple[str, dict[str, Any]], ...]:

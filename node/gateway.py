@@ -109,6 +109,8 @@ class Gateway:
             try:
                 peer = stream.socket.getpeername()
                 await self.serve(TcpTransport(stream), "tcp", f"{peer[0]}:{peer[1]}")
+            except OSError:
+                pass  # the peer went away before we looked (ENOTCONN): nothing to serve
             except Exception:
                 # One connection's failure must never reach the listener's nursery (it would stop the node).
                 log.exception("tcp connection failed")
@@ -120,31 +122,47 @@ class Gateway:
     async def serve_ws(
         self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        async def handler(request: trio_websocket.WebSocketRequest) -> None:
+        """WebSocket on plain TCP listeners: every connection, its handshake included, in its own nursery.
+
+        (trio-websocket's own server lets a failed handshake escape into the server's nursery, which would
+        stop the node when a client sends a bad upgrade and resets.)
+        """
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        bound = listeners[0].socket.getsockname()[1]
+
+        async def handler(stream: trio.SocketStream) -> None:
             try:
-                ws = await request.accept()
-                await self.serve(WebSocketTransport(ws), "ws", str(getattr(ws, "remote", None)))
-            except trio_websocket.ConnectionClosed:
+                async with trio.open_nursery() as nursery:
+                    with trio.move_on_after(self.tuning.connect_timeout_s) as handshake:
+                        request = await trio_websocket.wrap_server_stream(
+                            nursery, stream, max_message_size=self.tuning.max_frame_bytes + 16
+                        )
+                        ws = await request.accept()
+                    if handshake.cancelled_caught:
+                        self.connect_timeouts += 1
+                        nursery.cancel_scope.cancel()
+                        return
+                    remote = getattr(stream.socket, "getpeername", lambda: ("?", 0))()
+                    await self.serve(WebSocketTransport(ws), "ws", f"{remote[0]}:{remote[1]}")
+                    nursery.cancel_scope.cancel()
+            except (
+                trio_websocket.ConnectionClosed,
+                trio.BrokenResourceError,
+                trio.ClosedResourceError,
+                OSError,
+            ):
                 pass  # the peer broke the WebSocket protocol or went away: its connection only
             except Exception:
-                # One connection's failure must never reach the server's nursery (it would stop the node).
+                # One connection's failure must never reach the listener's nursery (it would stop the node).
                 log.exception("websocket connection failed")
+            finally:
+                with trio.move_on_after(1) as scope:
+                    scope.shield = True
+                    await stream.aclose()
 
         async with trio.open_nursery() as nursery:
-            ws_server = await nursery.start(
-                lambda task_status: trio_websocket.serve_websocket(
-                    handler,
-                    host,
-                    port,
-                    ssl_context=None,
-                    handler_nursery=nursery,
-                    max_message_size=self.tuning.max_frame_bytes + 16,
-                    connect_timeout=self.tuning.connect_timeout_s,
-                    disconnect_timeout=5,
-                    task_status=task_status,
-                )
-            )
-            task_status.started(ws_server.port)
+            task_status.started(bound)
+            await trio.serve_listeners(handler, listeners, handler_nursery=nursery)
 
     # -- one connection ----------------------------------------------------------------------------------
     async def serve(self, transport: Transport, kind: str, remote: str) -> None:

@@ -30,11 +30,13 @@ from node.metrics import Metrics, register_node_metrics
 from node.plugins import PluginHost
 from node.presence import Presence
 from node.proposer import Proposer
+from node.protocol import Reason
 from node.pusher_pool import PushContext, build_pusher_pool, resend_due
 from node.registry import Registry
 from node.user_pool import UserContext, build_user_pool
+from node.webhooks import Webhooks
 from raft.bridge import RaftNode
-from raft.commands import OP_HANDLER_STATE, OP_PRESENCE, OP_SEND, R_SUCCESS
+from raft.commands import OP_DEVICE_QUIT, OP_HANDLER_STATE, OP_PRESENCE, OP_SEND, OP_TOKEN, R_SUCCESS
 from raft.machine import RaftSettings
 from storage.store import Store
 
@@ -116,6 +118,7 @@ class Node:
         self.plugin_names = self._install_plugins()
         with self.store.read() as txn:
             self._apply_handler_states(txn.meta("handlers_disabled") or [])
+        self.webhooks = Webhooks(self)
         self.http = HttpApi(self)
         self.listening: Listening | None = None
         self.committed_messages = 0
@@ -157,6 +160,7 @@ class Node:
                 nursery.start_soon(self._sync_loop)
                 nursery.start_soon(self.presence.announce_epoch, self.proposer)
                 nursery.start_soon(self.presence.watch_nodes, self.raft)
+                nursery.start_soon(self.webhooks.run)
                 # Accept clients once a leader is known (bounded: a node of a cluster whose other members
                 # are still down starts listening anyway, and its sends wait for the commit timeout).
                 with trio.move_on_after(self.config.tuning.raft_max_timeout_s * 4):
@@ -207,12 +211,27 @@ class Node:
                     with self.store.read() as txn:
                         self._apply_handler_states(txn.meta("handlers_disabled") or [])
                     continue
+                if op.get("t") in (OP_DEVICE_QUIT, OP_TOKEN) and result.get("r") == R_SUCCESS:
+                    self._kick_after_user_change(op)
+                    continue
                 if op.get("t") != OP_SEND:
                     continue
                 if result.get("r") != R_SUCCESS or result.get("dup"):
                     continue
                 self.committed_messages += 1
                 await self.channel_pool.submit(f"{op['ct']}:{op['cid']}", "distribute", Delivery(op, result))
+
+    def _kick_after_user_change(self, op: dict[str, Any]) -> None:
+        """device_quit logs devices out; a master-level token (device_level 1) replaces older logins."""
+        if op["t"] == OP_TOKEN and op.get("level") != 1:
+            return
+        flag = op["flag"]
+        for conn in list(self.registry.of_uid(op["uid"])):
+            if flag == -1 or conn.device_flag == flag:
+                conn.close(
+                    Reason.CONNECT_KICK, "logged out" if op["t"] == OP_DEVICE_QUIT else "logged in elsewhere"
+                )
+                self.registry.remove(conn)
 
     async def _resend_loop(self) -> None:
         interval = max(0.05, self.config.tuning.recv_resend_interval_s / 4)

@@ -161,8 +161,11 @@ class RaftNode:
             def callback(result: Any, error: int) -> None:
                 self._post(("result", token, result, error))
 
+            machine = self._machine
+            if machine is None:  # stopping: the tick thread is gone
+                raise ProposeFailed("stopped", definite=True)
             self.proposed += 1
-            self.machine.execute(entry, callback=callback)
+            machine.execute(entry, callback=callback)
             try:
                 with trio.move_on_after(timeout_s):
                     await waiter.done.wait()
@@ -189,6 +192,8 @@ class RaftNode:
         def callback(result: Any, error: int) -> None:
             self._post(("result", token, result, error))
 
+        if self._machine is None:
+            raise ProposeFailed("stopped", definite=True)
         start(callback)
         try:
             with trio.move_on_after(timeout_s):

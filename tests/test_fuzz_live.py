@@ -923,12 +923,6 @@ async def test_clients_that_vanish_at_once_leave_the_node_serving(tmp_path: Path
         raise AssertionError(f"the node crashed after {in_flight!r}: {leaves(group)}") from group
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a request on the WebSocket port that is not a valid upgrade, followed at once by a reset, "
-    "stops the node: trio-websocket's reader task fails to send its 400 rejection (ConnectionClosed 1006) "
-    "and that error escapes into gateway.serve_ws's handler nursery, before the gateway's handler runs",
-)
 @pytest.mark.parametrize(
     "request_bytes",
     [

@@ -364,7 +364,8 @@ async def test_messagesync_reads_back_what_was_acked(node: RunningNode) -> None:
     assert status == 200
     assert [m["message_seq"] for m in body["messages"]] == [1, 2, 3] and body["more"] == 1
     assert [m["message_id"] for m in body["messages"]] == [a.message_id for a in acks[:3]]
-    assert body["messages"][0]["channel_id"] == "alice"
+    # WuKongIM's rule for a person message: channel_id is the half of the stored id that is not the sender.
+    assert body["messages"][0]["channel_id"] == "bob" and body["messages"][0]["from_uid"] == "alice"
 
 
 async def test_an_over_long_uid_is_refused_at_connect(node: RunningNode) -> None:

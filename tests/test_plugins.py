@@ -94,7 +94,9 @@ async def http_text(base: str, path: str) -> tuple[int, str, str]:
 
 def bad_samples(text: str) -> list[str]:
     """The lines of a Prometheus text exposition that are neither a comment nor a valid sample."""
-    return [line for line in text.splitlines() if line and not line.startswith("#") and not SAMPLE.match(line)]
+    return [
+        line for line in text.splitlines() if line and not line.startswith("#") and not SAMPLE.match(line)
+    ]
 
 
 def metric_value(text: str, sample: str) -> float | None:
@@ -125,14 +127,8 @@ async def test_audit_plugin_from_the_config_rejects_its_words_and_is_counted(tmp
         assert report["plugins"] == ["audit"] and report["disabled"] == []
         chain = chain_of(report, "channel", "send")
         assert list(chain) == ["permission", "audit", "store"]  # after="permission"
-        audit = chain["audit"]
-        assert (audit["kind"], audit["enabled"], audit["calls"], audit["rejects"], audit["errors"]) == (
-            "step",
-            True,
-            2,
-            1,
-            0,
-        )
+        audit = {key: chain["audit"][key] for key in ("kind", "enabled", "calls", "rejects", "errors")}
+        assert audit == {"kind": "step", "enabled": True, "calls": 2, "rejects": 1, "errors": 0}
         assert chain["store"]["calls"] == 1
 
 
@@ -221,7 +217,7 @@ async def test_raising_and_hanging_steps_are_isolated_counted_dead_lettered_then
 
 
 async def test_raising_and_hanging_observers_never_delay_sends(tmp_path: Path) -> None:
-    hang_s = 0.5
+    hang_s = 1.0
     config = single_node_config(
         tmp_path / "n1",
         plugins=(
@@ -323,7 +319,7 @@ def plugin_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
 
 
 async def audit_enabled_on(cluster: Cluster, node_id: str) -> tuple[bool, list[str]]:
-    """(audit on in the node's chain, the replicated list of disabled handlers the node has applied)."""
+    """(audit on in the node's chain, the list of disabled handlers in the node's replicated store)."""
     report = await handlers_report(cluster.http(node_id), {"token": MANAGER_TOKEN})
     return bool(chain_of(report, "channel", "send")["audit"]["enabled"]), list(report["disabled"])
 
@@ -368,7 +364,9 @@ async def test_disable_and_enable_a_plugin_on_every_node_of_a_cluster_at_run_tim
         for handler in chain.values():
             assert {"calls", "rejects", "errors", "p99_ms", "enabled", "kind"} <= set(handler)
 
-        disabled = await trio.to_thread.run_sync(lambda: cluster.cli("admin", "handlers", "--disable", "audit"))
+        disabled = await trio.to_thread.run_sync(
+            lambda: cluster.cli("admin", "handlers", "--disable", "audit")
+        )
         assert disabled.returncode == 0, disabled.stdout + disabled.stderr
         await wait_audit_state(cluster, enabled=False)
         for client in clients:
@@ -492,7 +490,10 @@ async def test_statistics_example_counts_committed_messages_per_sender_and_chann
     )
     async with running_node(config) as running:
         status, body = await http_json(
-            running.http, "POST", "/channel", {"channel_id": "g1", "channel_type": 2, "subscribers": ["alice", "bob"]}
+            running.http,
+            "POST",
+            "/channel",
+            {"channel_id": "g1", "channel_type": 2, "subscribers": ["alice", "bob"]},
         )
         assert status == 200, body
         async with open_client(*running.tcp, "alice") as alice, open_client(*running.tcp, "bob") as bob:
