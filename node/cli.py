@@ -332,9 +332,8 @@ def cmd_admin_deadletters(args: argparse.Namespace) -> int:
         raise op.OperatorError("no leader is reachable: is the cluster up?")
     if args.replay:
         result = op.request(config, leader, "POST", "/admin/deadletters/replay", {}, timeout_s=300)
-        op.say(
-            f"replayed {result['replayed']} dead letters, {result['failed']} failed{': ' + result['error'] if result['error'] else ''}"
-        )
+        error = f": {result['error']}" if result["error"] else ""
+        op.say(f"replayed {result['replayed']} dead letters, {result['failed']} failed{error}")
         return 0 if not result["failed"] else EXIT_FAILED
     report = op.request(config, leader, "GET", "/admin/deadletters")
     if args.json:
