@@ -167,6 +167,10 @@ class Node:
                     # Polled: PySyncObj's state lives on its own thread and offers no trio event.
                     while not self.raft.is_ready():  # noqa: ASYNC110
                         await trio.sleep(0.01)
+                if self.config.webhook.url:
+                    # Before clients: messages applied before the webhook settings are would have no events.
+                    with trio.move_on_after(self.config.tuning.commit_timeout_s):
+                        await self.webhooks.publish_config()
                 tcp_host, tcp_port = _split(self.spec.tcp)
                 ws_host, ws_port = _split(self.spec.ws)
                 http_host, http_port = _split(self.spec.http)

@@ -113,12 +113,12 @@ class Webhooks:
 
     async def run(self) -> None:
         if self.settings.url:
-            await self._publish_config()
+            await self.publish_config()
         async with trio.open_nursery() as nursery:
             for stream in outbox.STREAMS:
                 nursery.start_soon(self._deliver_forever, stream)
 
-    async def _publish_config(self) -> None:
+    async def publish_config(self) -> None:
         """Make the replicated webhook settings match this node's config (the same file on every node)."""
         wanted = {
             "url": self.settings.url,

@@ -1,0 +1,197 @@
+"""Webhooks against a real local HTTP receiver: retries, a receiver down across a leader kill -9, dead letters."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from node.client import open_client
+from node.protocol import Reason
+from tests.cluster_harness import MANAGER_TOKEN, Cluster, write_cluster_toml
+from tests.conftest import free_port, http_json
+
+pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
+
+
+@dataclass
+class Receiver:
+    """A webhook receiver: records every POST; can fail the next N, or be down (connection refused)."""
+
+    port: int = field(default_factory=free_port)
+    posts: list[tuple[str, Any, str]] = field(default_factory=list)  # (event, body, event id)
+    fail_next: int = 0
+    failed: int = 0
+    _scope: trio.CancelScope | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    async def up(self, nursery: trio.Nursery) -> None:
+        await nursery.start(self._serve)
+
+    def down(self) -> None:
+        assert self._scope is not None
+        self._scope.cancel()
+
+    async def _serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as scope:
+            self._scope = scope
+            listeners = await trio.open_tcp_listeners(self.port, host="127.0.0.1")
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                await trio.serve_listeners(self._handle, listeners, handler_nursery=nursery)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    return
+                data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            lines = head.decode().split("\r\n")
+            headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+            length = int(headers.get("content-length", "0"))
+            while len(body) < length:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    return
+                body += chunk
+            event = lines[0].split()[1].split("event=", 1)[1]
+            if self.fail_next > 0:
+                self.fail_next -= 1
+                self.failed += 1
+                await stream.send_all(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n")
+                return
+            self.posts.append((event, json.loads(body), headers.get("x-imnode-event-id", "")))
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+    def notified(self) -> list[dict[str, Any]]:
+        return [m for event, body, _id in self.posts if event == "msg.notify" for m in body]
+
+    def ranges(self, stream: str) -> list[tuple[int, int]]:
+        found = []
+        for _event, _body, event_id in self.posts:
+            name, _, span = event_id.partition(":")
+            if name == stream:
+                first, _, last = span.partition("-")
+                found.append((int(first), int(last)))
+        return found
+
+
+def webhook_toml(receiver: Receiver, **settings: Any) -> str:
+    lines = ["", "[webhook]", f'url = "{receiver.url}"']
+    lines += [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
+    return "\n".join(lines) + "\n"
+
+
+async def wait_until(predicate: Any, timeout_s: float, what: str) -> None:
+    with trio.fail_after(timeout_s):
+        while not predicate():  # noqa: ASYNC110 - the state changes in other processes
+            await trio.sleep(0.05)
+
+
+async def test_events_survive_failures_a_receiver_outage_and_a_leader_kill_9(tmp_path: Path) -> None:
+    receiver = Receiver(fail_next=3)
+    config = write_cluster_toml(tmp_path / "cluster.toml")
+    with open(config, "a") as f:
+        f.write(webhook_toml(receiver, attempts=1000, backoff_initial_s=0.05, backoff_max_s=0.3))
+    cluster = Cluster(config)
+    async with trio.open_nursery() as nursery:
+        await receiver.up(nursery)
+        try:
+            leader = await trio.to_thread.run_sync(cluster.start_all)
+            entry = next(n for n in ("n1", "n2", "n3") if n != leader)
+            status, body = await http_json(
+                cluster.http(entry),
+                "POST",
+                "/channel",
+                {"channel_id": "g", "channel_type": 2, "subscribers": ["alice", "bob", "carol"]},
+                headers={"token": MANAGER_TOKEN},
+            )
+            assert status == 200, body
+            acked: list[int] = []
+            async with (
+                open_client(*cluster.tcp(entry), "alice") as alice,
+                open_client(*cluster.tcp(entry), "bob"),
+            ):
+
+                async def send(count: int) -> None:
+                    acks = await alice.send_many(
+                        [("g", 2, f"m{len(acked) + i}".encode()) for i in range(count)]
+                    )
+                    assert all(a.reason_code == Reason.SUCCESS for a in acks)
+                    acked.extend(a.message_id for a in acks)
+
+                await send(20)
+                await wait_until(lambda: len(receiver.notified()) >= 20, 30, "first 20 delivered")
+                assert receiver.failed == 3  # the first attempts failed and were retried
+                receiver.down()
+                await send(20)
+                await trio.to_thread.run_sync(cluster.kill9, leader)
+                await trio.to_thread.run_sync(lambda: cluster.wait_leader(30, exclude=leader))
+                await send(20)
+                await receiver.up(nursery)
+                delivered = lambda: {m["message_id"] for m in receiver.notified()}  # noqa: E731
+                await wait_until(lambda: set(acked) <= delivered(), 60, "all 60 delivered")
+            # In order: each event is first delivered after every event before it.
+            first_seen: list[int] = []
+            for first, last in receiver.ranges("notify"):
+                for seq in range(first, last + 1):
+                    if seq not in first_seen:
+                        first_seen.append(seq)
+            assert first_seen == sorted(first_seen) and first_seen[0] == 1
+            notified_seqs = [m["message_seq"] for m in receiver.notified()]
+            assert sorted(set(notified_seqs)) == list(range(1, 61))
+            # msg.offline names the subscribers with no device online anywhere: carol, never alice or bob.
+            offline = [body for event, body, _ in receiver.posts if event == "msg.offline"]
+            assert offline and all(o["to_uids"] == ["carol"] for o in offline)
+            online = [s for event, body, _ in receiver.posts if event == "user.onlinestatus" for s in body]
+            assert any(s.startswith("alice-0-1-") for s in online)
+        finally:
+            await trio.to_thread.run_sync(cluster.stop_all)
+            nursery.cancel_scope.cancel()
+
+
+async def test_undeliverable_events_become_dead_letters_and_replay_delivers_them(tmp_path: Path) -> None:
+    receiver = Receiver()
+    config = write_cluster_toml(tmp_path / "cluster.toml", nodes=1, initial=1)
+    with open(config, "a") as f:
+        f.write(webhook_toml(receiver, attempts=2, backoff_initial_s=0.05, events=["msg.notify"]))
+    cluster = Cluster(config)
+    try:
+        await trio.to_thread.run_sync(cluster.start_all)  # the receiver is down: nothing listens on its port
+        async with open_client(*cluster.tcp("n1"), "alice") as alice:
+            acks = await alice.send_many([("bob", 1, f"d{i}".encode()) for i in range(5)])
+        assert all(a.reason_code == Reason.SUCCESS for a in acks)
+
+        def dead() -> list[dict[str, Any]]:
+            listing = cluster.cli("admin", "deadletters", "--json")
+            assert listing.returncode == 0, listing.stderr
+            return list(json.loads(listing.stdout)["deadletters"])
+
+        with trio.fail_after(30):
+            while len(await trio.to_thread.run_sync(dead)) < 5:  # noqa: ASYNC110
+                await trio.sleep(0.1)
+        letters = await trio.to_thread.run_sync(dead)
+        assert {d["event"] for d in letters} == {"msg.notify"} and all(d["attempts"] == 2 for d in letters)
+        text = await trio.to_thread.run_sync(lambda: cluster.cli("admin", "deadletters"))
+        assert "5 dead letters" in text.stdout
+
+        async with trio.open_nursery() as nursery:
+            await receiver.up(nursery)
+            replay = await trio.to_thread.run_sync(lambda: cluster.cli("admin", "deadletters", "--replay"))
+            assert replay.returncode == 0, replay.stdout + replay.stderr
+            assert "replayed 5" in replay.stdout
+            assert sorted(m["message_id"] for m in receiver.notified()) == sorted(a.message_id for a in acks)
+            assert await trio.to_thread.run_sync(dead) == []
+            nursery.cancel_scope.cancel()
+    finally:
+        await trio.to_thread.run_sync(cluster.stop_all)
