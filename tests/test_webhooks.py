@@ -1,4 +1,4 @@
-"""Webhooks against a real local HTTP receiver: retries, a receiver down across a leader kill -9, dead letters."""
+"""Webhooks against a real local HTTP receiver: retries, an outage across a leader kill -9, dead letters."""
 
 from __future__ import annotations
 
@@ -92,6 +92,10 @@ def webhook_toml(receiver: Receiver, **settings: Any) -> str:
     return "\n".join(lines) + "\n"
 
 
+def append(path: Path, text: str) -> None:
+    path.write_text(path.read_text() + text)
+
+
 async def wait_until(predicate: Any, timeout_s: float, what: str) -> None:
     with trio.fail_after(timeout_s):
         while not predicate():  # noqa: ASYNC110 - the state changes in other processes
@@ -101,8 +105,7 @@ async def wait_until(predicate: Any, timeout_s: float, what: str) -> None:
 async def test_events_survive_failures_a_receiver_outage_and_a_leader_kill_9(tmp_path: Path) -> None:
     receiver = Receiver(fail_next=3)
     config = write_cluster_toml(tmp_path / "cluster.toml")
-    with open(config, "a") as f:
-        f.write(webhook_toml(receiver, attempts=1000, backoff_initial_s=0.05, backoff_max_s=0.3))
+    append(config, webhook_toml(receiver, attempts=1000, backoff_initial_s=0.05, backoff_max_s=0.3))
     cluster = Cluster(config)
     async with trio.open_nursery() as nursery:
         await receiver.up(nursery)
@@ -163,8 +166,7 @@ async def test_events_survive_failures_a_receiver_outage_and_a_leader_kill_9(tmp
 async def test_undeliverable_events_become_dead_letters_and_replay_delivers_them(tmp_path: Path) -> None:
     receiver = Receiver()
     config = write_cluster_toml(tmp_path / "cluster.toml", nodes=1, initial=1)
-    with open(config, "a") as f:
-        f.write(webhook_toml(receiver, attempts=2, backoff_initial_s=0.05, events=["msg.notify"]))
+    append(config, webhook_toml(receiver, attempts=2, backoff_initial_s=0.05, events=["msg.notify"]))
     cluster = Cluster(config)
     try:
         await trio.to_thread.run_sync(cluster.start_all)  # the receiver is down: nothing listens on its port
