@@ -149,16 +149,31 @@ class F:
         raise AssertionError(self.kind)
 
     def schema(self) -> Json:
+        # Lengths are limits in UTF-8 bytes (they keep LMDB keys in range); for ASCII that is maxLength.
         if self.kind in ("str", "b64"):
-            out: Json = {"type": "string", "maxLength": self.max_bytes}
+            out: Json = {"type": "string", "maxLength": self.max_bytes, "x-max-utf8-bytes": self.max_bytes}
+            if self.required:
+                out["minLength"] = 1
             if self.kind == "b64":
                 out["format"] = "byte"
         elif self.kind in ("int", "flag"):
             out = {"type": "integer", "minimum": self.low, "maximum": 1 if self.kind == "flag" else self.high}
         elif self.kind == "uids":
-            out = {"type": "array", "maxItems": MAX_UIDS_PER_OP, "items": {"type": "string", "minLength": 1}}
+            item = {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": MAX_UID_BYTES,
+                "x-max-utf8-bytes": MAX_UID_BYTES,
+            }
+            out = {"type": "array", "maxItems": MAX_UIDS_PER_OP, "items": item}
+            if self.required:
+                out["minItems"] = 1
         elif self.kind == "ints":
-            out = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 255}}
+            out = {
+                "type": "array",
+                "maxItems": 256,
+                "items": {"type": "integer", "minimum": 0, "maximum": 255},
+            }
         else:
             out = {"type": "object"}
         if self.default is not None:
@@ -431,7 +446,13 @@ class HttpApi:
             if not message.get("more_body"):
                 break
         if route.body == "none":
-            args = {k: v[0] for k, v in query.items() if v}
+            args: dict[str, Any] = {k: v[0] for k, v in query.items() if v}
+            for f in route.query:  # a query string carries text: integers arrive as digits
+                value = args.get(f.name)
+                if f.kind in ("int", "flag") and isinstance(value, str):
+                    if not value.lstrip("-").isdigit() or len(value) > 20:
+                        raise bad(f"{f.name} must be an integer")
+                    args[f.name] = int(value)
             return await route.fn(parse(route.query, args) if route.query else {}, query)
         try:
             parsed = json.loads(raw or (b"[]" if route.body == "uid_array" else b"{}"))
@@ -608,6 +629,8 @@ class HttpApi:
         return {"status": 200}
 
     async def subscriber_remove(self, body: Json, query: Any) -> Json:
+        if body["channel_type"] == CHANNEL_PERSON:
+            raise bad("a person channel's subscribers are its two parties")
         await self._propose([self._members_op("subscribers", "remove", body, body["subscribers"])])
         return {"status": 200}
 
@@ -714,11 +737,11 @@ class HttpApi:
             elif body["pull_mode"] == 1:
                 high = min(end - 1, last) if end else last
                 rows = txn.messages(chan, max(start, 1), high, limit) if high >= max(start, 1) else []
-            elif end > start and start != 0:
+            elif end > start:
                 rows = []
-            else:
-                top = min(start, last) if start else last
-                low = max(end + 1, top - limit + 1, 1)
+            else:  # down from start (counted from start, then clipped to the last seq)
+                top = min(start, last)
+                low = max(end + 1, start - limit + 1, 1)
                 rows = txn.messages(chan, low, top, limit) if top >= low else []
         return {
             "start_message_seq": start,

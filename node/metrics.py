@@ -157,6 +157,34 @@ def register_node_metrics(node: Any) -> None:
 
         return read
 
+    def webhook_series(attr: str) -> Callable[[], list[Sample]]:
+        return lambda: [
+            ({"stream": name}, float(getattr(state, attr))) for name, state in node.webhooks.streams.items()
+        ]
+
+    m.gauge(
+        "imnode_webhook_delivered_total",
+        "Webhook events delivered (HTTP 200)",
+        webhook_series("delivered"),
+        kind="counter",
+    )
+    m.gauge(
+        "imnode_webhook_dead_lettered_total",
+        "Webhook events moved to dead letters",
+        webhook_series("dead_lettered"),
+        kind="counter",
+    )
+    m.gauge("imnode_webhook_failures", "Failed attempts in a row on a stream", webhook_series("failures"))
+
+    def webhook_backlog() -> list[Sample]:
+        from raft import outbox
+
+        with node.store.read() as txn:
+            return [
+                ({"stream": s}, float(outbox.head(txn, s) - outbox.cursor(txn, s))) for s in outbox.STREAMS
+            ]
+
+    m.gauge("imnode_webhook_backlog", "Webhook events waiting in the replicated outbox", webhook_backlog)
     m.gauge("imnode_handler_calls_total", "Handler calls", handler_series("calls"), kind="counter")
     m.gauge(
         "imnode_handler_errors_total", "Handler calls that raised", handler_series("errors"), kind="counter"

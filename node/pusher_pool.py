@@ -105,7 +105,7 @@ async def offline_notice(ctx: PushContext, ev: PushEvent) -> int | None:
     Every node runs this for the recipients it has no connection for; only the ones offline everywhere
     count, and only on the node that took the send, so each offline recipient is noticed once.
     """
-    if ev.op.get("node") != ctx.node_numeric_id:
+    if ev.op.get("node") != ctx.node_numeric_id or not ev.offline:
         return None
     for uid in ev.offline:
         if ctx.presence.is_online(uid):
@@ -148,5 +148,5 @@ def build_pusher_pool(ctx: PushContext) -> EventPool[PushContext]:
     pool.event_type(PUSH)
     # Not retried: a second run would push the same RECV twice; resends are the DUP mechanism's job.
     pool.register(PUSH, "push_online", push_online, retries=0, timeout_s=None)
-    pool.register(PUSH, "offline_notice", offline_notice, kind="observer")
+    pool.register(PUSH, "offline_notice", offline_notice, kind="observer", timeout_s=None)
     return pool

@@ -141,6 +141,8 @@ def apply_channel_delete(view: EntryView, op: dict[str, Any]) -> Result:
     for member_list in c.MEMBER_LISTS:
         txn.clear_members(member_list, chan)
     txn.delete_messages(chan)
+    # A resend of a deleted message must not be answered with ids of something no longer stored.
+    txn.delete_prefix("dedup", chan)
     txn.delete_channel(chan)
     return {"r": c.R_SUCCESS}
 

@@ -209,6 +209,15 @@ class Txn:
     def delete(self, db: str, key: bytes) -> bool:
         return bool(self._txn.delete(key, db=self._dbs[db]))
 
+    def delete_prefix(self, db: str, prefix: bytes) -> int:
+        """Delete every row whose key starts with `prefix`; returns how many."""
+        cursor = self._txn.cursor(db=self._dbs[db])
+        count = 0
+        while cursor.set_range(prefix) and bytes(cursor.key()).startswith(prefix):
+            cursor.delete()
+            count += 1
+        return count
+
     def raw_items(self, db: str) -> Iterator[tuple[bytes, bytes]]:
         """Every (key, value) of a database as stored, in key order (digests, verification)."""
         for key, value in self._txn.cursor(db=self._dbs[db]):
