@@ -302,7 +302,11 @@ def cmd_admin_handlers(args: argparse.Namespace) -> int:
     if args.disable or args.enable:
         name = args.disable or args.enable
         op.request(
-            config, node_id, "POST", "/admin/handlers/state", {"name": name, "enabled": bool(args.enable)}
+            config,
+            node_id,
+            "POST",
+            "/admin/handlers/state",
+            {"name": name, "enabled": int(bool(args.enable))},
         )
         op.say(f"{name} {'enabled' if args.enable else 'disabled'} on every node (through Raft)")
         return 0

@@ -125,9 +125,11 @@ class EventPool(Generic[Ctx]):
         channels = [trio.open_memory_channel[tuple[str, Any]](queue_size) for _ in range(shards)]
         self._senders = [send for send, _ in channels]
         self._receivers = [receive for _, receive in channels]
-        self._observer_send, self._observer_receive = trio.open_memory_channel[tuple[Handler, str, Any]](
-            queue_size
-        )
+        self._queue_size = queue_size
+        # One lane per observer, so a slow or hanging observer only ever delays itself.
+        self._lanes: dict[int, trio.MemorySendChannel[tuple[str, Any]]] = {}
+        self._waiting_lanes: list[tuple[Handler, trio.MemoryReceiveChannel[tuple[str, Any]]]] = []
+        self._nursery: trio.Nursery | None = None
         self.dead_letters: collections.deque[DeadLetter] = collections.deque(maxlen=dead_letters_max)
         self.processed = 0
         self.rejected = 0
@@ -189,6 +191,13 @@ class EventPool(Generic[Ctx]):
                     f"{self.name}.{event_type}: no handler named {anchor!r} to place {name} by"
                 )
             position = names.index(anchor) + (1 if after else 0)
+        if kind == "observer":
+            send, receive = trio.open_memory_channel[tuple[str, Any]](self._queue_size)
+            self._lanes[id(handler)] = send
+            if self._nursery is not None:
+                self._nursery.start_soon(self._run_lane, handler, receive)
+            else:
+                self._waiting_lanes.append((handler, receive))
         # Copy-on-write: a shard iterating the old chain is not disturbed.
         self._chains[event_type] = [*chain[:position], handler, *chain[position:]]
         return handler
@@ -197,6 +206,9 @@ class EventPool(Generic[Ctx]):
         chain = self._chains.get(event_type, [])
         if not any(h.name == name for h in chain):
             raise HandlerError(f"{self.name}.{event_type}: no handler named {name!r}")
+        for handler in chain:
+            if handler.name == name and id(handler) in self._lanes:
+                self._lanes.pop(id(handler)).close()  # its lane task finishes what is queued, then ends
         self._chains[event_type] = [h for h in chain if h.name != name]
 
     def event_types(self) -> set[str]:
@@ -235,9 +247,12 @@ class EventPool(Generic[Ctx]):
     # -- running -----------------------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             for receiver in self._receivers:
                 nursery.start_soon(self._run_shard, receiver)
-            nursery.start_soon(self._run_observers)
+            for handler, lane in self._waiting_lanes:
+                nursery.start_soon(self._run_lane, handler, lane)
+            self._waiting_lanes.clear()
             task_status.started()
 
     async def _run_shard(self, receiver: trio.MemoryReceiveChannel[tuple[str, Any]]) -> None:
@@ -256,8 +271,8 @@ class EventPool(Generic[Ctx]):
                 continue
             if handler.kind == "observer":
                 try:
-                    self._observer_send.send_nowait((handler, event_type, event))
-                except trio.WouldBlock:
+                    self._lanes[id(handler)].send_nowait((event_type, event))
+                except (trio.WouldBlock, KeyError):
                     self.observer_dropped += 1
                 continue
             reason = await self._run_step(handler, event_type, event)
@@ -328,8 +343,8 @@ class EventPool(Generic[Ctx]):
                 BREAKER_COOLDOWN_S,
             )
 
-    async def _run_observers(self) -> None:
-        async for handler, event_type, event in self._observer_receive:
+    async def _run_lane(self, handler: Handler, lane: trio.MemoryReceiveChannel[tuple[str, Any]]) -> None:
+        async for event_type, event in lane:
             delay = 0.05
             for attempt in range(handler.retries + 1):
                 try:
@@ -368,7 +383,9 @@ class EventPool(Generic[Ctx]):
             "processed": self.processed,
             "rejected": self.rejected,
             "observer_dropped": self.observer_dropped,
-            "observer_queue_depth": self._observer_send.statistics().current_buffer_used,
+            "observer_queue_depth": sum(
+                lane.statistics().current_buffer_used for lane in self._lanes.values()
+            ),
             "dead_letters": len(self.dead_letters),
             "latency": self.latency.as_dict(),
             "handlers": {

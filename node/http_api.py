@@ -890,6 +890,10 @@ class HttpApi:
         }
         if name not in known:
             raise bad(f"no handler named {name!r} (known: {', '.join(sorted(known))})")
+        if name not in self.node.plugin_names:
+            # Built-ins (auth, store, push...) are the node itself: without `store` no send is ever answered.
+            plugins = ", ".join(sorted(self.node.plugin_names)) or "none loaded"
+            raise bad(f"{name!r} is a built-in handler and cannot be switched off (plugins: {plugins})")
         await self._propose([{"t": OP_HANDLER_STATE, "name": name, "enabled": enabled}])
         return {"name": name, "enabled": enabled}
 

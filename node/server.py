@@ -118,6 +118,7 @@ class Node:
         self.plugin_names = self._install_plugins()
         with self.store.read() as txn:
             self._apply_handler_states(txn.meta("handlers_disabled") or [])
+        self.raft.on_snapshot_installed = self._on_snapshot_installed
         self.webhooks = Webhooks(self)
         self.http = HttpApi(self)
         self.listening: Listening | None = None
@@ -236,6 +237,18 @@ class Node:
                     Reason.CONNECT_KICK, "logged out" if op["t"] == OP_DEVICE_QUIT else "logged in elsewhere"
                 )
                 self.registry.remove(conn)
+
+    def _on_snapshot_installed(self) -> None:
+        """After a snapshot replaced the store: re-read replicated settings, and have clients resync.
+
+        Entries that arrive inside a snapshot produce no apply call here, so no push: a connected client
+        would silently miss them. Disconnecting makes it reconnect and sync what it missed.
+        """
+        log.info("store replaced by a snapshot: re-reading settings, asking clients to resync")
+        with self.store.read() as txn:
+            self._apply_handler_states(txn.meta("handlers_disabled") or [])
+        for conn in list(self.registry):
+            conn.close(Reason.UNKNOWN, "state replaced by a snapshot: reconnect and sync")
 
     async def _resend_loop(self) -> None:
         interval = max(0.05, self.config.tuning.recv_resend_interval_s / 4)

@@ -14,7 +14,7 @@ import collections
 import itertools
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,12 +84,16 @@ class RaftNode:
         self._committed_send, self._committed_receive = trio.open_memory_channel[Committed](256)
         self.proposed = 0
         self.failed: collections.Counter[str] = collections.Counter()
+        # Called on the trio thread, in log order, after a snapshot replaced the store.
+        self.on_snapshot_installed: Callable[[], None] = lambda: None
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Start the machine (journal replay begins at once) and pump the crossing until cancelled."""
         self._token = trio.lowlevel.current_trio_token()
-        self._machine = Machine(self.settings, self.store, self._on_commit)
+        self._machine = Machine(
+            self.settings, self.store, self._on_commit, lambda: self._post(("installed",))
+        )
         task_status.started()
         try:
             while True:
@@ -101,6 +105,8 @@ class RaftNode:
                 for item in items:
                     if item[0] == "result":
                         self._resolve(item[1], item[2], item[3])
+                    elif item[0] == "installed":
+                        self.on_snapshot_installed()
                     else:
                         await self._committed_send.send(item[1])
         finally:

@@ -70,11 +70,18 @@ def halt(reason: str) -> None:
 class Machine(SyncObj):
     """Replicates `execute(entry)` calls; `on_commit` receives every entry this node applies."""
 
-    def __init__(self, settings: RaftSettings, store: Store, on_commit: Callable[[Committed], None]) -> None:
+    def __init__(
+        self,
+        settings: RaftSettings,
+        store: Store,
+        on_commit: Callable[[Committed], None],
+        on_install: Callable[[], None] = lambda: None,
+    ) -> None:
         # Everything apply needs is set before super().__init__: the tick thread starts there and replays
         # the journal at once.
         self._store = store
         self._on_commit = on_commit
+        self._on_install = on_install
         os.makedirs(settings.data_dir, exist_ok=True)
         conf = SyncObjConf(
             password=settings.password,
@@ -177,6 +184,7 @@ class Machine(SyncObj):
                         os.fsync(out.fileno())
                     self._store.install(tmp_path)
                     log.info("installed snapshot at applied index %d", header["applied"])
+                    self._on_install()
             last, prev = tuple(header["last"]), tuple(header["prev"])
             cluster = {TCPNode(address) for address in header["cluster"]}
             return last, prev, cluster

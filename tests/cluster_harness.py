@@ -28,11 +28,15 @@ def write_cluster_toml(
         f"initial_members = {json.dumps([f'n{i}' for i in range(1, initial + 1)])}",
         "",
     ]
+    ports: set[int] = set()
+    while len(ports) < 4 * nodes:  # distinct: the OS may hand the same free port out twice
+        ports.add(free_port())
+    free = iter(sorted(ports))
     for i in range(1, nodes + 1):
         lines += [
             f"[nodes.n{i}]",
             f"numeric_id = {i}",
-            *(f'{kind} = "127.0.0.1:{free_port()}"' for kind in ("raft", "tcp", "ws", "http")),
+            *(f'{kind} = "127.0.0.1:{next(free)}"' for kind in ("raft", "tcp", "ws", "http")),
             f'data_dir = "data/n{i}"',
             "",
         ]

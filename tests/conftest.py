@@ -122,7 +122,10 @@ async def http_json(
 
 # -- a node as a real process -----------------------------------------------------------------------------
 def write_single_node_toml(path: Path, data_dir: Path) -> dict[str, int]:
-    ports = {name: free_port() for name in ("raft", "tcp", "ws", "http")}
+    distinct: set[int] = set()
+    while len(distinct) < 4:
+        distinct.add(free_port())
+    ports = dict(zip(("raft", "tcp", "ws", "http"), sorted(distinct), strict=True))
     path.write_text(
         f"""
 [cluster]

@@ -311,7 +311,13 @@ def test_cluster_up_starts_every_member_and_ctrl_c_stops_them_cleanly(tmp_path: 
         rest, _ = up.communicate(timeout=60)
     finally:
         if up.poll() is None:
-            up.kill()
-            up.communicate(timeout=10)
+            # SIGTERM first: `cluster up` stops its nodes; a bare kill would orphan them.
+            up.send_signal(signal.SIGTERM)
+            try:
+                up.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                up.kill()
+                up.communicate(timeout=10)
+            Cluster(config).stop_all()
     assert up.returncode == 0, "".join(lines) + rest
     assert rest.count("stopped (exit code 0)") == 3 and "cluster stopped" in rest

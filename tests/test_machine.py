@@ -37,8 +37,8 @@ def free_port() -> int:
 
 
 def as_machine(store: Store) -> Machine:
-    """The snapshot pair touches only `self._store`: a namespace holding one stands in for a machine."""
-    return cast(Machine, types.SimpleNamespace(_store=store))
+    """The snapshot pair touches only `self._store` and `self._on_install`: a namespace stands in."""
+    return cast(Machine, types.SimpleNamespace(_store=store, _on_install=lambda: None))
 
 
 def group_setup(cid: str, uids: list[str]) -> dict[str, Any]:

@@ -283,11 +283,6 @@ async def test_raising_and_hanging_observers_never_delay_sends(tmp_path: Path) -
         assert (await alice.send("bob", 1, TEXT)).reason_code == Reason.SUCCESS
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: one observer lane per pool (eventbus._run_observers) runs observers one after another, "
-    "so a hanging observer holds up every other observer of its pool for its timeout per queued event",
-)
 async def test_a_hanging_observer_does_not_hold_up_other_observers(tmp_path: Path) -> None:
     config = single_node_config(
         tmp_path / "n1",
@@ -310,18 +305,13 @@ async def test_a_hanging_observer_does_not_hold_up_other_observers(tmp_path: Pat
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: /admin/handlers/state switches built-in handlers off too; with 'store' off a send is "
-    "neither stored nor answered",
-)
 async def test_switching_off_a_built_in_handler_never_leaves_sends_unanswered(tmp_path: Path) -> None:
     async with (
         running_node(single_node_config(tmp_path / "n1")) as running,
         open_client(*running.tcp, "alice") as alice,
     ):
-        await post_handler_state(running.http, "store", False)
-        # Refusing (a built-in is not a plugin) is one fix; whatever the answer, sends must still work.
+        status, body = await post_handler_state(running.http, "store", False)
+        assert status == 400 and "built-in" in body["msg"]  # only plugins can be switched off
         ack = await alice.send("bob", 1, TEXT, timeout_s=2)
         assert ack.reason_code == Reason.SUCCESS
 
@@ -362,11 +352,6 @@ async def wait_audit_state(cluster: Cluster, enabled: bool) -> None:
 
 
 @pytest.mark.filterwarnings("ignore::ResourceWarning")  # as in test_cluster: child processes' journals
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: `admin handlers --disable` sends enabled as a JSON boolean (cli.py) and "
-    "/admin/handlers/state now takes a 0/1 flag (http_api.py): HTTP 400",
-)
 async def test_disable_and_enable_a_plugin_on_every_node_of_a_cluster_at_run_time(
     plugin_cluster: Cluster,
 ) -> None:
@@ -423,11 +408,6 @@ async def test_disable_and_enable_a_plugin_on_every_node_of_a_cluster_at_run_tim
 
 
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Node applies handlers_disabled at start and on OP_HANDLER_STATE entries only, not after "
-    "a snapshot install, so a node that catches up by snapshot keeps its old chain",
-)
 async def test_a_node_that_catches_up_by_snapshot_takes_the_disabled_state(tmp_path: Path) -> None:
     path = tmp_path / "cluster.toml"
     tuning = {"log_compaction_min_entries": 20, "log_compaction_min_time_s": 1.0}
