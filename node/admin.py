@@ -8,6 +8,7 @@ up); a node cannot remove itself, and a leader is asked to hand over before it i
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 import cbor2
@@ -82,6 +83,20 @@ def _address_of(node: Node, node_id: str) -> str:
     return spec.raft
 
 
+async def _one_change_at_a_time(node: Node, change: Coroutine[Any, Any, None]) -> None:
+    """Run one membership change; PySyncObj allows one at a time, so a second is refused, not queued."""
+    if node.membership_busy:
+        change.close()
+        raise AdminRefused("another membership change is in progress")
+    node.membership_busy = True
+    try:
+        await change
+    except ProposeFailed as exc:
+        raise AdminRefused(f"the cluster did not commit the change: {exc.reason}") from None
+    finally:
+        node.membership_busy = False
+
+
 async def add_member(node: Node, node_id: str) -> dict[str, Any]:
     address = _address_of(node, node_id)
     raft = node.raft.status()
@@ -97,15 +112,7 @@ async def add_member(node: Node, node_id: str) -> dict[str, Any]:
     ]
     if behind:
         raise AdminRefused(f"members still catching up: {', '.join(map(str, behind))}")
-    if node.membership_busy:
-        raise AdminRefused("another membership change is in progress")
-    node.membership_busy = True
-    try:
-        await node.raft.add_member(address, timeout_s=MEMBERSHIP_TIMEOUT_S)
-    except ProposeFailed as exc:
-        raise AdminRefused(f"the cluster did not commit the change: {exc.reason}") from None
-    finally:
-        node.membership_busy = False
+    await _one_change_at_a_time(node, node.raft.add_member(address, timeout_s=MEMBERSHIP_TIMEOUT_S))
     return {"added": node_id, "members": [node_id_of(node, m) for m in node.raft.members()]}
 
 
@@ -118,15 +125,7 @@ async def remove_member(node: Node, node_id: str) -> dict[str, Any]:
         raise AdminRefused("cannot remove the last member")
     if address == node.spec.raft:
         raise AdminRefused("a node cannot remove itself: ask another member (hand leadership over first)")
-    if node.membership_busy:
-        raise AdminRefused("another membership change is in progress")
-    node.membership_busy = True
-    try:
-        await node.raft.remove_member(address, timeout_s=MEMBERSHIP_TIMEOUT_S)
-    except ProposeFailed as exc:
-        raise AdminRefused(f"the cluster did not commit the change: {exc.reason}") from None
-    finally:
-        node.membership_busy = False
+    await _one_change_at_a_time(node, node.raft.remove_member(address, timeout_s=MEMBERSHIP_TIMEOUT_S))
     return {"removed": node_id, "members": [node_id_of(node, m) for m in node.raft.members()]}
 
 
