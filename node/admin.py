@@ -8,6 +8,8 @@ up); a node cannot remove itself, and a leader is asked to hand over before it i
 from __future__ import annotations
 
 import hashlib
+import resource
+import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -73,6 +75,11 @@ def status(node: Node) -> dict[str, Any]:
         },
         "gateway": node.gateway.statistics(),
         "store": node.store.stats(),
+        "process": {
+            # ru_maxrss is in KiB on Linux: the process's peak resident set since it started.
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "cpu_s": round(time.process_time(), 2),
+        },
     }
 
 

@@ -1,83 +1,315 @@
-"""Single-node figures against a running node: send→ack latency at low load, and pipelined acks/s.
+"""`imnode bench`: a load generator that accounts honestly.
 
-    python -m node.bench --host 127.0.0.1 --port 5100 [--runs 5] [--pipeline 1000] [--samples 500]
+Clients (imnode's own, encryption on as the SDKs use it) are spread over every member of a running cluster.
+In `person` mode client i sends to client i+1 (a ring, every recipient online); in `group` mode every client
+is a member of one group of `--group-size` and sends to it. Each payload carries (run, sender, counter,
+send time): a message counts as delivered only when a recipient decrypted it, its msg_key verified (the
+client drops it otherwise) and its payload names this run. At the end:
 
-Uses the project's own client with encryption on (as the SDKs use it). The full load generator with
-fan-out, loss and duplicate accounting is `imnode bench` (a later issue); this measures the two figures the
-core issue asks for.
+- `lost`: acknowledged sends never delivered to an online recipient (after a drain period),
+- `duplicates`: one send delivered to one recipient under two message ids or seqs (a DUP resend of the
+  same message id is not one),
+- latencies: send→SENDACK and send→RECV (e2e), percentiles over every message,
+- per node: peak RSS and CPU seconds, from the nodes' admin status.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
-import statistics
+import math
+import sys
 import time
 import uuid
+from dataclasses import dataclass, field
+from typing import Any
 
 import trio
+import trio.lowlevel
 
-from node.client import open_client
+from node import operator as op
+from node.client import Client, ClientError, open_client
+from node.config import Config, load
 from node.protocol import Reason
 
-
-def _percentile(samples: list[float], fraction: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
-
-
-async def measure(
-    host: str, port: int, runs: int, pipeline: int, samples: int, payload_bytes: int
-) -> dict[str, object]:
-    tag = uuid.uuid4().hex[:8]
-    payload = b"x" * payload_bytes
-    async with (
-        open_client(host, port, f"bench-a-{tag}") as sender,
-        open_client(host, port, f"bench-b-{tag}") as peer,
-    ):
-        latencies: list[float] = []
-        for _ in range(samples):
-            started = time.perf_counter()
-            ack = await sender.send(peer_uid := f"bench-b-{tag}", 1, payload)
-            latencies.append((time.perf_counter() - started) * 1000)
-            if ack.reason_code != Reason.SUCCESS:
-                raise SystemExit(f"send failed with reason {ack.reason_code}")
-            await peer.recv()
-        rates: list[float] = []
-        for _ in range(runs):
-            started = time.perf_counter()
-            acks = await sender.send_many([(peer_uid, 1, payload)] * pipeline, timeout_s=120)
-            elapsed = time.perf_counter() - started
-            if any(a.reason_code != Reason.SUCCESS for a in acks):
-                raise SystemExit("a pipelined send failed")
-            rates.append(pipeline / elapsed)
-            for _ in range(pipeline):
-                await peer.recv(timeout_s=60)
-    return {
-        "low_load_ack_p50_ms": round(statistics.median(latencies), 2),
-        "low_load_ack_p99_ms": round(_percentile(latencies, 0.99), 2),
-        "pipelined_sends": pipeline,
-        "pipelined_acked_per_s_median": round(statistics.median(rates)),
-        "pipelined_acked_per_s_runs": [round(r) for r in rates],
-        "payload_bytes": payload_bytes,
-        "encryption": True,
-    }
+DRAIN_IDLE_S = 3.0  # after sending stops, wait for deliveries until none arrived for this long
+DRAIN_MAX_S = 120.0
+PROGRESS_EVERY_S = 1.0
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=5100)
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--pipeline", type=int, default=1000)
-    parser.add_argument("--samples", type=int, default=500)
-    parser.add_argument("--payload", type=int, default=200)
-    args = parser.parse_args()
-    result = trio.run(measure, args.host, args.port, args.runs, args.pipeline, args.samples, args.payload)
-    print(json.dumps(result, indent=2))
+@dataclass
+class Tally:
+    sent: int = 0
+    acked: int = 0
+    delivered: int = 0
+    duplicates: int = 0
+    errors: collections.Counter[str] = field(default_factory=collections.Counter)
+    ack_ms: list[float] = field(default_factory=list)
+    e2e_ms: list[float] = field(default_factory=list)
+    # (sender, counter) -> recipients that must get it; filled when acked
+    expected: dict[tuple[int, int], set[int]] = field(default_factory=dict)
+    # (recipient, sender, counter) -> (message_id, seq) first seen
+    seen: dict[tuple[int, int, int], tuple[int, int]] = field(default_factory=dict)
 
 
-if __name__ == "__main__":
-    main()
+def percentile(values: list[float], fraction: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, math.ceil(len(ordered) * fraction) - 1)], 2)
+
+
+def make_payload(run: str, sender: int, counter: int, size: int) -> bytes:
+    body = json.dumps({"b": run, "s": sender, "n": counter, "t": time.time_ns()}, separators=(",", ":"))
+    pad = max(0, size - len(body) - 6)
+    return (body[:-1] + ',"p":"' + "x" * pad + '"}').encode()
+
+
+class Bench:
+    def __init__(self, config: Config, args: argparse.Namespace) -> None:
+        self.config = config
+        self.args = args
+        self.run_id = uuid.uuid4().hex[:8]
+        self.tally = Tally()
+        self.stop_sending = trio.Event()
+        self.group = f"bench-{self.run_id}"
+
+    def uid(self, index: int) -> str:
+        return f"bench-{self.run_id}-{index}"
+
+    def recipients(self, sender: int) -> set[int]:
+        n = self.args.clients
+        if self.args.mode == "person":
+            return {(sender + 1) % n}
+        return {i for i in range(min(self.args.group_size, n)) if i != sender}
+
+    async def run(self) -> dict[str, Any]:
+        leader, members = op.members(self.config)
+        nodes = [m for m in members if m in self.config.nodes]
+        if self.args.mode == "group":
+            size = min(self.args.group_size, self.args.clients)
+            op.request(
+                self.config,
+                leader,
+                "POST",
+                "/channel",
+                {
+                    "channel_id": self.group,
+                    "channel_type": 2,
+                    "subscribers": [self.uid(i) for i in range(size)],
+                },
+                timeout_s=30,
+            )
+        started = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            clients: list[Client] = [None] * self.args.clients  # type: ignore[list-item]
+            ready = trio.Semaphore(0)
+
+            async def hold(index: int) -> None:
+                node_id = nodes[index % len(nodes)]
+                host, port = self.config.node(node_id).tcp.rsplit(":", 1)
+                async with open_client(host, int(port), self.uid(index), timeout_s=30) as client:
+                    clients[index] = client
+                    ready.release()
+                    await self._receive(client, index)
+
+            for index in range(self.args.clients):
+                nursery.start_soon(hold, index)
+            with trio.fail_after(60):
+                for _ in range(self.args.clients):
+                    await ready.acquire()
+            began = time.perf_counter()
+            async with trio.open_nursery() as senders:
+                senders.start_soon(self._progress, began)
+                for index, client in enumerate(clients):
+                    senders.start_soon(self._send, client, index, began + self.args.duration)
+                await trio.sleep(self.args.duration)
+                self.stop_sending.set()
+            send_end = time.perf_counter()
+            # Drain: an overloaded cluster still delivers its backlog; only what never arrives is lost.
+            with trio.move_on_after(DRAIN_MAX_S):
+                last_count, last_change = self.tally.delivered, time.perf_counter()
+                while self._missing() and time.perf_counter() - last_change < DRAIN_IDLE_S:
+                    await trio.sleep(0.1)
+                    if self.tally.delivered != last_count:
+                        last_count, last_change = self.tally.delivered, time.perf_counter()
+            nursery.cancel_scope.cancel()
+        elapsed = max(send_end - began, 1e-9)
+        return self._report(elapsed, nodes, time.perf_counter() - started)
+
+    def _missing(self) -> int:
+        tally = self.tally
+        return sum(
+            1
+            for (sender, counter), who in tally.expected.items()
+            for r in who
+            if (r, sender, counter) not in tally.seen
+        )
+
+    async def _send(self, client: Client, index: int, deadline: float) -> None:
+        target = self.group if self.args.mode == "group" else self.uid((index + 1) % self.args.clients)
+        channel_type = 2 if self.args.mode == "group" else 1
+        window = trio.Semaphore(self.args.window)
+        per_client = None if self.args.rate == "max" else float(self.args.rate) / self.args.clients
+        interval = 1.0 / per_client if per_client else 0.0
+        next_at = time.perf_counter()
+        tally = self.tally
+        async with trio.open_nursery() as nursery:
+            counter = 0
+            while not self.stop_sending.is_set():
+                await window.acquire()
+                if self.stop_sending.is_set():
+                    break
+                counter += 1
+                nursery.start_soon(self._one, client, index, counter, target, channel_type, window)
+                tally.sent += 1
+                if interval:
+                    next_at += interval
+                    delay = next_at - time.perf_counter()
+                    if delay > 0:
+                        with trio.move_on_after(delay):
+                            await self.stop_sending.wait()
+                else:
+                    await trio.lowlevel.checkpoint()
+
+    async def _one(
+        self, client: Client, index: int, counter: int, target: str, channel_type: int, window: trio.Semaphore
+    ) -> None:
+        tally = self.tally
+        started = time.perf_counter()
+        try:
+            seq = await client.submit(
+                target, channel_type, make_payload(self.run_id, index, counter, self.args.payload)
+            )
+            ack = await client.wait_ack(seq, timeout_s=30)
+        except ClientError as exc:
+            tally.errors["timeout" if "SENDACK" in str(exc) else "disconnected"] += 1
+            return
+        finally:
+            window.release()
+        if ack.reason_code != Reason.SUCCESS:
+            tally.errors[Reason(ack.reason_code).name.lower()] += 1
+            return
+        tally.acked += 1
+        tally.ack_ms.append((time.perf_counter() - started) * 1000)
+        tally.expected[(index, counter)] = self.recipients(index)
+
+    async def _receive(self, client: Client, index: int) -> None:
+        tally = self.tally
+        while True:
+            try:
+                recv = await client.recv(timeout_s=3600)
+            except ClientError:
+                return
+            try:
+                body = json.loads(recv.payload)
+            except ValueError:
+                continue
+            if not isinstance(body, dict) or body.get("b") != self.run_id:
+                continue
+            key = (index, int(body["s"]), int(body["n"]))
+            ids = (recv.message_id, recv.message_seq)
+            first = tally.seen.get(key)
+            if first is None:
+                tally.seen[key] = ids
+                tally.delivered += 1
+                tally.e2e_ms.append((time.time_ns() - int(body["t"])) / 1e6)
+            elif first != ids:
+                tally.duplicates += 1  # the same send under another id or seq (a DUP resend keeps its id)
+
+    async def _progress(self, began: float) -> None:
+        if self.args.json:
+            return
+        while not self.stop_sending.is_set():
+            with trio.move_on_after(PROGRESS_EVERY_S):
+                await self.stop_sending.wait()
+            t = self.tally
+            elapsed = max(time.perf_counter() - began, 1e-9)
+            errors = sum(t.errors.values())
+            print(
+                f"\r{elapsed:5.1f}s  sent {t.sent}  acked {t.acked} ({t.acked / elapsed:,.0f}/s)  "
+                f"delivered {t.delivered} ({t.delivered / elapsed:,.0f}/s)  errors {errors}   ",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+        if not self.args.json:
+            print(file=sys.stderr)
+
+    def _report(self, elapsed: float, nodes: list[str], wall: float) -> dict[str, Any]:
+        t = self.tally
+        lost = self._missing()
+        node_stats = {}
+        for node_id in nodes:
+            status = op.node_status(self.config, node_id) or {}
+            process = status.get("process", {})
+            node_stats[node_id] = {
+                "peak_rss_mb": process.get("peak_rss_mb"),
+                "cpu_s": process.get("cpu_s"),
+            }
+        return {
+            "mode": self.args.mode,
+            "clients": self.args.clients,
+            "duration_s": round(elapsed, 2),
+            "rate": self.args.rate,
+            "payload_bytes": self.args.payload,
+            "sent": t.sent,
+            "acked": t.acked,
+            "acked_per_s": round(t.acked / elapsed),
+            "delivered": t.delivered,
+            "delivered_per_s": round(t.delivered / elapsed),
+            "ack_p50_ms": percentile(t.ack_ms, 0.50),
+            "ack_p99_ms": percentile(t.ack_ms, 0.99),
+            "e2e_p50_ms": percentile(t.e2e_ms, 0.50),
+            "e2e_p99_ms": percentile(t.e2e_ms, 0.99),
+            "errors": dict(t.errors),
+            "lost": lost,
+            "duplicates": t.duplicates,
+            "nodes": node_stats,
+            "wall_s": round(wall, 2),
+        }
+
+
+def print_table(report: dict[str, Any]) -> None:
+    rows = [(k, v) for k, v in report.items() if k != "nodes"]
+    for key, value in rows:
+        print(f"{key:16} {value}")
+    for node_id, stats in report["nodes"].items():
+        print(f"node {node_id:11} peak RSS {stats['peak_rss_mb']} MB, CPU {stats['cpu_s']} s")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of sending (default 10)")
+    parser.add_argument("--rate", default="max", help="total sends/s across clients, or 'max' (default)")
+    parser.add_argument("--payload", type=int, default=200, help="payload bytes (default 200)")
+    parser.add_argument("--mode", choices=["person", "group"], default="person")
+    parser.add_argument("--group-size", type=int, default=100)
+    parser.add_argument("--window", type=int, default=100, help="sends in flight per client (default 100)")
+    parser.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    if args.clients < 2:
+        raise op.OperatorError("--clients must be at least 2 (senders need online recipients)")
+    if args.duration <= 0 or args.window < 1 or args.payload < 64 or args.group_size < 2:
+        raise op.OperatorError("--duration > 0, --window >= 1, --payload >= 64 and --group-size >= 2 please")
+    if args.rate != "max":
+        try:
+            if float(args.rate) <= 0:
+                raise ValueError
+        except ValueError:
+            raise op.OperatorError(f"--rate must be a positive number or 'max', not {args.rate!r}") from None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    check_arguments(args)
+    config = load(args.config)
+    report = trio.run(Bench(config, args).run)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print_table(report)
+    return 0 if report["lost"] == 0 and report["duplicates"] == 0 else 1

@@ -14,6 +14,7 @@ from typing import Any
 
 import trio
 
+from node import bench
 from node import operator as op
 from node.config import DEFAULT_NODE_ID, Config, ConfigError, load
 from node.plugins import PluginError
@@ -409,6 +410,15 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("--config", required=True)
     remove.add_argument("--node", required=True)
     remove.set_defaults(func=cmd_cluster_remove)
+
+    bench_parser = commands.add_parser(
+        "bench",
+        help="drive a running cluster with load and report throughput, latency, loss and duplicates",
+        description=bench.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench.add_arguments(bench_parser)
+    bench_parser.set_defaults(func=bench.cmd_bench)
 
     admin = commands.add_parser("admin", help="inspect and verify a running cluster")
     admin_commands = admin.add_subparsers(dest="action", required=True, metavar="ACTION")
