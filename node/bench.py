@@ -125,7 +125,7 @@ class Bench:
             began = time.perf_counter()
             async with trio.open_nursery() as senders:
                 senders.start_soon(self._progress, began)
-                for index, client in enumerate(clients):
+                for index, client in enumerate(clients[: self.args.senders or len(clients)]):
                     senders.start_soon(self._send, client, index, began + self.args.duration)
                 await trio.sleep(self.args.duration)
                 self.stop_sending.set()
@@ -210,7 +210,8 @@ class Bench:
         target = self.group if self.args.mode == "group" else self.uid((index + 1) % self.args.clients)
         channel_type = 2 if self.args.mode == "group" else 1
         window = trio.Semaphore(self.args.window)
-        per_client = None if self.args.rate == "max" else float(self.args.rate) / self.args.clients
+        sending = self.args.senders or self.args.clients
+        per_client = None if self.args.rate == "max" else float(self.args.rate) / sending
         interval = 1.0 / per_client if per_client else 0.0
         next_at = time.perf_counter()
         tally = self.tally
@@ -314,6 +315,8 @@ class Bench:
         return {
             "mode": self.args.mode,
             "clients": self.args.clients,
+            "senders": self.args.senders or self.args.clients,
+            "window": self.args.window,
             "duration_s": round(elapsed, 2),
             "rate": self.args.rate,
             "payload_bytes": self.args.payload,
@@ -346,6 +349,7 @@ def print_table(report: dict[str, Any]) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--senders", type=int, default=0, help="how many of the clients send (default: all)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of sending (default 10)")
     parser.add_argument("--rate", default="max", help="total sends/s across clients, or 'max' (default)")
     parser.add_argument("--payload", type=int, default=200, help="payload bytes (default 200)")
@@ -363,6 +367,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check_arguments(args: argparse.Namespace) -> None:
     if args.clients < 2:
         raise op.OperatorError("--clients must be at least 2 (senders need online recipients)")
+    if not 0 <= args.senders <= args.clients:
+        raise op.OperatorError("--senders must be between 1 and --clients (0: all)")
     if args.duration <= 0 or args.window < 1 or args.payload < 64 or args.group_size < 2:
         raise op.OperatorError("--duration > 0, --window >= 1, --payload >= 64 and --group-size >= 2 please")
     if args.rate != "max":
