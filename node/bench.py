@@ -347,7 +347,7 @@ def print_table(report: dict[str, Any]) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True)
+    parser.add_argument("--config", help="cluster TOML (default: the single node of `imnode node start`)")
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--senders", type=int, default=0, help="how many of the clients send (default: all)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of sending (default 10)")
