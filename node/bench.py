@@ -33,8 +33,8 @@ from node.client import Client, ClientError, open_client
 from node.config import Config, load
 from node.protocol import Reason
 
-DRAIN_IDLE_S = 3.0  # after sending stops, wait for deliveries until none arrived for this long
-DRAIN_MAX_S = 120.0
+DRAIN_IDLE_S = 10.0  # after sending stops, wait for deliveries until none arrived for this long
+DRAIN_MAX_S = 300.0
 PROGRESS_EVERY_S = 1.0
 
 
