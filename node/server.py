@@ -159,7 +159,6 @@ class Node:
                 nursery.start_soon(self.proposer.run)
                 nursery.start_soon(self._resend_loop)
                 nursery.start_soon(self._sync_loop)
-                nursery.start_soon(self.presence.announce_epoch, self.proposer)
                 nursery.start_soon(self.presence.watch_nodes, self.raft)
                 nursery.start_soon(self.webhooks.run)
                 # Accept clients once a leader is known (bounded: a node of a cluster whose other members
@@ -168,6 +167,13 @@ class Node:
                     # Polled: PySyncObj's state lives on its own thread and offers no trio event.
                     while not self.raft.is_ready():  # noqa: ASYNC110
                         await trio.sleep(0.01)
+                # Before clients (DESIGN.md): the new epoch clears this node's rows from its previous
+                # life, and presence changes wait for it. Bounded: without a quorum the node starts
+                # anyway and keeps trying.
+                with trio.move_on_after(self.config.tuning.commit_timeout_s) as epoch_wait:
+                    await self.presence.announce_epoch(self.proposer)
+                if epoch_wait.cancelled_caught:
+                    nursery.start_soon(self.presence.announce_epoch, self.proposer)
                 if self.config.webhook.url:
                     # Before clients: messages applied before the webhook settings are would have no events.
                     with trio.move_on_after(self.config.tuning.commit_timeout_s):

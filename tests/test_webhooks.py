@@ -133,6 +133,20 @@ async def test_events_survive_failures_a_receiver_outage_and_a_leader_kill_9(tmp
                     assert all(a.reason_code == Reason.SUCCESS for a in acks)
                     acked.extend(a.message_id for a in acks)
 
+                # msg.offline names who is offline when it is sent: let bob's presence replicate first.
+                async def online() -> int:
+                    _status, body = await http_json(
+                        cluster.http(leader),
+                        "POST",
+                        "/user/onlinestatus",
+                        ["alice", "bob"],
+                        headers={"token": MANAGER_TOKEN},
+                    )
+                    return len(body)
+
+                with trio.fail_after(10):
+                    while await online() < 2:  # noqa: ASYNC110 - presence is applied in other processes
+                        await trio.sleep(0.02)
                 await send(20)
                 await wait_until(lambda: len(receiver.notified()) >= 20, 30, "first 20 delivered")
                 assert receiver.failed == 3  # the first attempts failed and were retried
@@ -155,7 +169,9 @@ async def test_events_survive_failures_a_receiver_outage_and_a_leader_kill_9(tmp
             assert sorted(set(notified_seqs)) == list(range(1, 61))
             # msg.offline names the subscribers with no device online anywhere: carol, never alice or bob.
             offline = [body for event, body, _ in receiver.posts if event == "msg.offline"]
-            assert offline and all(o["to_uids"] == ["carol"] for o in offline)
+            assert offline and all(o["to_uids"] == ["carol"] for o in offline), [
+                o["to_uids"] for o in offline
+            ]
             online = [s for event, body, _ in receiver.posts if event == "user.onlinestatus" for s in body]
             assert any(s.startswith("alice-0-1-") for s in online)
         finally:
