@@ -1,0 +1,1 @@
+"""Fault injection: the harness and the history checker (issue 6)."""
