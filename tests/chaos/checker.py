@@ -87,6 +87,10 @@ class Recv:
     seq: int
     dup: bool
     live: bool
+    # The reader's connection: a node that was behind may push, on a new connection, a message the reader
+    # already had from another node (same id and seq: at-least-once, not a duplicate). Live order is
+    # therefore required per connection.
+    conn: int = 0
 
 
 @dataclass(frozen=True)
@@ -178,6 +182,7 @@ def _recv(raw: Mapping[str, Any], index: int) -> Recv:
         _int(raw, "seq"),
         bool(_field(raw, "dup", bool)),
         live=via == "live",
+        conn=int(raw.get("conn", 0)) if isinstance(raw.get("conn", 0), int) else 0,
     )
 
 
@@ -514,6 +519,7 @@ def _check_reader_stream(
     mid_at: dict[int, int] = {}
     seq_of: dict[int, int] = {}
     last_live: int | None = None
+    last_conn = 0
     where = f"reader {reader} in {channel}"
     for r in recvs:
         if mid_at.setdefault(r.seq, r.mid) != r.mid:
@@ -528,6 +534,8 @@ def _check_reader_stream(
             )
         # A DUP-flagged resend repeats an earlier seq on purpose; only first deliveries must advance.
         if r.live and not r.dup:
+            if r.conn != last_conn:
+                last_conn, last_live = r.conn, None
             if last_live is not None and r.seq <= last_live:
                 found.add("order", f"{where}: live seq {r.seq} after seq {last_live} (event {r.index})")
             last_live = r.seq

@@ -32,7 +32,7 @@ from node.protocol import FLAG_DUP, Reason
 from tests.cluster_harness import MANAGER_TOKEN, Cluster, write_cluster_toml
 from tests.conftest import http_json
 
-FAULTS = ("kill9_random", "kill9_leader", "kill_all", "sigstop_leader", "snapshot_restart")
+FAULTS = ("kill9_random", "kill9_leader", "kill_all", "sigstop_leader", "snapshot_restart", "join_remove")
 TUNING = {
     "log_compaction_min_entries": 300,
     "log_compaction_min_time_s": 2.0,
@@ -185,8 +185,10 @@ async def sync_channel(
 async def reader(run: Run, uid: str) -> None:
     channels = {name: (cid, ct) for name, cid, ct in run.channels_of(uid)}
     next_seq = {name: 1 for name in channels}
+    conn = 0
     while not run.stopping:
         node = run.rng.choice(run.live() or run.nodes)
+        conn += 1
         try:
             async with open_client(*run.cluster.tcp(node), uid, device_flag=1, timeout_s=3) as client:
                 for name, (cid, ct) in channels.items():  # what was missed while away
@@ -208,6 +210,7 @@ async def reader(run: Run, uid: str) -> None:
                             "seq": recv.message_seq,
                             "dup": bool(recv.flags & FLAG_DUP),
                             "via": "live",
+                            "conn": conn,
                         }
                     )
                     if recv.message_seq == next_seq.get(name):
@@ -263,6 +266,20 @@ async def inject(run: Run, kind: str) -> None:
         async with trio.open_nursery() as nursery:
             for node in run.nodes:
                 nursery.start_soon(restart, run, node)
+    elif kind == "join_remove":
+        # n4 joins under load (catching up by snapshot + log), serves a while, and leaves again.
+        joined = await trio.to_thread.run_sync(
+            lambda: cluster.cli("cluster", "join", "--node", "n4", timeout_s=120)
+        )
+        fault(run, "join", "n4", (joined.stdout + joined.stderr).strip()[-200:])
+        if joined.returncode == 0:
+            await trio.sleep(run.rng.uniform(1.0, 3.0))
+            removed = await trio.to_thread.run_sync(
+                lambda: cluster.cli("cluster", "remove", "--node", "n4", timeout_s=120)
+            )
+            fault(run, "remove", "n4", (removed.stdout + removed.stderr).strip()[-200:])
+            if removed.returncode != 0:
+                raise AssertionError(f"remove of n4 failed: {removed.stdout}{removed.stderr}")
     elif kind == "sigstop_leader":
         node = await wait_leader(run)
         if node is None:
@@ -321,7 +338,8 @@ async def run_chaos(
     workdir: Path, *, seed: int, duration_s: float, history_path: Path, nodes: int = 3
 ) -> Path:
     rng = random.Random(seed)
-    config = write_cluster_toml(workdir / "cluster.toml", nodes=nodes, initial=nodes, tuning=TUNING)
+    # One more node than the initial members: the join_remove fault adds it under load.
+    config = write_cluster_toml(workdir / "cluster.toml", nodes=nodes + 1, initial=nodes, tuning=TUNING)
     cluster = Cluster(config)
     history = History(history_path)
     writers, readers, groups = ["w1", "w2", "w3"], ["r1", "r2"], ["g1", "g2"]
