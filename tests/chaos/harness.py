@@ -143,42 +143,44 @@ async def writer(run: Run, uid: str) -> None:
 async def sync_channel(
     run: Run, reader: str, name: str, channel_id: str, channel_type: int, start: int
 ) -> int:
-    """Fetch everything from `start` on through any live node; returns the next seq to ask for."""
+    """Fetch everything from `start` on, page by page, through any live node; returns the next seq."""
     for node in run.rng.sample(run.live() or run.nodes, k=len(run.live() or run.nodes)):
         try:
-            status, body = await http_json(
-                run.cluster.http(node),
-                "POST",
-                "/channel/messagesync",
-                {
-                    "login_uid": reader,
-                    "channel_id": channel_id,
-                    "channel_type": channel_type,
-                    "start_message_seq": start,
-                    "limit": 10_000,
-                    "pull_mode": 1,
-                },
-                headers={"token": MANAGER_TOKEN},
-            )
+            while True:
+                status, body = await http_json(
+                    run.cluster.http(node),
+                    "POST",
+                    "/channel/messagesync",
+                    {
+                        "login_uid": reader,
+                        "channel_id": channel_id,
+                        "channel_type": channel_type,
+                        "start_message_seq": start,
+                        "limit": 10_000,
+                        "pull_mode": 1,
+                    },
+                    headers={"token": MANAGER_TOKEN},
+                )
+                if status != 200:
+                    break
+                for m in body["messages"]:
+                    run.history.write(
+                        {
+                            "type": "recv",
+                            "reader": reader,
+                            "channel": name,
+                            "cmn": base64.b64decode(m["payload"]).decode(),
+                            "mid": m["message_id"],
+                            "seq": m["message_seq"],
+                            "dup": False,
+                            "via": "sync",
+                        }
+                    )
+                    start = max(start, m["message_seq"] + 1)
+                if not body["more"]:
+                    return start
         except (OSError, trio.TooSlowError):
             continue
-        if status != 200:
-            continue
-        for m in body["messages"]:
-            run.history.write(
-                {
-                    "type": "recv",
-                    "reader": reader,
-                    "channel": name,
-                    "cmn": base64.b64decode(m["payload"]).decode(),
-                    "mid": m["message_id"],
-                    "seq": m["message_seq"],
-                    "dup": False,
-                    "via": "sync",
-                }
-            )
-            start = max(start, m["message_seq"] + 1)
-        return start
     return start
 
 
