@@ -142,3 +142,5 @@ class Presence:
                 if result.get("r") == R_SUCCESS:
                     declared.add(address)
                     log.info("node %s (%s) declared down: %s", node, address, result)
+                else:
+                    log.warning("node %s (%s) could not be declared down: %s", node, address, result)
