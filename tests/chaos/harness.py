@@ -140,47 +140,58 @@ async def writer(run: Run, uid: str) -> None:
             delay = min(delay * 2, 1.0)
 
 
+async def messages_from(
+    run: Run, node: str, login_uid: str, channel_id: str, channel_type: int, start: int
+) -> list[dict[str, Any]]:
+    """Every message of a channel from `start` on, as one node has it (page by page)."""
+    found: list[dict[str, Any]] = []
+    while True:
+        status, body = await http_json(
+            run.cluster.http(node),
+            "POST",
+            "/channel/messagesync",
+            {
+                "login_uid": login_uid,
+                "channel_id": channel_id,
+                "channel_type": channel_type,
+                "start_message_seq": start,
+                "limit": 10_000,
+                "pull_mode": 1,
+            },
+            headers={"token": MANAGER_TOKEN},
+        )
+        if status != 200:
+            raise OSError(f"messagesync on {node}: {body}")
+        found += body["messages"]
+        if not body["more"] or not body["messages"]:
+            return found
+        start = body["messages"][-1]["message_seq"] + 1
+
+
 async def sync_channel(
     run: Run, reader: str, name: str, channel_id: str, channel_type: int, start: int
 ) -> int:
-    """Fetch everything from `start` on, page by page, through any live node; returns the next seq."""
+    """Fetch what the reader missed through any live node; returns the next seq to ask for."""
     for node in run.rng.sample(run.live() or run.nodes, k=len(run.live() or run.nodes)):
         try:
-            while True:
-                status, body = await http_json(
-                    run.cluster.http(node),
-                    "POST",
-                    "/channel/messagesync",
-                    {
-                        "login_uid": reader,
-                        "channel_id": channel_id,
-                        "channel_type": channel_type,
-                        "start_message_seq": start,
-                        "limit": 10_000,
-                        "pull_mode": 1,
-                    },
-                    headers={"token": MANAGER_TOKEN},
-                )
-                if status != 200:
-                    break
-                for m in body["messages"]:
-                    run.history.write(
-                        {
-                            "type": "recv",
-                            "reader": reader,
-                            "channel": name,
-                            "cmn": base64.b64decode(m["payload"]).decode(),
-                            "mid": m["message_id"],
-                            "seq": m["message_seq"],
-                            "dup": False,
-                            "via": "sync",
-                        }
-                    )
-                    start = max(start, m["message_seq"] + 1)
-                if not body["more"]:
-                    return start
+            messages = await messages_from(run, node, reader, channel_id, channel_type, start)
         except (OSError, trio.TooSlowError):
             continue
+        for m in messages:
+            run.history.write(
+                {
+                    "type": "recv",
+                    "reader": reader,
+                    "channel": name,
+                    "cmn": base64.b64decode(m["payload"]).decode(),
+                    "mid": m["message_id"],
+                    "seq": m["message_seq"],
+                    "dup": False,
+                    "via": "sync",
+                }
+            )
+            start = max(start, m["message_seq"] + 1)
+        return start
     return start
 
 
@@ -301,38 +312,13 @@ async def final_stores(run: Run) -> None:
             if name.startswith("g:"):
                 login, cid, ct = run.writers[0], name[2:], 2
             else:
-                a, b = name[2:].split(":")
-                login, cid, ct = a, b, 1
-            messages: list[list[Any]] = []
-            start = 1
-            while True:
-                status, body = await http_json(
-                    run.cluster.http(node),
-                    "POST",
-                    "/channel/messagesync",
-                    {
-                        "login_uid": login,
-                        "channel_id": cid,
-                        "channel_type": ct,
-                        "start_message_seq": start,
-                        "limit": 10_000,
-                        "pull_mode": 1,
-                    },
-                    headers={"token": MANAGER_TOKEN},
-                )
-                assert status == 200, body
-                for m in body["messages"]:
-                    messages.append(
-                        [
-                            m["message_seq"],
-                            m["message_id"],
-                            base64.b64decode(m["payload"]).decode(),
-                            m["from_uid"],
-                        ]
-                    )
-                if not body["more"]:
-                    break
-                start = messages[-1][0] + 1
+                login, cid = name[2:].split(":")
+                ct = 1
+            rows = await messages_from(run, node, login, cid, ct, 1)
+            messages = [
+                [m["message_seq"], m["message_id"], base64.b64decode(m["payload"]).decode(), m["from_uid"]]
+                for m in rows
+            ]
             run.history.write({"type": "final", "node": node, "channel": name, "messages": messages})
 
 
