@@ -95,7 +95,11 @@ class Presence:
 
     # -- what the cluster says ---------------------------------------------------------------------------
     def on_committed(self, op: dict[str, Any]) -> None:
-        """Kick local connections that a newer login elsewhere replaces."""
+        """Kick local connections that a newer login elsewhere replaces; come back after a node_down."""
+        if op.get("t") == OP_NODE_DOWN:
+            if self.epoch and op["node"] == self.node and op["epoch"] == self.epoch:
+                self._republish()
+            return
         if op.get("t") != OP_PRESENCE or op["node"] == self.node:
             return  # this node kicked its own older connection before it announced the new one
         for change in op["changes"]:
@@ -107,6 +111,15 @@ class Presence:
                     self.registry.remove(conn)
                     self.kicked_remote += 1
 
+    def _republish(self) -> None:
+        """The leader lost this node for a while (a partition, a long pause) and cleared its rows, but
+        this life's connections are still here: announce them again. Queued behind any change already
+        pending, so an offline that happened meanwhile still lands after the online it undoes."""
+        live = [conn for conns in self.registry.by_uid.values() for conn in conns]
+        log.warning("this node was declared down while alive; announcing %d connections again", len(live))
+        for conn in live:
+            self._queue(conn, True)
+
     def is_online(self, uid: str) -> bool:
         """Online anywhere in the cluster (as far as this node has applied)."""
         if self.registry.of_uid(uid):
@@ -117,30 +130,58 @@ class Presence:
     # -- the leader's watch on other nodes ---------------------------------------------------------------
     async def watch_nodes(self, raft: RaftNode) -> None:
         """On the leader: declare a node down once Raft has lost it for `node_down_after_s`."""
-        lost_since: dict[str, float] = {}
-        declared: set[str] = set()
+        detector = DownDetector(self.config.tuning.node_down_after_s)
         by_address = {spec.raft: spec.numeric_id for spec in self.config.nodes.values()}
         while True:
             await trio.sleep(1.0)
             status = raft.status()
             if status["role"] != "leader" or self.proposer is None:
-                lost_since.clear()
+                detector.reset()
                 continue
-            now = trio.current_time()
-            for address, connected in status["connected"].items():
-                if connected:
-                    lost_since.pop(address, None)
-                    declared.discard(address)
-                    continue
-                since = lost_since.setdefault(address, now)
-                node = by_address.get(address)
-                if node is None or address in declared or now - since < self.config.tuning.node_down_after_s:
-                    continue
-                with self.store.read() as txn:
-                    epoch = int((txn.meta("node_epochs") or {}).get(str(node), 0))
+            connected = {by_address[a]: up for a, up in status["connected"].items() if a in by_address}
+            with self.store.read() as txn:
+                epochs = {int(n): int(e) for n, e in (txn.meta("node_epochs") or {}).items()}
+            for node, epoch in detector.observe(trio.current_time(), connected, epochs):
                 [result] = await self.proposer.call([{"t": OP_NODE_DOWN, "node": node, "epoch": epoch}])
                 if result.get("r") == R_SUCCESS:
-                    declared.add(address)
-                    log.info("node %s (%s) declared down: %s", node, address, result)
+                    detector.declared(node, epoch)
+                    log.info("node %s epoch %s declared down: %s", node, epoch, result)
                 else:
-                    log.warning("node %s (%s) could not be declared down: %s", node, address, result)
+                    log.warning("node %s could not be declared down: %s", node, result)
+
+
+class DownDetector:
+    """Which nodes the leader should declare down, from what it observes (pure: the caller polls).
+
+    A node is due once it has been seen disconnected for `after_s` and its current epoch has not been
+    declared down yet. Keyed by epoch, not by "seen connected again": a node that restarts (or announces
+    its first epoch) between two polls must be declarable again even if no poll ever saw it connected.
+    """
+
+    def __init__(self, after_s: float) -> None:
+        self.after_s = after_s
+        self._lost_since: dict[int, float] = {}
+        self._declared: dict[int, int] = {}  # node -> the epoch declared down
+
+    def reset(self) -> None:
+        """Not the leader (any more): whoever leads next starts its own clock."""
+        self._lost_since.clear()
+        self._declared.clear()
+
+    def observe(
+        self, now: float, connected: dict[int, bool], epochs: dict[int, int]
+    ) -> list[tuple[int, int]]:
+        due: list[tuple[int, int]] = []
+        for node, up in connected.items():
+            if up:
+                self._lost_since.pop(node, None)
+                self._declared.pop(node, None)  # back: a later loss of this same epoch counts again
+                continue
+            since = self._lost_since.setdefault(node, now)
+            epoch = epochs.get(node, 0)
+            if now - since >= self.after_s and self._declared.get(node) != epoch:
+                due.append((node, epoch))
+        return due
+
+    def declared(self, node: int, epoch: int) -> None:
+        self._declared[node] = epoch

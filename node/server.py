@@ -36,7 +36,15 @@ from node.registry import Registry
 from node.user_pool import UserContext, build_user_pool
 from node.webhooks import Webhooks
 from raft.bridge import RaftNode
-from raft.commands import OP_DEVICE_QUIT, OP_HANDLER_STATE, OP_PRESENCE, OP_SEND, OP_TOKEN, R_SUCCESS
+from raft.commands import (
+    OP_DEVICE_QUIT,
+    OP_HANDLER_STATE,
+    OP_NODE_DOWN,
+    OP_PRESENCE,
+    OP_SEND,
+    OP_TOKEN,
+    R_SUCCESS,
+)
 from raft.machine import RaftSettings
 from storage.store import Store
 
@@ -215,7 +223,11 @@ class Node:
             for op, result in zip(committed.ops, committed.results, strict=False):
                 if not isinstance(op, dict):
                     continue
-                if op.get("t") == OP_PRESENCE and result.get("r") == R_SUCCESS and not result.get("stale"):
+                if (
+                    op.get("t") in (OP_PRESENCE, OP_NODE_DOWN)
+                    and result.get("r") == R_SUCCESS
+                    and not result.get("stale")
+                ):
                     self.presence.on_committed(op)
                     continue
                 if op.get("t") == OP_HANDLER_STATE and result.get("r") == R_SUCCESS:

@@ -257,9 +257,14 @@ async def test_a_lost_node_is_declared_down_and_a_restart_clears_its_old_presenc
         watcher = next(n for n in ("n1", "n2", "n3") if n not in (leader, lost))
 
         async def wait_online(expected: list[dict[str, object]]) -> None:
-            with trio.fail_after(40):  # node_down_after_s is 1 s; CI runs this beside the whole suite
+            with trio.move_on_after(40):  # node_down_after_s is 1 s; CI runs this beside the whole suite
                 while await online_on(cluster, watcher, ["carol"]) != expected:  # noqa: ASYNC110
                     await trio.sleep(0.05)
+                return
+            logs = "\n".join(f"--- {n} ---\n{cluster.log(n)[-3000:]}" for n in ("n1", "n2", "n3"))
+            raise AssertionError(
+                f"carol is not {expected} on {watcher} (leader {leader}, lost {lost})\n{logs}"
+            )
 
         async with open_client(*cluster.tcp(lost), "carol"):
             await wait_online([{"uid": "carol", "device_flag": 0, "online": 1}])
