@@ -76,7 +76,12 @@ def _check_ports_free(config: Config, node_id: str) -> None:
     import socket
 
     spec = config.node(node_id)
-    for name, address in (("raft", spec.raft), ("tcp", spec.tcp), ("ws", spec.ws), ("http", spec.http)):
+    for name, address in (
+        ("raft", spec.raft_bind or spec.raft),
+        ("tcp", spec.tcp),
+        ("ws", spec.ws),
+        ("http", spec.http),
+    ):
         host, _, port = address.rpartition(":")
         if int(port) == 0:
             continue

@@ -75,6 +75,9 @@ class NodeSpec:
     id: str = DEFAULT_NODE_ID
     numeric_id: int = 1
     raft: str = "127.0.0.1:5300"
+    # Where the Raft port binds when the other nodes reach it through another address (NAT, port
+    # forwarding, a proxy); empty means `raft`. `raft` stays the node's identity in the cluster.
+    raft_bind: str = ""
     tcp: str = "127.0.0.1:5100"
     ws: str = "127.0.0.1:5200"
     http: str = "127.0.0.1:5001"
@@ -217,7 +220,9 @@ def load(path: str | None) -> Config:
         for key in ("numeric_id", "raft", "tcp", "ws", "http", "data_dir"):
             if key not in values:
                 raise ConfigError(f"{source}: nodes.{node_id}.{key}: missing")
-        for key in ("raft", "tcp", "ws", "http"):
+        for key in ("raft", "raft_bind", "tcp", "ws", "http"):
+            if key not in values:
+                continue  # raft_bind is optional
             addr = _address(source, f"nodes.{node_id}.{key}", values[key])
             if addr in used:
                 raise ConfigError(

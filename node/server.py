@@ -87,6 +87,7 @@ class Node:
                 partners=config.partners(node_id),
                 data_dir=os.path.join(self.spec.data_dir, "raft"),
                 password=config.raft_password or None,
+                bind_addr=self.spec.raft_bind or None,
                 min_timeout_s=tuning.raft_min_timeout_s,
                 max_timeout_s=tuning.raft_max_timeout_s,
                 leader_fallback_timeout_s=tuning.leader_fallback_timeout_s,

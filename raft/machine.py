@@ -48,6 +48,7 @@ class RaftSettings:
     partners: tuple[str, ...]
     data_dir: str
     password: str | None = None
+    bind_addr: str | None = None  # None: bind self_addr (it is also this node's identity)
     min_timeout_s: float = 0.4
     max_timeout_s: float = 1.4
     leader_fallback_timeout_s: float = 3.0
@@ -85,6 +86,7 @@ class Machine(SyncObj):
         os.makedirs(settings.data_dir, exist_ok=True)
         conf = SyncObjConf(
             password=settings.password,
+            bindAddress=settings.bind_addr,
             dynamicMembershipChange=True,
             commandsWaitLeader=False,
             appendEntriesUseBatch=False,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -13,13 +14,22 @@ from typing import Any
 from node import operator as op
 from node.config import Config, load
 from tests.conftest import REPO, free_port
+from tests.raft_links import RaftLinks
 
 MANAGER_TOKEN = "test-manager-token"
 
 
 def write_cluster_toml(
-    path: Path, *, nodes: int = 4, initial: int = 3, tuning: dict[str, Any] | None = None
+    path: Path,
+    *,
+    nodes: int = 4,
+    initial: int = 3,
+    tuning: dict[str, Any] | None = None,
+    proxied: bool = False,
 ) -> Path:
+    """A cluster config on free ports. `proxied`: every Raft identity is a front port of RaftLinks, and
+    each node binds its real Raft port behind it (`raft_bind`), so tests can cut links."""
+    kinds = ("raft", "raft_bind", "tcp", "ws", "http") if proxied else ("raft", "tcp", "ws", "http")
     lines = [
         "[cluster]",
         'name = "test-cluster"',
@@ -29,14 +39,14 @@ def write_cluster_toml(
         "",
     ]
     ports: set[int] = set()
-    while len(ports) < 4 * nodes:  # distinct: the OS may hand the same free port out twice
+    while len(ports) < len(kinds) * nodes:  # distinct: the OS may hand the same free port out twice
         ports.add(free_port())
     free = iter(sorted(ports))
     for i in range(1, nodes + 1):
         lines += [
             f"[nodes.n{i}]",
             f"numeric_id = {i}",
-            *(f'{kind} = "127.0.0.1:{next(free)}"' for kind in ("raft", "tcp", "ws", "http")),
+            *(f'{kind} = "127.0.0.1:{next(free)}"' for kind in kinds),
             f'data_dir = "data/n{i}"',
             "",
         ]
@@ -52,6 +62,24 @@ class Cluster:
         self.config_path = config_path
         self.config: Config = load(str(config_path))
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.links: RaftLinks | None = None
+        fronts = {
+            node_id: (_port(spec.raft), _port(spec.raft_bind))
+            for node_id, spec in self.config.nodes.items()
+            if spec.raft_bind
+        }
+        if fronts:
+            self.links = RaftLinks(fronts, self.pids)
+            self.links.start()
+
+    def pids(self) -> dict[str, int]:
+        """Every running node's pid, those started by `cluster join` included (from their pid files)."""
+        found = {node_id: proc.pid for node_id, proc in self.procs.items() if proc.poll() is None}
+        for node_id, spec in self.config.nodes.items():
+            if node_id not in found:
+                with contextlib.suppress(OSError, ValueError):
+                    found[node_id] = int((Path(spec.data_dir) / op.PID_FILE).read_text().split()[0])
+        return found
 
     def start(self, node_id: str, partners: list[str] | None = None) -> None:
         started = op.spawn(str(self.config_path), self.config, node_id, partners=partners)
@@ -138,3 +166,9 @@ class Cluster:
         # A node started by `cluster join` runs in its own session: stop it by its pid file.
         for node_id in self.config.nodes:
             op.stop_by_pid_file(self.config, node_id, timeout_s=10)
+        if self.links is not None:
+            self.links.close()
+
+
+def _port(address: str) -> int:
+    return int(address.rsplit(":", 1)[1])
