@@ -4,8 +4,10 @@ Writers send `(writer, counter)` messages with unique client_msg_no into person 
 time, retrying a timeout or a failure with the same client_msg_no (backoff) on any live node. Readers take
 RECVs live and, after every reconnect, sync what they missed over HTTP. A schedule drawn from the seed kills
 nodes (a random one, the leader, all of them within 100 ms), stops the leader past the election timeout,
-and restarts a node that must catch up by snapshot. At the end every node is healed, readers sync, and each
-node's final store of every channel goes into the history for `tests.chaos.checker`.
+restarts a node that must catch up by snapshot, joins and removes a fourth node, and cuts the Raft links of
+a random node or of the leader (a proxy in front of every Raft port, tests/raft_links.py). At the end
+every node is healed, readers sync, and each node's final store of every channel goes into the history for
+`tests.chaos.checker`.
 
     python -m tests.chaos.harness --duration 600 --seed 7 --history /tmp/chaos.jsonl
 """
@@ -32,7 +34,16 @@ from node.protocol import FLAG_DUP, Reason
 from tests.cluster_harness import MANAGER_TOKEN, Cluster, write_cluster_toml
 from tests.conftest import http_json
 
-FAULTS = ("kill9_random", "kill9_leader", "kill_all", "sigstop_leader", "snapshot_restart", "join_remove")
+FAULTS = (
+    "kill9_random",
+    "kill9_leader",
+    "kill_all",
+    "sigstop_leader",
+    "snapshot_restart",
+    "join_remove",
+    "partition_minority",
+    "partition_leader",
+)
 TUNING = {
     "log_compaction_min_entries": 300,
     "log_compaction_min_time_s": 2.0,
@@ -293,6 +304,21 @@ async def inject(run: Run, kind: str) -> None:
             fault(run, "remove", "n4", (removed.stdout + removed.stderr).strip()[-200:])
             if removed.returncode != 0:
                 raise AssertionError(f"remove of n4 failed: {removed.stdout}{removed.stderr}")
+    elif kind in ("partition_minority", "partition_leader"):
+        # Raft links cut through the proxy (tests/raft_links.py): packets dropped, not refused. Clients
+        # still reach every node; those on the cut-off side get no acks and retry elsewhere.
+        assert cluster.links is not None
+        if kind == "partition_leader":
+            node = await wait_leader(run)
+        else:
+            node = run.rng.choice(run.live())
+        if node is None:
+            return
+        cluster.links.cut({node})
+        fault(run, kind, node, "Raft links of this node cut")
+        await trio.sleep(run.rng.uniform(1.0, 6.0))  # sometimes past the election and connection timeouts
+        cluster.links.heal()
+        fault(run, "heal", node)
     elif kind == "sigstop_leader":
         node = await wait_leader(run)
         if node is None:
@@ -327,7 +353,9 @@ async def run_chaos(
 ) -> Path:
     rng = random.Random(seed)
     # One more node than the initial members: the join_remove fault adds it under load.
-    config = write_cluster_toml(workdir / "cluster.toml", nodes=nodes + 1, initial=nodes, tuning=TUNING)
+    config = write_cluster_toml(
+        workdir / "cluster.toml", nodes=nodes + 1, initial=nodes, tuning=TUNING, proxied=True
+    )
     cluster = Cluster(config)
     history = History(history_path)
     writers, readers, groups = ["w1", "w2", "w3"], ["r1", "r2"], ["g1", "g2"]
