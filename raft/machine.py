@@ -20,11 +20,12 @@ from typing import Any, NamedTuple
 
 import cbor2
 import lmdb
-from pysyncobj import SyncObj, SyncObjConf, replicated
+from pysyncobj import SyncObjConf, replicated
 from pysyncobj.node import TCPNode
 
 from raft.apply import Result, apply_ops
 from raft.commands import R_SYSTEM_ERROR, BadCommand, decode_entry
+from raft.safe_syncobj import SafeSyncObj
 from storage.store import Store
 
 log = logging.getLogger("imnode.raft")
@@ -68,7 +69,7 @@ def halt(reason: str) -> None:
     os._exit(EXIT_STORE_FAILURE)
 
 
-class Machine(SyncObj):
+class Machine(SafeSyncObj):
     """Replicates `execute(entry)` calls; `on_commit` receives every entry this node applies."""
 
     def __init__(

@@ -1,0 +1,95 @@
+"""PySyncObj with two Raft safety defects closed, both found by the chaos harness's partitions.
+
+1. **A follower truncates entries that match.** PySyncObj deletes everything after `prevLogIdx` whenever an
+   AppendEntries arrives, not only from the first entry that conflicts (Raft §5.3). A delayed or repeated
+   AppendEntries (the leader pipelines them and rolls `nextIndex` back on a stale "reset") therefore makes a
+   follower's log *shorter* than what it already acknowledged, while the leader keeps counting it in its
+   matchIndex. Lose the leader in that window and an entry committed and acknowledged to a client is gone
+   (the 10-minute run with partitions lost 3 acknowledged messages this way; PySyncObj logged
+   "truncating already-applied log entries" hundreds of times).
+   Here an AppendEntries is first cut down to what the follower does not already hold: entries that match
+   are skipped, truncation starts at the first real conflict, and one that brings nothing new is answered
+   without touching the log, with the commit index capped at the last entry it verified.
+2. **Replies carry no term.** `next_node_idx` (the AppendEntries reply) has no term, so a reply delayed
+   from an earlier term can raise the matchIndex of a leader in a later term. Replies now carry the term
+   they were sent in, and a leader ignores those of another term (Raft's rule for stale responses).
+
+Only name-mangled hooks of PySyncObj are overridden (`_SyncObj__...`); the rest of its code runs as is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pysyncobj import SyncObj
+
+Message = dict[str, Any]
+
+
+class SafeSyncObj(SyncObj):
+    # PySyncObj's own (name-mangled) method names, overridden.
+    def _SyncObj__sendNextNodeIdx(
+        self, node: Any, reset: bool = False, nextNodeIdx: int | None = None, success: bool = False
+    ) -> None:
+        if nextNodeIdx is None:
+            nextNodeIdx = self._SyncObj__getCurrentLogIndex() + 1
+        self._send_reply(node, nextNodeIdx, reset=reset, success=success)
+
+    def _send_reply(self, node: Any, next_index: int, *, reset: bool, success: bool) -> None:
+        self._SyncObj__transport.send(
+            node,
+            {
+                "type": "next_node_idx",
+                "next_node_idx": next_index,
+                "reset": reset,
+                "success": success,
+                "term": self.raftCurrentTerm,
+            },
+        )
+
+    def _SyncObj__onMessageReceived(self, node: Any, message: Message) -> None:
+        kind = message.get("type")
+        if kind == "next_node_idx" and message.get("term", self.raftCurrentTerm) != self.raftCurrentTerm:
+            return  # a reply from another term says nothing about this term's log
+        if kind == "append_entries":
+            trimmed = self._trim_append_entries(node, message)
+            if trimmed is None:
+                return
+            message = trimmed
+        SyncObj._SyncObj__onMessageReceived(self, node, message)
+
+    def _trim_append_entries(self, node: Any, message: Message) -> Message | None:
+        """The AppendEntries cut to what this log lacks; None if it was fully answered here."""
+        if (
+            message["term"] < self.raftCurrentTerm
+            or "prevLogIdx" not in message
+            or "transmission" in message  # the chunked path: left to PySyncObj
+        ):
+            return message
+        prev, entries = message["prevLogIdx"], message.get("entries", [])
+        last = self._SyncObj__getCurrentLogIndex()
+        if prev >= last:
+            return message  # nothing after prevLogIdx here: nothing can be truncated
+        ours = self._SyncObj__getEntries(prev, len(entries) + 1)  # ours[i] is at index prev + i
+        if not ours or ours[0][2] != message["prevLogTerm"]:
+            return message  # no match at prevLogIdx: PySyncObj asks the leader to go back
+        held = 0  # how many of the leading entries this log already holds, same index and term
+        while (
+            held < len(entries)
+            and held + 1 < len(ours)
+            and ours[held + 1][1] == entries[held][1]
+            and ours[held + 1][2] == entries[held][2]
+        ):
+            held += 1
+        anchor = ours[held]  # the last entry known to match the leader's log
+        if held < len(entries) or anchor[1] == last:
+            # New entries (after a conflict, which PySyncObj then truncates, or past the end of this log),
+            # or exactly up to the end of this log: PySyncObj appends from the anchor on.
+            return {**message, "prevLogIdx": anchor[1], "prevLogTerm": anchor[2], "entries": entries[held:]}
+        # Every entry is already here and this log goes further: truncate nothing, and commit no further
+        # than what this message verified (entries past it may be from another leader).
+        heartbeat = {k: v for k, v in message.items() if k not in ("prevLogIdx", "prevLogTerm", "entries")}
+        heartbeat["commit_index"] = min(message["commit_index"], anchor[1])
+        SyncObj._SyncObj__onMessageReceived(self, node, heartbeat)
+        self._send_reply(node, anchor[1] + 1, reset=False, success=True)
+        return None
