@@ -74,11 +74,13 @@ class Cluster:
 
     def pids(self) -> dict[str, int]:
         """Every running node's pid, those started by `cluster join` included (from their pid files)."""
-        found = {node_id: proc.pid for node_id, proc in self.procs.items() if proc.poll() is None}
+        # Called from RaftLinks' threads while the harness starts nodes: copy before iterating, and a pid
+        # file may be caught empty, half written.
+        found = {node_id: proc.pid for node_id, proc in list(self.procs.items()) if proc.poll() is None}
         for node_id, spec in self.config.nodes.items():
             if node_id not in found:
                 with contextlib.suppress(OSError, ValueError):
-                    found[node_id] = int((Path(spec.data_dir) / op.PID_FILE).read_text().split()[0])
+                    found[node_id] = int((Path(spec.data_dir) / op.PID_FILE).read_text().strip())
         return found
 
     def start(self, node_id: str, partners: list[str] | None = None) -> None:

@@ -20,6 +20,7 @@ import contextlib
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -45,6 +46,7 @@ class RaftLinks:
         self._links: list[_Link] = []
         self._closed = False
         self.unidentified = 0  # Raft connections whose dialler was not found: a test can assert on it
+        self.errors: list[str] = []  # failures while accepting (each closed that one connection)
 
     # -- control -----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -84,19 +86,31 @@ class RaftLinks:
                 downstream, (_host, peer_port) = listener.accept()
             except OSError:
                 return  # closed
-            source = self._dialler(peer_port, front)
-            if source is None:
-                self.unidentified += 1
             try:
-                upstream = socket.create_connection(("127.0.0.1", real), timeout=5)
-            except OSError:
-                downstream.close()  # the target is down: the dialler sees what it would have seen
-                continue
-            upstream.settimeout(None)
-            link = _Link(source, target, downstream, upstream)
-            self._links.append(link)
-            for src, dst in ((downstream, upstream), (upstream, downstream)):
-                threading.Thread(target=self._pump, args=(link, src, dst), daemon=True).start()
+                self._connect(downstream, peer_port, target, front, real)
+            except Exception as exc:  # one bad connection must not stop this front for good
+                self.errors.append(repr(exc))
+                downstream.close()
+
+    def _connect(self, downstream: socket.socket, peer_port: int, target: str, front: int, real: int) -> None:
+        source = self._dialler(peer_port, front)
+        for _ in range(50):  # a node that has just started may not be in the pid map yet
+            if source is not None:
+                break
+            time.sleep(0.01)
+            source = self._dialler(peer_port, front)
+        if source is None:
+            self.unidentified += 1
+        try:
+            upstream = socket.create_connection(("127.0.0.1", real), timeout=5)
+        except OSError:
+            downstream.close()  # the target is down: the dialler sees what it would have seen
+            return
+        upstream.settimeout(None)
+        link = _Link(source, target, downstream, upstream)
+        self._links.append(link)
+        for src, dst in ((downstream, upstream), (upstream, downstream)):
+            threading.Thread(target=self._pump, args=(link, src, dst), daemon=True).start()
 
     def _pump(self, link: _Link, src: socket.socket, dst: socket.socket) -> None:
         try:

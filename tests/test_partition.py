@@ -66,6 +66,7 @@ async def test_the_proxy_carries_every_raft_link_and_knows_who_dialled(cluster: 
         assert ack.reason_code == Reason.SUCCESS
     assert cluster.links is not None
     assert cluster.links.unidentified == 0  # every Raft connection was traced to its node process
+    assert cluster.links.errors == []
     verify = await trio.to_thread.run_sync(lambda: cluster.cli("admin", "verify", "--timeout", "30"))
     assert verify.returncode == 0, verify.stdout + verify.stderr
 

@@ -47,7 +47,9 @@ def append_entries(prev: int, entries: list[tuple[int, int]], commit: int = 0) -
         "commit_index": commit,
         "prevLogIdx": prev,
         "prevLogTerm": LEADER_TERM,
-        "entries": [(f"cmd-{i}".encode() if t == LEADER_TERM else f"new-{i}".encode(), i, t) for i, t in entries],
+        "entries": [
+            (f"cmd-{i}".encode() if t == LEADER_TERM else f"new-{i}".encode(), i, t) for i, t in entries
+        ],
     }
 
 
@@ -67,7 +69,13 @@ def test_a_delayed_append_entries_truncates_nothing_that_matches(nodes: tuple[st
     obj, sent = follower(SafeSyncObj, nodes)
     deliver(obj, nodes, append_entries(5, [(6, 1), (7, 1)], commit=10))
     assert log_of(obj)[-1] == (10, 1)  # still everything it acknowledged
-    assert sent[-1] == {"type": "next_node_idx", "next_node_idx": 8, "reset": False, "success": True, "term": 1}
+    assert sent[-1] == {
+        "type": "next_node_idx",
+        "next_node_idx": 8,
+        "reset": False,
+        "success": True,
+        "term": 1,
+    }
     # Entries 8..10 were not verified by this message: they must not count as committed because of it.
     assert obj._SyncObj__raftCommitIndex <= 7
     obj._destroy()

@@ -403,6 +403,13 @@ async def run_chaos(
             readers_nursery.cancel_scope.cancel()
         for node in run.nodes:
             await trio.to_thread.run_sync(lambda node=node: cluster.wait_caught_up(node, 60))
+        if cluster.links is not None:
+            fault(
+                run,
+                "proxy",
+                None,
+                f"unidentified {cluster.links.unidentified}, errors {cluster.links.errors}",
+            )
         verify = await trio.to_thread.run_sync(lambda: cluster.cli("admin", "verify", "--timeout", "60"))
         fault(run, "verify", None, (verify.stdout + verify.stderr).strip()[-300:])
         await final_stores(run)
