@@ -107,3 +107,28 @@ def test_a_leader_ignores_a_reply_from_another_term(nodes: tuple[str, str]) -> N
     deliver(obj, nodes, {**stale, "term": LEADER_TERM})
     assert obj._SyncObj__raftMatchIndex[other] == 10
     obj._destroy()
+
+
+def snapshot_start(commit: int) -> dict[str, Any]:
+    """What a leader sends first when a follower is behind its compacted log: no data yet."""
+    return {"type": "append_entries", "term": 2, "commit_index": commit, "serialized": None}
+
+
+def test_stock_pysyncobj_commits_its_own_tail_on_a_snapshot_message(nodes: tuple[str, str]) -> None:
+    """The defect itself: entries 6..10 were never confirmed by the new leader, yet they become committed."""
+    obj, _sent = follower(SyncObj, nodes)
+    obj._SyncObj__raftCommitIndex = 5
+    deliver(obj, nodes, snapshot_start(commit=100))
+    assert obj._SyncObj__raftCommitIndex == 10
+    obj._destroy()
+
+
+def test_a_snapshot_message_commits_nothing_of_this_log(nodes: tuple[str, str]) -> None:
+    # The 10-minute partition run: an old leader applied and acknowledged its uncommitted entries the moment
+    # the partition healed, through the new leader's first snapshot message, then lost them to the snapshot.
+    obj, _sent = follower(SafeSyncObj, nodes)
+    obj._SyncObj__raftCommitIndex = 5
+    deliver(obj, nodes, snapshot_start(commit=100))
+    assert obj._SyncObj__raftCommitIndex == 5
+    assert obj.raftCurrentTerm == 2  # the message still counts as the new leader's (term, leader, timer)
+    obj._destroy()
