@@ -5,7 +5,7 @@
    AppendEntries (the leader pipelines them and rolls `nextIndex` back on a stale "reset") therefore makes a
    follower's log *shorter* than what it already acknowledged, while the leader keeps counting it in its
    matchIndex. Lose the leader in that window and a committed entry is gone. PySyncObj's own log showed it
-   ("truncating already-applied log entries", dozens of times per node in a 10-minute partition run).
+   ("truncating already-applied log entries", hundreds of times per node in a 10-minute partition run).
    Here an AppendEntries is first cut down to what the follower does not already hold: entries that match
    are skipped, truncation starts at the first real conflict, and one that brings nothing new is answered
    without touching the log, with the commit index capped at the last entry it verified.
