@@ -1059,7 +1059,16 @@ async def test_a_frame_over_the_size_limit_gets_disconnect_and_close(tmp_path: P
             assert (await bob.recv()).message_id == ack.message_id
 
 
+IDLE_CONNECTIONS = 2000  # "thousands": each costs two descriptors here (client and node share the process)
+
+
 async def test_connections_that_never_connect_are_closed_while_a_client_keeps_working(tmp_path: Path) -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 2 * IDLE_CONNECTIONS + 1024
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
     timeout_s = 0.5
     async with running_node(single_node_config(tmp_path / "n1", connect_timeout_s=timeout_s)) as node:
         host, port = node.tcp
@@ -1099,21 +1108,23 @@ async def test_connections_that_never_connect_are_closed_while_a_client_keeps_wo
             exchanged = 0
             with trio.fail_after(30):
                 async with trio.open_nursery() as nursery:
-                    for i in range(200):
+                    for i in range(IDLE_CONNECTIONS):
                         nursery.start_soon(idle, i)
                     for _ in range(10):
                         nursery.start_soon(idle_websocket)
                         nursery.start_soon(no_handshake)
                     # The real client is served while the idle ones wait out their timeout, and after it.
                     started = trio.current_time()
-                    while len(lifetimes) < 200 or trio.current_time() - started < 2 * timeout_s:
+                    while len(lifetimes) < IDLE_CONNECTIONS or trio.current_time() - started < 2 * timeout_s:
                         ack = await alice.send("bob", 1, TEXT)
                         assert ack.reason_code == Reason.SUCCESS
                         assert (await bob.recv()).message_id == ack.message_id
                         exchanged += 1
                         await trio.sleep(0.05)
             assert exchanged >= 5
-            assert len(lifetimes) == 200 and min(lifetimes) >= timeout_s * 0.9, sorted(lifetimes)[:5]
-            assert len(disconnects) == 200 and set(disconnects) == {Reason.UNKNOWN}
-            assert node.node.gateway.connect_timeouts >= 210
+            assert len(lifetimes) == IDLE_CONNECTIONS and min(lifetimes) >= timeout_s * 0.9, sorted(
+                lifetimes
+            )[:5]
+            assert len(disconnects) == IDLE_CONNECTIONS and set(disconnects) == {Reason.UNKNOWN}
+            assert node.node.gateway.connect_timeouts >= IDLE_CONNECTIONS + 10
             assert sorted(c.uid for c in node.node.registry) == ["alice", "bob"]
