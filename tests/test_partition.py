@@ -14,6 +14,7 @@ from node.client import ClientError, open_client
 from node.protocol import Reason
 from tests.cluster_harness import MANAGER_TOKEN, Cluster, write_cluster_toml
 from tests.conftest import http_json
+from tests.test_cluster import sync_person
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
@@ -41,22 +42,7 @@ async def leader_seen_by(cluster: Cluster, node_id: str, not_: str, timeout_s: f
 
 
 async def channel_payloads(cluster: Cluster, node_id: str) -> list[bytes]:
-    status, body = await http_json(
-        cluster.http(node_id),
-        "POST",
-        "/channel/messagesync",
-        {
-            "login_uid": "alice",
-            "channel_id": "bob",
-            "channel_type": 1,
-            "start_message_seq": 1,
-            "limit": 100,
-            "pull_mode": 1,
-        },
-        headers={"token": MANAGER_TOKEN},
-    )
-    assert status == 200, body
-    return [base64.b64decode(m["payload"]) for m in body["messages"]]
+    return [base64.b64decode(str(m["payload"])) for m in await sync_person(cluster, node_id, "alice", "bob")]
 
 
 async def test_the_proxy_carries_every_raft_link_and_knows_who_dialled(cluster: Cluster) -> None:
