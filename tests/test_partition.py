@@ -121,3 +121,65 @@ async def test_a_partitioned_follower_is_declared_down_and_announces_its_users_a
         await wait_online(carol_online)
         await carol.ping()
         assert "declared down while alive" in cluster.log(cut_off)
+
+
+async def test_an_old_leader_does_not_acknowledge_its_own_entries_when_a_snapshot_reaches_it(
+    tmp_path: Path,
+) -> None:
+    """The loss the 10-minute chaos run found (raft/safe_syncobj.py, defect 2), replayed end to end.
+
+    The leader takes a send and is cut off before it can replicate it. The majority elects a new leader,
+    takes more sends, and compacts its log past the old leader's. On heal, the new leader's first
+    snapshot message used to make the old leader commit its own tail: it acknowledged the send with
+    SUCCESS and then lost it to the snapshot. Timing decides whether the snapshot or a retry of the
+    proposal reaches the old leader first: with the fix taken out this failed in 1 of 6 runs. The
+    deterministic replay is tests/test_safe_syncobj.py; this one checks the whole path.
+    """
+    tuning = {
+        "commit_timeout_s": 30.0,  # the cut-off send must still be waiting when the partition heals
+        "log_compaction_min_entries": 20,
+        "log_compaction_min_time_s": 0.5,
+    }
+    cluster = Cluster(write_cluster_toml(tmp_path / "cluster.toml", tuning=tuning, proxied=True))
+    try:
+        old = await trio.to_thread.run_sync(cluster.start_all)
+        follower = next(n for n in ("n1", "n2", "n3") if n != old)
+        assert cluster.links is not None
+        answers: list[int] = []
+        async with (
+            open_client(*cluster.tcp(old), "alice", device_flag=1) as cut_off,
+            open_client(*cluster.tcp(follower), "alice", device_flag=2) as majority,
+        ):
+            cluster.links.cut({old})
+
+            async def send_cut_off() -> None:
+                try:
+                    ack = await cut_off.send("bob", 1, b"cut off", client_msg_no="cut-1", timeout_s=40)
+                    answers.append(ack.reason_code)
+                except ClientError:
+                    answers.append(-1)  # no answer: nothing was promised
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_cut_off)
+                new = await leader_seen_by(cluster, follower, not_=old)
+                for batch in range(10):  # enough entries for the new leader to compact past the old one
+                    acks = await majority.send_many([("bob", 1, f"m{batch}-{i}".encode()) for i in range(10)])
+                    assert all(a.reason_code == Reason.SUCCESS for a in acks)
+
+                def compacted() -> bool:
+                    status = op.node_status(cluster.config, new)
+                    return status is not None and status["log_len"] < 20
+
+                with trio.fail_after(30):
+                    while not await trio.to_thread.run_sync(compacted):  # noqa: ASYNC110 - another process
+                        await trio.sleep(0.2)
+                cluster.links.heal()
+        [answer] = answers
+        stored = await channel_payloads(cluster, new)
+        if answer == Reason.SUCCESS:
+            assert b"cut off" in stored, "acknowledged, then lost: the old leader committed its own entry"
+        assert stored.count(b"cut off") <= 1
+        verify = await trio.to_thread.run_sync(lambda: cluster.cli("admin", "verify", "--timeout", "60"))
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+    finally:
+        await trio.to_thread.run_sync(cluster.stop_all)
