@@ -97,6 +97,16 @@ def test_entries_past_the_end_are_appended_without_truncating(nodes: tuple[str, 
     obj._destroy()
 
 
+def test_stock_pysyncobj_takes_a_reply_from_any_term(nodes: tuple[str, str]) -> None:
+    """The defect itself: a reply from term 0 raises the matchIndex of a leader of term 1."""
+    obj, _sent = follower(SyncObj, nodes)
+    obj._SyncObj__onBecomeLeader()
+    stale = {"type": "next_node_idx", "next_node_idx": 11, "reset": False, "success": True, "term": 0}
+    deliver(obj, nodes, stale)
+    assert obj._SyncObj__raftMatchIndex[TCPNode(nodes[1])] == 10
+    obj._destroy()
+
+
 def test_a_leader_ignores_a_reply_from_another_term(nodes: tuple[str, str]) -> None:
     obj, _sent = follower(SafeSyncObj, nodes)
     obj._SyncObj__onBecomeLeader()
