@@ -291,19 +291,21 @@ async def inject(run: Run, kind: str) -> None:
             for node in run.nodes:
                 nursery.start_soon(restart, run, node)
     elif kind == "join_remove":
-        # n4 joins under load (catching up by snapshot + log), serves a while, and leaves again.
+        # The spare node (n4 of 3, n6 of 5) joins under load, catching up by snapshot + log, serves a
+        # while, and leaves again.
+        spare = f"n{len(run.nodes) + 1}"
         joined = await trio.to_thread.run_sync(
-            lambda: cluster.cli("cluster", "join", "--node", "n4", timeout_s=120)
+            lambda: cluster.cli("cluster", "join", "--node", spare, timeout_s=120)
         )
-        fault(run, "join", "n4", (joined.stdout + joined.stderr).strip()[-200:])
+        fault(run, "join", spare, (joined.stdout + joined.stderr).strip()[-200:])
         if joined.returncode == 0:
             await trio.sleep(run.rng.uniform(1.0, 3.0))
             removed = await trio.to_thread.run_sync(
-                lambda: cluster.cli("cluster", "remove", "--node", "n4", timeout_s=120)
+                lambda: cluster.cli("cluster", "remove", "--node", spare, timeout_s=120)
             )
-            fault(run, "remove", "n4", (removed.stdout + removed.stderr).strip()[-200:])
+            fault(run, "remove", spare, (removed.stdout + removed.stderr).strip()[-200:])
             if removed.returncode != 0:
-                raise AssertionError(f"remove of n4 failed: {removed.stdout}{removed.stderr}")
+                raise AssertionError(f"remove of {spare} failed: {removed.stdout}{removed.stderr}")
     elif kind in ("partition_minority", "partition_leader"):
         # Raft links cut through the proxy (tests/raft_links.py): packets dropped, not refused. Clients
         # still reach every node; those on the cut-off side get no acks and retry elsewhere.
