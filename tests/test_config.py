@@ -134,6 +134,8 @@ def test_toml_syntax_error(tmp_path: Path) -> None:
         ("[cluster]\nname = 'x'\n", "nodes", "at least one"),
         (NODE_1 + NODE_2.replace("5102", "5101"), "nodes.n2.tcp", "already used by nodes.n1.tcp"),
         (NODE_1.replace("5201", "5101"), "nodes.n1.ws", "already used by nodes.n1.tcp"),
+        (NODE_1 + 'raft_bind = "nope"\n', "nodes.n1.raft_bind", "not host:port"),
+        (NODE_1 + 'raft_bind = "127.0.0.1:5101"\n', "nodes.n1.tcp", "already used by nodes.n1.raft_bind"),
         (NODE_1.replace("127.0.0.1:5101", "127.0.0.1"), "nodes.n1.tcp", "not host:port"),
         (NODE_1.replace("127.0.0.1:5101", ":5101"), "nodes.n1.tcp", "not host:port"),
         (NODE_1.replace("127.0.0.1:5101", "127.0.0.1:70000"), "nodes.n1.tcp", "not host:port"),

@@ -264,13 +264,17 @@ async def restart(run: Run, node: str) -> None:
     run.down.discard(node)
 
 
+async def target(run: Run, kind: str) -> str | None:
+    """The node a fault hits: the leader for the `*_leader` kinds, a random live node otherwise."""
+    if kind.endswith("_leader"):
+        return await wait_leader(run)
+    return run.rng.choice(run.live())
+
+
 async def inject(run: Run, kind: str) -> None:
     cluster = run.cluster
     if kind in ("kill9_random", "kill9_leader", "snapshot_restart"):
-        if kind == "kill9_leader":
-            node = await wait_leader(run)
-        else:
-            node = run.rng.choice(run.live())
+        node = await target(run, kind)
         if node is None:
             return
         await trio.to_thread.run_sync(cluster.kill9, node)
@@ -310,10 +314,7 @@ async def inject(run: Run, kind: str) -> None:
         # Raft links cut through the proxy (tests/raft_links.py): packets dropped, not refused. Clients
         # still reach every node; those on the cut-off side get no acks and retry elsewhere.
         assert cluster.links is not None
-        if kind == "partition_leader":
-            node = await wait_leader(run)
-        else:
-            node = run.rng.choice(run.live())
+        node = await target(run, kind)
         if node is None:
             return
         cluster.links.cut({node})
@@ -322,7 +323,7 @@ async def inject(run: Run, kind: str) -> None:
         cluster.links.heal()
         fault(run, "heal", node)
     elif kind == "sigstop_leader":
-        node = await wait_leader(run)
+        node = await target(run, kind)
         if node is None:
             return
         proc = cluster.procs[node]
