@@ -115,7 +115,11 @@ def register_node_metrics(node: Any) -> None:
             "Recipients offline cluster-wide",
             lambda: node.push_ctx.offline_notices,
         ),
-        ("imnode_raft_entries_total", "Raft entries this node proposed", lambda: node.proposer.entries),
+        (
+            "imnode_raft_entries_total",
+            "Raft entries this node proposed",
+            lambda: node.proposer.entries,
+        ),
         ("imnode_http_requests_total", "HTTP API requests", lambda: node.http.requests),
         ("imnode_http_errors_total", "HTTP API requests answered with an error", lambda: node.http.errors),
     ):

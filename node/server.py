@@ -20,21 +20,21 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as serve_http
 
 from node import plugins
-from node.channel_pool import ChannelContext, Delivery, build_channel_pool
+from node.api.app import HttpApi
+from node.cluster.ids import Snowflake
+from node.cluster.presence import Presence
+from node.cluster.proposer import Proposer
+from node.cluster.webhooks import Webhooks
 from node.config import Config, NodeSpec
-from node.eventbus import EventPool
-from node.gateway import Gateway
-from node.http_api import HttpApi
-from node.ids import Snowflake
+from node.gateway.listeners import Gateway
+from node.gateway.registry import Registry
 from node.metrics import Metrics, register_node_metrics
 from node.plugins import PluginHost
-from node.presence import Presence
-from node.proposer import Proposer
-from node.protocol import Reason
-from node.pusher_pool import PushContext, build_pusher_pool, resend_due
-from node.registry import Registry
-from node.user_pool import UserContext, build_user_pool
-from node.webhooks import Webhooks
+from node.pools.channel import ChannelContext, Delivery, build_channel_pool
+from node.pools.eventbus import EventPool
+from node.pools.pusher import PushContext, build_pusher_pool, resend_due
+from node.pools.user import UserContext, build_user_pool
+from node.wire.protocol import Reason
 from raft.bridge import RaftNode
 from raft.commands import (
     OP_DEVICE_QUIT,

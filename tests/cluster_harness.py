@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from node import operator as op
 from node.config import Config, load
+from node.tools import operator as op
 from tests.conftest import REPO, free_port
 from tests.raft_links import RaftLinks
 
@@ -148,7 +148,7 @@ class Cluster:
 
     def cli(self, *args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "node.cli", *args, "--config", str(self.config_path)],
+            [sys.executable, "-m", "node.tools.cli", *args, "--config", str(self.config_path)],
             capture_output=True,
             text=True,
             timeout=timeout_s,

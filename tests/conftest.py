@@ -157,7 +157,7 @@ class NodeProcess:
         self._close_log()
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed when the child is reaped
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "node", "start", "--config", str(self.config_path)],
+            [sys.executable, "-m", "node.tools.cli", "node", "start", "--config", str(self.config_path)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=REPO,

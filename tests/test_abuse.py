@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from node.client import open_client
-from node.protocol import Reason
+from node.wire.protocol import Reason
 from raft.commands import person_channel_id
 from storage.keys import channel_key
 from tests.cluster_harness import Cluster, write_cluster_toml

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from node.protocol import Reason
+from node.wire.protocol import Reason
 from raft import commands as c
 from raft.apply import Result, apply_ops
 from storage import keys

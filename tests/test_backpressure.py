@@ -8,8 +8,8 @@ from pathlib import Path
 import trio
 
 from node.client import open_client
-from node.crypto import generate_keypair
-from node.protocol import Connack, Connect, FrameDecoder, Reason, encode
+from node.wire.crypto import generate_keypair
+from node.wire.protocol import Connack, Connect, FrameDecoder, Reason, encode
 from raft.commands import person_channel_id
 from storage.keys import channel_key
 from tests.conftest import running_node, single_node_config, wait_for

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from node import operator as op
 from node.client import ClientError, open_client
-from node.protocol import Reason
+from node.tools import operator as op
+from node.wire.protocol import Reason
 from tests.cluster_harness import MANAGER_TOKEN, Cluster, write_cluster_toml
 from tests.conftest import http_json
 
@@ -287,7 +287,7 @@ def test_cluster_up_starts_every_member_and_ctrl_c_stops_them_cleanly(tmp_path: 
 
     config = write_cluster_toml(tmp_path / "cluster.toml")
     up = subprocess.Popen(
-        [sys.executable, "-m", "node.cli", "cluster", "up", "--config", str(config)],
+        [sys.executable, "-m", "node.tools.cli", "cluster", "up", "--config", str(config)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node.crypto import (
+from node.wire.crypto import (
     CryptoError,
     Session,
     generate_keypair,

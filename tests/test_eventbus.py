@@ -16,7 +16,7 @@ import pytest
 import trio
 import trio.testing
 
-from node.eventbus import SUCCESS, SYSTEM_ERROR, EventPool, HandlerError
+from node.pools.eventbus import SUCCESS, SYSTEM_ERROR, EventPool, HandlerError
 
 WAIT_S = 30.0  # virtual seconds on the autojump clock
 

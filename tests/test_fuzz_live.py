@@ -41,8 +41,8 @@ from hypothesis import HealthCheck, Phase, given, note, settings
 from hypothesis import strategies as st
 
 from node.client import open_client
-from node.crypto import Session, generate_keypair
-from node.protocol import (
+from node.wire.crypto import Session, generate_keypair
+from node.wire.protocol import (
     LATEST_VERSION,
     MAX_REMAINING_LENGTH,
     PING_FRAME,

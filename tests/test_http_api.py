@@ -18,9 +18,9 @@ from typing import Any, TypeVar
 import pytest
 import trio
 
+from node.api.app import MAX_BODY_BYTES, F
 from node.client import ClientError, ConnectRefused, open_client
-from node.http_api import MAX_BODY_BYTES, F
-from node.protocol import Reason
+from node.wire.protocol import Reason
 from raft.commands import MAX_UIDS_PER_OP, person_channel_id
 from tests.cluster_harness import MANAGER_TOKEN, Cluster, write_cluster_toml
 from tests.conftest import RunningNode, http_json, running_node, single_node_config, wait_for

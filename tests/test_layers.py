@@ -139,7 +139,7 @@ def test_the_walker_catches_every_import_shape(tmp_path: Path) -> None:
         "import raft.apply\n"  # 3
         "from ..node import server\n"  # 4: relative, two levels up
         "if TYPE_CHECKING:\n"
-        "    from node.connection import Connection\n"  # 6
+        "    from node.gateway.connection import Connection\n"  # 6
         "def later():\n"
         "    import importlib\n"
         "    importlib.import_module('pysyncobj')\n"  # 9
@@ -150,7 +150,7 @@ def test_the_walker_catches_every_import_shape(tmp_path: Path) -> None:
     assert sorted((imp.line, imp.module) for imp in bad) == [
         (3, "raft.apply"),
         (4, "node"),
-        (6, "node.connection"),
+        (6, "node.gateway.connection"),
         (9, "pysyncobj"),
         (10, "node.gateway"),
     ]

@@ -10,8 +10,8 @@ import pytest
 import trio
 
 from node.client import ClientError, ConnectRefused, open_client
-from node.crypto import Session, generate_keypair
-from node.protocol import (
+from node.wire.crypto import Session, generate_keypair
+from node.wire.protocol import (
     FLAG_DUP,
     Connack,
     Connect,

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from node import operator as op
 from node.client import ClientError, open_client
-from node.protocol import Reason
+from node.tools import operator as op
+from node.wire.protocol import Reason
 from tests.cluster_harness import MANAGER_TOKEN, Cluster, write_cluster_toml
 from tests.conftest import http_json
 from tests.test_cluster import sync_person

@@ -19,14 +19,14 @@ from typing import Any
 import pytest
 import trio
 
-from node import operator as op
 from node import plugins
 from node.client import open_client
 from node.config import ConfigError, load
-from node.eventbus import BREAKER_FAILURES
-from node.examples.statistics import METRIC
 from node.plugins import in_rollout
-from node.protocol import Reason
+from node.plugins.examples.statistics import METRIC
+from node.pools.eventbus import BREAKER_FAILURES
+from node.tools import operator as op
+from node.wire.protocol import Reason
 from tests.cluster_harness import MANAGER_TOKEN, Cluster, write_cluster_toml
 from tests.conftest import (
     REPO,
@@ -39,9 +39,9 @@ from tests.conftest import (
 )
 from tests.plugin_fixtures.words import DEFAULT_WORD
 
-AUDIT = "node.examples.audit:audit"
-STATISTICS = "node.examples.statistics:statistics"
-ROLLOUT = "node.examples.rollout:rollout"
+AUDIT = "node.plugins.examples.audit:audit"
+STATISTICS = "node.plugins.examples.statistics:statistics"
+ROLLOUT = "node.plugins.examples.rollout:rollout"
 FAULTY = "tests.plugin_fixtures.faulty"
 TEXT = b'{"content":"hello","type":1}'
 FORBIDDEN = b'{"content":"a FORBIDDEN word","type":1}'
@@ -475,7 +475,7 @@ def test_a_bad_plugin_stops_the_start_with_a_message_naming_it(tmp_path: Path, c
     write_toml(config, lambda: write_single_node_toml(config, tmp_path / "data"), plugin_toml)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join((str(source), str(REPO)))}
     started = subprocess.run(
-        [sys.executable, "-m", "node.cli", "node", "start", "--config", str(config)],
+        [sys.executable, "-m", "node.tools.cli", "node", "start", "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=60,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from node.presence import DownDetector
+from node.cluster.presence import DownDetector
 
 
 def test_a_node_is_due_once_lost_for_the_window_and_only_once_per_epoch() -> None:

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node.protocol import (
+from node.wire.protocol import (
     FLAG_DUP,
     FLAG_RED_DOT,
     LATEST_VERSION,
@@ -574,7 +574,7 @@ def test_mutated_frames_yield_packets_or_protocol_error(
     decoder.feed(bytes(data) + bytes(data))
     # Anything but a ProtocolError escapes _drain and fails the test; what decodes must be a packet.
     packets = _drain(decoder)
-    assert all(type(p).__module__ == "node.protocol" and hasattr(p, "TYPE") for p in packets)
+    assert all(type(p).__module__ == "node.wire.protocol" and hasattr(p, "TYPE") for p in packets)
     assert decoder.buffered() <= 2 * len(data)
 
 

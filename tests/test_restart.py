@@ -7,7 +7,7 @@ from pathlib import Path
 import trio
 
 from node.client import open_client
-from node.protocol import Reason
+from node.wire.protocol import Reason
 from tests.conftest import NodeProcess, http_json
 
 

@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from node.client import open_client
-from node.protocol import Reason
+from node.wire.protocol import Reason
 from tests.cluster_harness import MANAGER_TOKEN, Cluster, write_cluster_toml
 from tests.conftest import free_port, http_json
 

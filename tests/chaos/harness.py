@@ -28,9 +28,9 @@ from typing import Any
 
 import trio
 
-from node import operator as op
 from node.client import ClientError, open_client
-from node.protocol import FLAG_DUP, Reason
+from node.tools import operator as op
+from node.wire.protocol import FLAG_DUP, Reason
 from tests.cluster_harness import MANAGER_TOKEN, Cluster, write_cluster_toml
 from tests.conftest import http_json
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from node.channel_pool import ChannelContext, ChannelSend
 from node.plugins import HandlerSpec, PluginHost
-from node.protocol import Reason
+from node.pools.channel import ChannelContext, ChannelSend
+from node.wire.protocol import Reason
 
 DEFAULT_WORD = "ep-blocked"
 

@@ -31,8 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from node.eventbus import EventPool, HandlerError, HandlerFn
 from node.metrics import Metrics
+from node.pools.eventbus import EventPool, HandlerError, HandlerFn
 
 ENTRY_POINT_GROUP = "imnode.handlers"
 DEFAULT_PLUGIN_TIMEOUT_S = 0.5

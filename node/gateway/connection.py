@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import trio
 
-from node.crypto import Session
-from node.protocol import FLAG_DUP, LATEST_VERSION, Disconnect, Packet, encode
+from node.wire.crypto import Session
+from node.wire.protocol import FLAG_DUP, LATEST_VERSION, Disconnect, Packet, encode
 
 log = logging.getLogger("imnode.conn")
 

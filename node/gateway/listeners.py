@@ -18,11 +18,12 @@ from typing import Any, Protocol
 import trio
 import trio_websocket
 
-from node import user_pool as up
 from node.config import Tuning
-from node.connection import Connection
-from node.eventbus import EventPool
-from node.protocol import (
+from node.gateway.connection import Connection
+from node.gateway.registry import Registry
+from node.pools import user as up
+from node.pools.eventbus import EventPool
+from node.wire.protocol import (
     Connect,
     Disconnect,
     FrameDecoder,
@@ -36,7 +37,6 @@ from node.protocol import (
     Suback,
     negotiate_version,
 )
-from node.registry import Registry
 
 log = logging.getLogger("imnode.gateway")
 READ_BYTES = 64 << 10

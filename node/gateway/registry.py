@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from node.connection import Connection
+from node.gateway.connection import Connection
 
 
 class Registry:

@@ -1,7 +1,7 @@
 """Statistics: count committed messages per sender and channel type, exposed in /metrics.
 
 [[plugins]]
-handler = "node.examples.statistics:statistics"
+handler = "node.plugins.examples.statistics:statistics"
 
 imnode_plugin_messages_total{channel_type="1",uid="alice"} 3
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from node.channel_pool import ChannelContext, Delivery
 from node.plugins import HandlerSpec, PluginHost
+from node.pools.channel import ChannelContext, Delivery
 
 METRIC = "imnode_plugin_messages_total"
 

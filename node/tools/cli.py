@@ -14,11 +14,11 @@ from typing import Any
 
 import trio
 
-from node import bench
-from node import operator as op
 from node.config import DEFAULT_NODE_ID, Config, ConfigError, load
 from node.plugins import PluginError
 from node.server import Listening, Node
+from node.tools import bench
+from node.tools import operator as op
 
 EXIT_CONFIG = 2
 EXIT_FAILED = 1

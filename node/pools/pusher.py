@@ -13,12 +13,12 @@ from typing import Any
 
 import trio
 
+from node.cluster.presence import Presence
 from node.config import Config
-from node.connection import Connection
-from node.eventbus import EventPool
-from node.presence import Presence
-from node.protocol import SETTING_NO_ENCRYPT, Recv, encode
-from node.registry import Registry
+from node.gateway.connection import Connection
+from node.gateway.registry import Registry
+from node.pools.eventbus import EventPool
+from node.wire.protocol import SETTING_NO_ENCRYPT, Recv, encode
 from raft.apply import Result
 from raft.commands import CHANNEL_PERSON
 

@@ -13,13 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from node.cluster.ids import Snowflake
+from node.cluster.proposer import Proposer
 from node.config import Config
-from node.connection import Connection
-from node.eventbus import EventPool
-from node.ids import Snowflake
-from node.proposer import Proposer
-from node.protocol import Reason, Sendack
-from node.pusher_pool import PushEvent
+from node.gateway.connection import Connection
+from node.pools.eventbus import EventPool
+from node.pools.pusher import PushEvent
+from node.wire.protocol import Reason, Sendack
 from raft.apply import Result
 from raft.commands import CHANNEL_PERSON, OP_SEND
 from raft.permissions import send_permission

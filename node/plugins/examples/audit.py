@@ -1,7 +1,7 @@
 """Audit: reject messages containing configured words (SENDACK reason 11, not_allow_send).
 
 [[plugins]]
-handler = "node.examples.audit:audit"
+handler = "node.plugins.examples.audit:audit"
 options = { words = ["forbidden", "spam"] }
 """
 
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from node.channel_pool import ChannelContext, ChannelSend
 from node.plugins import HandlerSpec, PluginHost
-from node.protocol import Reason
+from node.pools.channel import ChannelContext, ChannelSend
+from node.wire.protocol import Reason
 
 
 def audit(options: dict[str, Any], host: PluginHost) -> HandlerSpec:

@@ -119,7 +119,17 @@ def spawn(
     spec = config.node(node_id)
     os.makedirs(spec.data_dir, exist_ok=True)
     log_path = os.path.join(spec.data_dir, LOG_FILE)
-    command = [sys.executable, "-m", "node.cli", "node", "start", "--config", config_path, "--node", node_id]
+    command = [
+        sys.executable,
+        "-m",
+        "node.tools.cli",
+        "node",
+        "start",
+        "--config",
+        config_path,
+        "--node",
+        node_id,
+    ]
     if partners is not None:
         command += ["--partners", ",".join(partners)]
     with open(log_path, "ab") as log:

@@ -15,11 +15,11 @@ from typing import Any
 
 import trio
 
+from node.cluster.proposer import Proposer
 from node.config import Config
-from node.connection import Connection
-from node.proposer import Proposer
-from node.protocol import Reason
-from node.registry import Registry
+from node.gateway.connection import Connection
+from node.gateway.registry import Registry
+from node.wire.protocol import Reason
 from raft.apply import Result
 from raft.bridge import RaftNode
 from raft.commands import OP_NODE_DOWN, OP_NODE_EPOCH, OP_PRESENCE, R_SUCCESS

@@ -21,10 +21,10 @@ from urllib.parse import parse_qs
 
 import trio
 
-from node import admin
-from node.channel_pool import ChannelSend
-from node.protocol import Reason
-from node.webhooks import SYSTEM_UID, message_json
+from node.cluster import membership as admin
+from node.cluster.webhooks import SYSTEM_UID, message_json
+from node.pools.channel import ChannelSend
+from node.wire.protocol import Reason
 from raft import outbox
 from raft.commands import (
     CHANNEL_PERSON,

@@ -13,13 +13,14 @@ from typing import Any
 
 import trio
 
-from node.channel_pool import ChannelSend
+from node.cluster.presence import Presence
 from node.config import Config
-from node.connection import Connection
-from node.crypto import CryptoError, Session, generate_keypair, msg_key_matches, random_salt
-from node.eventbus import EventPool
-from node.presence import Presence
-from node.protocol import (
+from node.gateway.connection import Connection
+from node.gateway.registry import Registry
+from node.pools.channel import ChannelSend
+from node.pools.eventbus import EventPool
+from node.wire.crypto import CryptoError, Session, generate_keypair, msg_key_matches, random_salt
+from node.wire.protocol import (
     SETTING_NO_ENCRYPT,
     Connack,
     Connect,
@@ -30,7 +31,6 @@ from node.protocol import (
     Sendack,
     negotiate_version,
 )
-from node.registry import Registry
 from raft.commands import CHANNEL_PERSON, MAX_UID_BYTES, SUPPORTED_CHANNEL_TYPES, person_channel_id
 from storage.store import Store
 

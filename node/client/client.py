@@ -22,8 +22,8 @@ from typing import Final, Generic, Protocol, TypeVar
 import trio
 import trio_websocket
 
-from node.crypto import CryptoError, Session, generate_keypair, msg_key_matches
-from node.protocol import (
+from node.wire.crypto import CryptoError, Session, generate_keypair, msg_key_matches
+from node.wire.protocol import (
     DEFAULT_MAX_REMAINING,
     FLAG_RED_DOT,
     LATEST_VERSION,

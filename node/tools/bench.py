@@ -28,10 +28,10 @@ from typing import Any
 import trio
 import trio.lowlevel
 
-from node import operator as op
 from node.client import Client, ClientError, open_client
 from node.config import Config, load
-from node.protocol import Reason
+from node.tools import operator as op
+from node.wire.protocol import Reason
 
 DRAIN_IDLE_S = 10.0  # after sending stops, wait for deliveries until none arrived for this long
 DRAIN_MAX_S = 300.0

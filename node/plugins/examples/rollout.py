@@ -3,8 +3,8 @@
 A stable hash of the uid (crc32) decides, so a user is in or out on every node and every restart.
 
     [[plugins]]
-    handler = "node.examples.rollout:rollout"
-    options = { percent = 50, handler = "node.examples.audit:audit", options = { words = ["beta"] } }
+    handler = "node.plugins.examples.rollout:rollout"
+    options = { percent = 50, handler = "node.plugins.examples.audit:audit", options = { words = ["beta"] } }
 """
 
 from __future__ import annotations

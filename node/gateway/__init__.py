@@ -1,0 +1,1 @@
+"""Where clients come in: TCP and WebSocket listeners, connections, the connection registry, transports."""
