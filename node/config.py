@@ -12,6 +12,8 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from raft.commands import WEBHOOK_EVENTS
+
 DEFAULT_NODE_ID = "n1"
 
 
@@ -59,7 +61,7 @@ class WebhookSettings:
     """Where and how the leader posts webhook events (no url: webhooks off)."""
 
     url: str = ""
-    events: tuple[str, ...] = ("msg.notify", "msg.offline", "user.onlinestatus")
+    events: tuple[str, ...] = WEBHOOK_EVENTS
     attempts: int = 5
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
@@ -276,7 +278,7 @@ def _webhook(source: str, raw: Any) -> WebhookSettings:
     events = raw.pop("events", None) if isinstance(raw, dict) else None
     values = _table(source, "webhook", raw, WebhookSettings)
     if events is not None:
-        known = ("msg.notify", "msg.offline", "user.onlinestatus")
+        known = WEBHOOK_EVENTS
         if not isinstance(events, list) or any(e not in known for e in events):
             raise ConfigError(f"{source}: webhook.events: expected a list of {', '.join(known)}")
         values["events"] = tuple(events)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import resource
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -20,31 +22,32 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as serve_http
 
 from node import plugins
+from node.api import admin as admin_api
+from node.api import channels as channels_api
+from node.api import conversations as conversations_api
+from node.api import messages as messages_api
+from node.api import operations as operations_api
+from node.api import users as users_api
 from node.api.app import HttpApi
+from node.api.fields import Route
 from node.cluster.ids import Snowflake
+from node.cluster.membership import Membership
 from node.cluster.presence import Presence
 from node.cluster.proposer import Proposer
 from node.cluster.webhooks import Webhooks
 from node.config import Config, NodeSpec
 from node.gateway.listeners import Gateway
 from node.gateway.registry import Registry
-from node.metrics import Metrics, register_node_metrics
+from node.metrics import Metrics, Sample
 from node.plugins import PluginHost
-from node.pools.channel import ChannelContext, Delivery, build_channel_pool
+from node.pools.channel import ChannelContext, build_channel_pool
+from node.pools.committed import CommittedStream, sync_handler_states
 from node.pools.eventbus import EventPool
 from node.pools.pusher import PushContext, build_pusher_pool, resend_due
 from node.pools.user import UserContext, build_user_pool
 from node.wire.protocol import Reason
+from raft import outbox
 from raft.bridge import RaftNode
-from raft.commands import (
-    OP_DEVICE_QUIT,
-    OP_HANDLER_STATE,
-    OP_NODE_DOWN,
-    OP_PRESENCE,
-    OP_SEND,
-    OP_TOKEN,
-    R_SUCCESS,
-)
 from raft.machine import RaftSettings
 from storage.store import Store
 
@@ -76,6 +79,8 @@ class Listening:
 
 
 class Node:
+    """One node, built from its parts. Each part gets the few things it uses; nothing gets the Node."""
+
     def __init__(self, config: Config, node_id: str) -> None:
         self.config = config
         self.spec: NodeSpec = config.node(node_id)
@@ -106,11 +111,18 @@ class Node:
         )
         self.registry = Registry()
         numeric_id = self.spec.numeric_id
-        self.presence = Presence(config, numeric_id, self.store, self.registry)
-        self.push_ctx = PushContext(config, numeric_id, self.registry, self.presence)
+        self.membership = Membership(self.raft, config.nodes, self.spec.id)
+        self.presence = Presence(
+            numeric_id,
+            self.store,
+            self.registry,
+            node_down_after_s=tuning.node_down_after_s,
+            numeric_ids={spec.raft: spec.numeric_id for spec in config.nodes.values()},
+        )
+        self.push_ctx = PushContext(tuning, self.registry, self.presence.is_online)
         self.pusher_pool = build_pusher_pool(self.push_ctx)
         self.channel_ctx = ChannelContext(
-            config, numeric_id, self.store, self.proposer, self.pusher_pool, Snowflake(numeric_id)
+            tuning, self.store, self.proposer, self.pusher_pool, Snowflake(numeric_id)
         )
         self.channel_pool = build_channel_pool(self.channel_ctx)
         self.user_ctx = UserContext(
@@ -125,15 +137,50 @@ class Node:
         }
         self.metrics = Metrics()
         self.plugin_names = self._install_plugins()
-        with self.store.read() as txn:
-            self._apply_handler_states(txn.meta("handlers_disabled") or [])
+        self._sync_handler_states()
         self.raft.on_snapshot_installed = self._on_snapshot_installed
-        self.webhooks = Webhooks(self)
-        self.http = HttpApi(self)
+        self.committed = CommittedStream(
+            self.raft.committed, self.channel_pool, self.presence, self.registry, self._sync_handler_states
+        )
+        self.webhooks = Webhooks(config.webhook, self.store, self.proposer, self.raft.is_leader)
         self.listening: Listening | None = None
-        self.committed_messages = 0
-        self.membership_busy = False
-        register_node_metrics(self)
+        self.http = HttpApi(self._routes(), config.manager_token)
+        self._register_metrics()
+
+    def _routes(self) -> dict[str, Route]:
+        """The HTTP API, resource by resource, each given only what it uses."""
+        store, proposer = self.store, self.proposer
+        identity = operations_api.Identity(
+            self.spec.id, self.spec.numeric_id, self.spec.tcp, self.spec.ws, self._listening_addresses
+        )
+        return {
+            **operations_api.routes(
+                identity=identity,
+                status=self.status,
+                metrics=self.metrics,
+                registry=self.registry,
+                gateway_statistics=self.gateway.statistics,
+                manager_token_on=bool(self.config.manager_token),
+            ),
+            **users_api.routes(store, proposer),
+            **channels_api.routes(store, proposer),
+            **messages_api.routes(store, self.channel_pool, self.config.tuning.commit_timeout_s),
+            **conversations_api.routes(store, proposer),
+            **admin_api.routes(
+                node_id=self.spec.id,
+                status=self.status,
+                store=store,
+                proposer=proposer,
+                membership=self.membership,
+                pools=self.pools,
+                plugin_names=self.plugin_names,
+                webhooks=self.webhooks,
+                is_leader=self.raft.is_leader,
+            ),
+        }
+
+    def _listening_addresses(self) -> tuple[str, str] | None:
+        return None if self.listening is None else (self.listening.tcp, self.listening.ws)
 
     def _install_plugins(self) -> list[str]:
         """Load every configured and published plugin; a bad one stops the start (PluginError names it)."""
@@ -148,13 +195,8 @@ class Node:
             names += [spec.name for spec in specs]
         return names
 
-    def _apply_handler_states(self, disabled: list[str]) -> None:
-        """Make the local chains match the replicated list of disabled handlers."""
-        names = {h.name for pool in self.pools.values() for t in pool.event_types() for h in pool.chain(t)}
-        for name in names:
-            enabled = name not in disabled
-            for pool in self.pools.values():
-                pool.set_enabled(name, enabled)
+    def _sync_handler_states(self) -> None:
+        sync_handler_states(self.store, self.pools)
 
     # -- running -----------------------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[Listening] = trio.TASK_STATUS_IGNORED) -> None:
@@ -164,7 +206,7 @@ class Node:
                 await nursery.start(self.raft.run)
                 for pool in (self.pusher_pool, self.channel_pool, self.user_pool):
                     await nursery.start(pool.run)
-                nursery.start_soon(self._distribute_committed)
+                nursery.start_soon(self.committed.run)
                 nursery.start_soon(self.proposer.run)
                 nursery.start_soon(self._resend_loop)
                 nursery.start_soon(self._sync_loop)
@@ -218,45 +260,6 @@ class Node:
         config.graceful_timeout = 1.0
         return config
 
-    async def _distribute_committed(self) -> None:
-        """Every committed send goes to the channel pool for distribution (on every node)."""
-        async for committed in self.raft.committed():
-            for op, result in zip(committed.ops, committed.results, strict=False):
-                if not isinstance(op, dict):
-                    continue
-                if (
-                    op.get("t") in (OP_PRESENCE, OP_NODE_DOWN)
-                    and result.get("r") == R_SUCCESS
-                    and not result.get("stale")
-                ):
-                    self.presence.on_committed(op)
-                    continue
-                if op.get("t") == OP_HANDLER_STATE and result.get("r") == R_SUCCESS:
-                    with self.store.read() as txn:
-                        self._apply_handler_states(txn.meta("handlers_disabled") or [])
-                    continue
-                if op.get("t") in (OP_DEVICE_QUIT, OP_TOKEN) and result.get("r") == R_SUCCESS:
-                    self._kick_after_user_change(op)
-                    continue
-                if op.get("t") != OP_SEND:
-                    continue
-                if result.get("r") != R_SUCCESS or result.get("dup"):
-                    continue
-                self.committed_messages += 1
-                await self.channel_pool.submit(f"{op['ct']}:{op['cid']}", "distribute", Delivery(op, result))
-
-    def _kick_after_user_change(self, op: dict[str, Any]) -> None:
-        """device_quit logs devices out; a master-level token (device_level 1) replaces older logins."""
-        if op["t"] == OP_TOKEN and op.get("level") != 1:
-            return
-        flag = op["flag"]
-        for conn in list(self.registry.of_uid(op["uid"])):
-            if flag == -1 or conn.device_flag == flag:
-                conn.close(
-                    Reason.CONNECT_KICK, "logged out" if op["t"] == OP_DEVICE_QUIT else "logged in elsewhere"
-                )
-                self.registry.remove(conn)
-
     def _on_snapshot_installed(self) -> None:
         """After a snapshot replaced the store: re-read replicated settings, and have clients resync.
 
@@ -264,8 +267,7 @@ class Node:
         would silently miss them. Disconnecting makes it reconnect and sync what it missed.
         """
         log.info("store replaced by a snapshot: re-reading settings, asking clients to resync")
-        with self.store.read() as txn:
-            self._apply_handler_states(txn.meta("handlers_disabled") or [])
+        self._sync_handler_states()
         for conn in list(self.registry):
             conn.close(Reason.UNKNOWN, "state replaced by a snapshot: reconnect and sync")
 
@@ -282,10 +284,190 @@ class Node:
             await trio.to_thread.run_sync(self.store.sync)
 
     # -- inspection ----------------------------------------------------------------------------------------
-    def pool_statistics(self) -> dict[str, Any]:
+    def status(self) -> dict[str, Any]:
+        """This node's view, in the shape `imnode admin status --json` prints per node."""
+        raft = self.raft.status()
+        name_of = self.membership.name_of
+        commit, applied = raft.get("commit_index") or 0, raft.get("applied_index") or 0
         return {
-            pool.name: pool.statistics() for pool in (self.user_pool, self.channel_pool, self.pusher_pool)
+            "id": self.spec.id,
+            "role": raft["role"],
+            "leader": name_of(raft["leader"]),
+            "term": raft["term"],
+            "commit_index": commit,
+            "applied_index": applied,
+            "lag": max(0, commit - applied),
+            "store_applied_index": raft["store_applied_index"],
+            "log_len": raft["log_len"],
+            "members": [name_of(m) for m in raft["members"]],
+            "connected": {name_of(k): v for k, v in raft["connected"].items()},
+            "has_quorum": raft["has_quorum"],
+            "connections": len(self.registry),
+            "online_users": self.registry.online_users(),
+            "pools": {
+                pool.name: {"queue_depth": sum(pool.queue_depths()), "dead_letters": len(pool.dead_letters)}
+                for pool in self.pools.values()
+            },
+            "dead_letters": sum(len(pool.dead_letters) for pool in self.pools.values()),
+            "proposer": self.proposer.statistics(),
+            "messages": {
+                "committed": self.committed.committed_messages,
+                "acked": self.channel_ctx.acked,
+                "delivered": self.push_ctx.delivered,
+                "resent": self.push_ctx.resent,
+                "expired": self.push_ctx.expired,
+                "offline_notices": self.push_ctx.offline_notices,
+            },
+            "gateway": self.gateway.statistics(),
+            "store": self.store.stats(),
+            "process": {
+                # ru_maxrss is in KiB on Linux: the process's peak resident set since it started.
+                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                "cpu_s": round(time.process_time(), 2),
+            },
         }
+
+    def _register_metrics(self) -> None:
+        """The node's own series: connections, Raft, messages, pools, handlers, HTTP."""
+        node, m = self, self.metrics
+
+        def one(value: float) -> list[Sample]:
+            return [({}, value)]
+
+        m.gauge("imnode_connections", "Client connections on this node", lambda: one(len(node.registry)))
+        m.gauge(
+            "imnode_online_users",
+            "Users with a connection on this node",
+            lambda: one(node.registry.online_users()),
+        )
+
+        def raft_series(key: str) -> Callable[[], list[Sample]]:
+            return lambda: one(float(node.raft.status().get(key) or 0))
+
+        m.gauge("imnode_raft_term", "Current Raft term", raft_series("term"))
+        m.gauge("imnode_raft_commit_index", "Raft commit index", raft_series("commit_index"))
+        m.gauge("imnode_raft_applied_index", "Raft last applied index", raft_series("applied_index"))
+        m.gauge(
+            "imnode_raft_is_leader",
+            "1 on the leader",
+            lambda: one(1.0 if node.raft.status()["role"] == "leader" else 0.0),
+        )
+
+        def total(read: Callable[[], float]) -> Callable[[], list[Sample]]:
+            return lambda: one(float(read()))
+
+        counters: tuple[tuple[str, str, Callable[[], float]], ...] = (
+            (
+                "imnode_messages_committed_total",
+                "Messages committed (applied here)",
+                lambda: node.committed.committed_messages,
+            ),
+            ("imnode_messages_acked_total", "SENDACKs written by this node", lambda: node.channel_ctx.acked),
+            (
+                "imnode_messages_delivered_total",
+                "RECVs written by this node",
+                lambda: node.push_ctx.delivered,
+            ),
+            ("imnode_messages_resent_total", "RECVs resent with DUP", lambda: node.push_ctx.resent),
+            (
+                "imnode_offline_notices_total",
+                "Recipients offline cluster-wide",
+                lambda: node.push_ctx.offline_notices,
+            ),
+            (
+                "imnode_raft_entries_total",
+                "Raft entries this node proposed",
+                lambda: node.proposer.entries,
+            ),
+            ("imnode_http_requests_total", "HTTP API requests", lambda: node.http.requests),
+            (
+                "imnode_http_errors_total",
+                "HTTP API requests answered with an error",
+                lambda: node.http.errors,
+            ),
+        )
+        for name, text, read in counters:
+            m.gauge(name, text, total(read), kind="counter")
+
+        def pool_series(attr: str) -> Callable[[], list[Sample]]:
+            def read() -> list[Sample]:
+                return [({"pool": name}, float(getattr(pool, attr))) for name, pool in node.pools.items()]
+
+            return read
+
+        m.gauge(
+            "imnode_pool_queue_depth",
+            "Events waiting in a pool's shards",
+            lambda: [({"pool": name}, float(sum(pool.queue_depths()))) for name, pool in node.pools.items()],
+        )
+        m.gauge(
+            "imnode_pool_processed_total", "Events a pool handled", pool_series("processed"), kind="counter"
+        )
+        m.gauge(
+            "imnode_pool_rejected_total",
+            "Events a pool's chain rejected",
+            pool_series("rejected"),
+            kind="counter",
+        )
+        m.gauge(
+            "imnode_pool_dead_letters",
+            "Events dead-lettered by failing handlers (kept, bounded)",
+            lambda: [({"pool": name}, float(len(pool.dead_letters))) for name, pool in node.pools.items()],
+        )
+
+        def handler_series(attr: str) -> Callable[[], list[Sample]]:
+            def read() -> list[Sample]:
+                samples: list[Sample] = []
+                for pool_name, pool in node.pools.items():
+                    for event in sorted(pool.event_types()):
+                        for h in pool.chain(event):
+                            labels = {"pool": pool_name, "event": event, "handler": h.name}
+                            samples.append((labels, float(getattr(h.stats, attr))))
+                return samples
+
+            return read
+
+        def webhook_series(attr: str) -> Callable[[], list[Sample]]:
+            return lambda: [
+                ({"stream": name}, float(getattr(state, attr)))
+                for name, state in node.webhooks.streams.items()
+            ]
+
+        m.gauge(
+            "imnode_webhook_delivered_total",
+            "Webhook events delivered (HTTP 200)",
+            webhook_series("delivered"),
+            kind="counter",
+        )
+        m.gauge(
+            "imnode_webhook_dead_lettered_total",
+            "Webhook events moved to dead letters",
+            webhook_series("dead_lettered"),
+            kind="counter",
+        )
+        m.gauge("imnode_webhook_failures", "Failed attempts in a row on a stream", webhook_series("failures"))
+
+        def webhook_backlog() -> list[Sample]:
+            with node.store.read() as txn:
+                return [
+                    ({"stream": s}, float(outbox.head(txn, s) - outbox.cursor(txn, s)))
+                    for s in outbox.STREAMS
+                ]
+
+        m.gauge("imnode_webhook_backlog", "Webhook events waiting in the replicated outbox", webhook_backlog)
+        m.gauge("imnode_handler_calls_total", "Handler calls", handler_series("calls"), kind="counter")
+        m.gauge(
+            "imnode_handler_errors_total",
+            "Handler calls that raised",
+            handler_series("errors"),
+            kind="counter",
+        )
+        m.gauge(
+            "imnode_handler_rejects_total",
+            "Events a handler rejected",
+            handler_series("rejects"),
+            kind="counter",
+        )
 
 
 async def run_node(config: Config, node_id: str, on_ready: Callable[[Listening], None] | None = None) -> None:

@@ -49,6 +49,7 @@ FAIL_NAMES = {
     UNKNOWN_OUTCOME: "unknown_outcome",
 }
 ROLE_NAMES = {0: "follower", 1: "candidate", 2: "leader"}
+STOPPED = "stopped"  # the node is shutting down: nothing was proposed
 
 
 class ProposeFailed(Exception):
@@ -160,37 +161,27 @@ class RaftNode:
         is unknown (it may still commit) and a retry must be one that dedup makes safe.
         """
         async with self._in_flight:
-            token = next(self._tokens)
-            waiter = _Waiter(trio.Event())
-            self._waiters[token] = waiter
 
-            def callback(result: Any, error: int) -> None:
-                self._post(("result", token, result, error))
+            def execute(callback: Callable[[Any, int], None]) -> None:
+                self.proposed += 1
+                self.machine.execute(entry, callback=callback)
 
-            machine = self._machine
-            if machine is None:  # stopping: the tick thread is gone
-                raise ProposeFailed("stopped", definite=True)
-            self.proposed += 1
-            machine.execute(entry, callback=callback)
             try:
-                with trio.move_on_after(timeout_s):
-                    await waiter.done.wait()
-            finally:
-                self._waiters.pop(token, None)
-            if not waiter.done.is_set():
-                self.failed["timeout"] += 1
-                raise ProposeFailed("timeout", definite=False)
-            if waiter.error != SUCCESS:
-                name = FAIL_NAMES.get(waiter.error, str(waiter.error))
-                self.failed[name] += 1
-                raise ProposeFailed(name, definite=waiter.error in DEFINITE_FAILURES)
-            if waiter.result is None:
+                result = await self._call(execute, timeout_s)
+            except ProposeFailed as exc:
+                if exc.reason != STOPPED:
+                    self.failed[exc.reason] += 1
+                raise
+            if result is None:
                 # Only a replayed entry returns None, and nobody waits on those.
                 raise ProposeFailed("no result", definite=False)
-            return list(waiter.result)
+            return list(result)
 
-    async def _call(self, start: Any, timeout_s: float) -> Any:
-        """Run `start(callback)` on PySyncObj and wait for the callback; raises ProposeFailed."""
+    async def _call(self, start: Callable[[Callable[[Any, int], None]], None], timeout_s: float) -> Any:
+        """Run `start(callback)` on PySyncObj and wait for the callback: the one way this node waits on
+        Raft (proposals and membership changes alike). Raises ProposeFailed."""
+        if self._machine is None:  # stopping: the tick thread is gone
+            raise ProposeFailed(STOPPED, definite=True)
         token = next(self._tokens)
         waiter = _Waiter(trio.Event())
         self._waiters[token] = waiter
@@ -198,10 +189,8 @@ class RaftNode:
         def callback(result: Any, error: int) -> None:
             self._post(("result", token, result, error))
 
-        if self._machine is None:
-            raise ProposeFailed("stopped", definite=True)
-        start(callback)
         try:
+            start(callback)
             with trio.move_on_after(timeout_s):
                 await waiter.done.wait()
         finally:
@@ -267,6 +256,11 @@ class RaftNode:
             "proposed": self.proposed,
             "failed": dict(self.failed),
         }
+
+    def is_leader(self) -> bool:
+        """This node leads (as far as it knows: a deposed leader learns it at the next contact)."""
+        machine = self._machine
+        return machine is not None and bool(machine._isLeader())
 
     def is_ready(self) -> bool:
         """A leader is known and this node has quorum-backed state to serve from."""

@@ -4,15 +4,22 @@ A log entry is one CBOR list of operations ("ops"), each a map with a type tag `
 ready work of many channels (and of the HTTP API) into one entry, because PySyncObj commits a few thousand
 entries per second but well over a hundred thousand small messages per second when they share entries.
 
-`check_op` runs twice: before proposing (so bad input gets a clear error and never reaches the log) and
-again inside apply (so a hand-crafted or corrupted entry becomes an error result, never an exception: an
-apply that raises stalls the whole cluster).
+Every op is built by one constructor below (`send_op`, `token_op`...), and each constructor ends in
+`check_op`, the same check apply runs: so bad input gets a clear BadCommand before it is proposed and never
+reaches the log, and an entry hand-crafted or corrupted on the way still becomes an error result inside
+apply, never an exception (an apply that raises stalls the whole cluster). The constructors return `Op`, the
+only type the proposer takes, so mypy finds an op assembled by hand anywhere else.
+
+What belongs in the log is what every node needs to apply and push the same way. Node-local facts (which
+connection of which node sent a message, to skip echoing it back) stay on that node, keyed by message id.
+Older journals may carry such extra keys (`node`, `conn` on sends): apply ignores keys it does not use.
 """
 
 from __future__ import annotations
 
 import zlib
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NewType
 
 import cbor2
 
@@ -63,17 +70,25 @@ OP_WEBHOOK_CONFIG = "webhook_config"
 OP_WEBHOOK_ADVANCE = "webhook_advance"
 OP_WEBHOOK_DEADLETTER = "webhook_deadletter"
 OP_DEADLETTER_REMOVE = "deadletter_remove"
-WEBHOOK_EVENTS = ("msg.notify", "msg.offline", "user.onlinestatus")
-WEBHOOK_STREAMS = ("notify", "offline", "online")
+# The webhook streams and the event name each one posts as: the one table that the config, apply and
+# delivery read.
+WEBHOOK_EVENT_OF_STREAM = {"notify": "msg.notify", "offline": "msg.offline", "online": "user.onlinestatus"}
+WEBHOOK_STREAMS = tuple(WEBHOOK_EVENT_OF_STREAM)
+WEBHOOK_EVENTS = tuple(WEBHOOK_EVENT_OF_STREAM.values())
 CONVERSATION_ACTIONS = ("clear", "set_unread", "delete")
 MAX_URL_BYTES = 2048
+# The sender of a message the business server sends without a from_uid; WuKongIM shows it as "".
+SYSTEM_UID = "____system"
+
+Op = NewType("Op", dict[str, Any])
+"""A checked op, ready to propose: only `check_op` (through the constructors below) makes one."""
 
 
 class BadCommand(ValueError):
     """A command failed validation; the message names the field."""
 
 
-def encode_entry(ops: list[dict[str, Any]]) -> bytes:
+def encode_entry(ops: Sequence[Op]) -> bytes:
     return cbor2.dumps(ops)
 
 
@@ -133,7 +148,7 @@ def _channel(op: dict[str, Any]) -> None:
     _int(op, "ct", 0, 255)
 
 
-def check_op(op: Any) -> dict[str, Any]:
+def check_op(op: Any) -> Op:
     """Validate one op and return it; raises BadCommand naming the first bad field."""
     if not isinstance(op, dict):
         raise BadCommand("op must be a map")
@@ -241,9 +256,166 @@ def check_op(op: Any) -> dict[str, Any]:
         _int(op, "epoch", 0, (1 << 63) - 1)
     else:
         raise BadCommand(f"unknown op type {kind!r}")
-    return op
+    return Op(op)
 
 
+# -- constructors: the one place each op is assembled ------------------------------------------------------
+def send_op(
+    *,
+    channel_id: str,
+    channel_type: int,
+    sender: str,
+    receiver: str,
+    client_msg_no: str,
+    message_id: int,
+    timestamp: int,
+    setting: int,
+    payload: bytes,
+    api: bool = False,
+) -> Op:
+    """A message. `channel_id` is the stored id (`person_channel_id` for a person channel, whose other
+    party is `receiver`; "" for a group). `api`: sent by the business server (channel-level checks only)."""
+    op: dict[str, Any] = {
+        "t": OP_SEND,
+        "cid": channel_id,
+        "ct": channel_type,
+        "from": sender,
+        "to": receiver,
+        "cmn": client_msg_no,
+        "mid": message_id,
+        "ts": timestamp,
+        "setting": setting,
+        "payload": payload,
+    }
+    if api:
+        op["api"] = True
+    return check_op(op)
+
+
+def token_op(uid: str, token: str, device_flag: int, device_level: int) -> Op:
+    return check_op({"t": OP_TOKEN, "uid": uid, "token": token, "flag": device_flag, "level": device_level})
+
+
+def device_quit_op(uid: str, device_flag: int) -> Op:
+    """Log a device out (-1: every device of the user)."""
+    return check_op({"t": OP_DEVICE_QUIT, "uid": uid, "flag": device_flag})
+
+
+def system_uids_op(action: str, uids: list[str]) -> Op:
+    return check_op({"t": OP_SYSTEM_UIDS, "action": action, "uids": uids})
+
+
+def channel_op(
+    channel_id: str,
+    channel_type: int,
+    *,
+    ban: int,
+    disband: int,
+    send_ban: int,
+    large: int,
+    subscribers: list[str] | None = None,
+    reset: bool | None = None,
+) -> Op:
+    """Create or update a channel: every flag is written; `subscribers`/`reset` only when given."""
+    op: dict[str, Any] = {
+        "t": OP_CHANNEL,
+        "cid": channel_id,
+        "ct": channel_type,
+        "ban": ban,
+        "disband": disband,
+        "send_ban": send_ban,
+        "large": large,
+    }
+    if subscribers is not None:
+        op["subs"] = subscribers
+    if reset is not None:
+        op["reset"] = reset
+    return check_op(op)
+
+
+def channel_delete_op(channel_id: str, channel_type: int) -> Op:
+    return check_op({"t": OP_CHANNEL_DELETE, "cid": channel_id, "ct": channel_type})
+
+
+def members_op(member_list: str, action: str, channel_id: str, channel_type: int, uids: list[str]) -> Op:
+    """Add, set or remove uids of a channel's subscribers, blacklist or whitelist."""
+    return check_op(
+        {
+            "t": OP_MEMBERS,
+            "list": member_list,
+            "action": action,
+            "cid": channel_id,
+            "ct": channel_type,
+            "uids": uids,
+        }
+    )
+
+
+def conversation_op(
+    action: str, uid: str, channel_id: str, channel_type: int, *, unread: int | None = None
+) -> Op:
+    """clear, set_unread (with `unread`) or delete one conversation of `uid` (stored channel id)."""
+    op: dict[str, Any] = {
+        "t": OP_CONVERSATION,
+        "action": action,
+        "uid": uid,
+        "cid": channel_id,
+        "ct": channel_type,
+    }
+    if unread is not None:
+        op["unread"] = unread
+    return check_op(op)
+
+
+def presence_change(uid: str, conn: int, device_flag: int, device_level: int, online: bool) -> dict[str, Any]:
+    """One connection coming or going, for `presence_op` (which checks it)."""
+    return {"uid": uid, "conn": conn, "flag": device_flag, "level": device_level, "online": online}
+
+
+def presence_op(node: int, epoch: int, changes: list[dict[str, Any]]) -> Op:
+    return check_op({"t": OP_PRESENCE, "node": node, "epoch": epoch, "changes": changes})
+
+
+def node_epoch_op(node: int, epoch: int) -> Op:
+    return check_op({"t": OP_NODE_EPOCH, "node": node, "epoch": epoch})
+
+
+def node_down_op(node: int, epoch: int) -> Op:
+    return check_op({"t": OP_NODE_DOWN, "node": node, "epoch": epoch})
+
+
+def handler_state_op(name: str, enabled: bool) -> Op:
+    return check_op({"t": OP_HANDLER_STATE, "name": name, "enabled": enabled})
+
+
+def webhook_config_op(url: str, events: list[str], outbox_max: int) -> Op:
+    return check_op({"t": OP_WEBHOOK_CONFIG, "url": url, "events": events, "outbox_max": outbox_max})
+
+
+def webhook_advance_op(stream: str, start: int, end: int) -> Op:
+    """Compare-and-set: the stream's cursor moves from `start` to `end` only if it is still at `start`."""
+    return check_op({"t": OP_WEBHOOK_ADVANCE, "stream": stream, "from": start, "to": end})
+
+
+def webhook_deadletter_op(stream: str, start: int, end: int, error: str, attempts: int) -> Op:
+    """Compare-and-set like an advance; the events (start, end] move to the dead letters."""
+    return check_op(
+        {
+            "t": OP_WEBHOOK_DEADLETTER,
+            "stream": stream,
+            "from": start,
+            "to": end,
+            "error": error,
+            "attempts": attempts,
+        }
+    )
+
+
+def deadletter_remove_op(stream: str, seqs: list[int]) -> Op:
+    return check_op({"t": OP_DEADLETTER_REMOVE, "stream": stream, "seqs": seqs})
+
+
+# -- person channels ---------------------------------------------------------------------------------------
 def person_channel_id(uid_a: str, uid_b: str) -> str:
     """The stored id of the person channel between two users, the same whoever sends (WuKongIM's rule).
 
@@ -252,3 +424,14 @@ def person_channel_id(uid_a: str, uid_b: str) -> str:
     key_a = (zlib.crc32(uid_a.encode()), uid_a.encode())
     key_b = (zlib.crc32(uid_b.encode()), uid_b.encode())
     return f"{uid_a}@{uid_b}" if key_a > key_b else f"{uid_b}@{uid_a}"
+
+
+def person_peer(channel_id: str, viewer: str) -> str:
+    """The id under which `viewer` sees a stored person channel: the other party (WuKongIM shows a person
+    channel as the person). The inverse of `person_channel_id`. Matched whole, so a uid that holds an "@"
+    itself still splits right; an id the viewer is no party of shows its first half, as it always did."""
+    if channel_id.startswith(viewer + "@"):
+        return channel_id[len(viewer) + 1 :]
+    if channel_id.endswith("@" + viewer):
+        return channel_id[: -len(viewer) - 1]
+    return channel_id.partition("@")[0]

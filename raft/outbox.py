@@ -21,9 +21,8 @@ from raft import commands as c
 from raft.view import EntryView, Result
 from storage.store import Txn
 
-STREAMS = {"notify": 1, "offline": 2, "online": 3}
-EVENT_STREAMS = {"msg.notify": "notify", "msg.offline": "offline", "user.onlinestatus": "online"}
-STREAM_EVENTS = {stream: event for event, stream in EVENT_STREAMS.items()}
+# Each stream's code is the first byte of its stored keys: streams may be added, never reordered.
+STREAMS = {stream: code for code, stream in enumerate(c.WEBHOOK_STREAMS, start=1)}
 DEFAULT_OUTBOX_MAX = 100_000
 _KEY = struct.Struct(">BQ")
 
@@ -43,7 +42,7 @@ def config(view: EntryView | Txn) -> dict[str, Any] | None:
 
 def wants(view: EntryView, stream: str) -> bool:
     hook = config(view)
-    return hook is not None and STREAM_EVENTS[stream] in hook.get("events", [])
+    return hook is not None and c.WEBHOOK_EVENT_OF_STREAM[stream] in hook.get("events", [])
 
 
 def head(view: EntryView | Txn, stream: str) -> int:

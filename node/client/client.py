@@ -17,11 +17,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
-from typing import Final, Generic, Protocol, TypeVar
+from typing import Final, Generic, TypeVar
 
 import trio
 import trio_websocket
 
+from node.gateway.transports import TRANSPORT_ERRORS, TcpTransport, Transport, WebSocketTransport
 from node.wire.crypto import CryptoError, Session, generate_keypair, msg_key_matches
 from node.wire.protocol import (
     DEFAULT_MAX_REMAINING,
@@ -47,7 +48,6 @@ from node.wire.protocol import (
 
 RECV_QUEUE_SIZE: Final = 10_000
 MAX_PENDING_ACKS: Final = 100_000
-RECEIVE_BYTES: Final = 64 * 1024
 WRITE_CHUNK_BYTES: Final = 256 * 1024
 CLOSE_TIMEOUT_S: Final = 2.0
 # A RECV re-encrypts a SEND the server accepted at its own frame limit, under a header with more
@@ -96,66 +96,12 @@ class _Waiter(Generic[_T]):
         self.value: _T | None = None
 
 
-# --- transports -------------------------------------------------------------------------------
-
-_TRANSPORT_ERRORS: Final = (
-    trio.BrokenResourceError,
-    trio.ClosedResourceError,
-    OSError,
-    trio_websocket.ConnectionClosed,
-)
+# --- transports (the gateway's own: node/gateway/transports.py) ----------------------------------
 
 
-class _Transport(Protocol):
-    async def send_frames(self, frames: Sequence[bytes]) -> None: ...
-
-    async def receive(self) -> bytes:
-        """Some bytes, or b"" once the peer has closed."""
-        ...
-
-    async def aclose(self) -> None: ...
-
-
-class _TcpTransport:
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self._stream = stream
-
-    async def send_frames(self, frames: Sequence[bytes]) -> None:
-        await self._stream.send_all(frames[0] if len(frames) == 1 else b"".join(frames))
-
-    async def receive(self) -> bytes:
-        return bytes(await self._stream.receive_some(RECEIVE_BYTES))
-
-    async def aclose(self) -> None:
-        await self._stream.aclose()
-
-
-class _WebSocketTransport:
-    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
-        self._ws = ws
-
-    async def send_frames(self, frames: Sequence[bytes]) -> None:
-        # One frame per message: the JS SDK mishandles several frames in one message, and our
-        # server is entitled to expect the same of us.
-        for frame in frames:
-            await self._ws.send_message(frame)
-
-    async def receive(self) -> bytes:
-        try:
-            message = await self._ws.get_message()
-        except trio_websocket.ConnectionClosed:
-            return b""
-        if isinstance(message, str):
-            raise ProtocolError("text WebSocket message where binary frames were expected")
-        return message
-
-    async def aclose(self) -> None:
-        await self._ws.aclose()
-
-
-async def _open_transport(host: str, port: int, websocket: bool, nursery: trio.Nursery | None) -> _Transport:
+async def _open_transport(host: str, port: int, websocket: bool, nursery: trio.Nursery | None) -> Transport:
     if not websocket:
-        return _TcpTransport(await trio.open_tcp_stream(host, port))
+        return TcpTransport(await trio.open_tcp_stream(host, port))
     if nursery is None:
         raise ValueError("websocket=True needs a nursery for the WebSocket's own reader task")
     netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -166,14 +112,14 @@ async def _open_transport(host: str, port: int, websocket: bool, nursery: trio.N
         # A whole frame travels in one message: room for the largest body plus its header.
         max_message_size=MAX_FRAME_BYTES + 16,
     )
-    return _WebSocketTransport(ws)
+    return WebSocketTransport(ws)
 
 
-async def _close_quietly(transport: _Transport) -> None:
+async def _close_quietly(transport: Transport) -> None:
     # Shielded and bounded: closing must finish even inside a cancelled scope, but a WebSocket
     # close handshake with a dead peer must not hang us.
     with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
-        with suppress(*_TRANSPORT_ERRORS):
+        with suppress(*TRANSPORT_ERRORS):
             await transport.aclose()
 
 
@@ -199,7 +145,7 @@ class Client:
 
     def __init__(
         self,
-        transport: _Transport,
+        transport: Transport,
         decoder: FrameDecoder,
         session: Session | None,
         *,
@@ -280,7 +226,7 @@ class Client:
                         return
         except ProtocolError as exc:
             reason = f"undecodable data from the server: {exc}"
-        except (ClientError, *_TRANSPORT_ERRORS) as exc:
+        except (ClientError, *TRANSPORT_ERRORS) as exc:
             reason = f"connection lost: {exc!r}"
         finally:
             self._shut(reason)
@@ -365,8 +311,8 @@ class Client:
             raise ClientError(f"connection closed: {self.close_reason}")
         try:
             async with self._write_lock:
-                await self._transport.send_frames(frames)
-        except _TRANSPORT_ERRORS as exc:
+                await self._transport.send(frames)
+        except TRANSPORT_ERRORS as exc:
             self._shut(f"write failed: {exc!r}")
             raise ClientError(f"write failed: {exc!r}") from exc
 
@@ -540,7 +486,7 @@ def _chunks(frames: Sequence[bytes], chunk_bytes: int) -> Iterator[list[bytes]]:
 # --- connecting -------------------------------------------------------------------------------
 
 
-async def _read_connack(transport: _Transport, decoder: FrameDecoder) -> Connack:
+async def _read_connack(transport: Transport, decoder: FrameDecoder) -> Connack:
     while True:
         packet = decoder.next_packet()
         if packet is None:
@@ -600,7 +546,7 @@ async def connect(
             public_key,
         )
         with _bounded(timeout_s, f"CONNACK from {host}:{port}"):
-            await transport.send_frames((encode(hello, decoder.version),))
+            await transport.send((encode(hello, decoder.version),))
             connack = await _read_connack(transport, decoder)
         if connack.reason_code != Reason.SUCCESS:
             raise ConnectRefused(connack.reason_code)
@@ -619,7 +565,7 @@ async def connect(
         await _close_quietly(transport)
         if isinstance(exc, ProtocolError):
             raise ClientError(f"bad CONNACK from {host}:{port}: {exc}") from exc
-        if isinstance(exc, _TRANSPORT_ERRORS):
+        if isinstance(exc, TRANSPORT_ERRORS):
             raise ClientError(f"connection to {host}:{port} lost during login: {exc!r}") from exc
         raise
     client = Client(transport, decoder, session, uid=uid, connack=connack, auto_ack=auto_ack)

@@ -11,18 +11,27 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import trio
 
 from node.cluster.proposer import Proposer
-from node.config import Config
 from node.gateway.connection import Connection
 from node.gateway.registry import Registry
 from node.wire.protocol import Reason
 from raft.apply import Result
 from raft.bridge import RaftNode
-from raft.commands import OP_NODE_DOWN, OP_NODE_EPOCH, OP_PRESENCE, R_SUCCESS
+from raft.commands import (
+    MAX_PRESENCE_CHANGES,
+    OP_NODE_DOWN,
+    OP_PRESENCE,
+    R_SUCCESS,
+    node_down_op,
+    node_epoch_op,
+    presence_change,
+    presence_op,
+)
 from storage.store import Store
 
 log = logging.getLogger("imnode.presence")
@@ -31,11 +40,21 @@ EPOCH_RETRY_S = 1.0
 
 
 class Presence:
-    def __init__(self, config: Config, node_numeric_id: int, store: Store, registry: Registry) -> None:
-        self.config = config
+    def __init__(
+        self,
+        node_numeric_id: int,
+        store: Store,
+        registry: Registry,
+        *,
+        node_down_after_s: float,
+        numeric_ids: Mapping[str, int],
+    ) -> None:
+        """`numeric_ids`: every configured node's numeric id by its Raft address (Raft reports addresses)."""
         self.node = node_numeric_id
         self.store = store
         self.registry = registry
+        self._node_down_after_s = node_down_after_s
+        self._numeric_ids = dict(numeric_ids)
         self.proposer: Proposer | None = None
         self.epoch = 0
         self._pending: list[dict[str, Any]] = []
@@ -51,21 +70,15 @@ class Presence:
         self._queue(conn, False)
 
     def _queue(self, conn: Connection, online: bool) -> None:
-        self._pending.append(
-            {
-                "uid": conn.uid,
-                "conn": conn.id,
-                "flag": conn.device_flag,
-                "level": conn.device_level,
-                "online": online,
-            }
-        )
+        self._pending.append(presence_change(conn.uid, conn.id, conn.device_flag, conn.device_level, online))
         self._flush()
 
     def _flush(self) -> None:
         if self._in_flight or not self._pending or not self.epoch or self.proposer is None:
             return
-        changes, self._pending = self._pending, []
+        # One op carries at most MAX_PRESENCE_CHANGES (apply's cap); the rest go in the next one.
+        changes = self._pending[:MAX_PRESENCE_CHANGES]
+        del self._pending[:MAX_PRESENCE_CHANGES]
         self._in_flight = True
 
         def done(results: list[Result]) -> None:
@@ -77,16 +90,14 @@ class Presence:
                 log.warning("presence changes not committed: %s", results[0].get("err"))
             self._flush()
 
-        self.proposer.submit(
-            [{"t": OP_PRESENCE, "node": self.node, "epoch": self.epoch, "changes": changes}], done
-        )
+        self.proposer.submit([presence_op(self.node, self.epoch, changes)], done)
 
     async def announce_epoch(self, proposer: Proposer) -> None:
         """Propose this node's new epoch (retrying until it commits), then start sending changes."""
         self.proposer = proposer
         epoch = int(time.time() * 1000)
         while True:
-            [result] = await proposer.call([{"t": OP_NODE_EPOCH, "node": self.node, "epoch": epoch}])
+            [result] = await proposer.call([node_epoch_op(self.node, epoch)])
             if result.get("r") == R_SUCCESS:
                 break
             await trio.sleep(EPOCH_RETRY_S)
@@ -130,8 +141,8 @@ class Presence:
     # -- the leader's watch on other nodes ---------------------------------------------------------------
     async def watch_nodes(self, raft: RaftNode) -> None:
         """On the leader: declare a node down once Raft has lost it for `node_down_after_s`."""
-        detector = DownDetector(self.config.tuning.node_down_after_s)
-        by_address = {spec.raft: spec.numeric_id for spec in self.config.nodes.values()}
+        detector = DownDetector(self._node_down_after_s)
+        by_address = self._numeric_ids
         while True:
             await trio.sleep(1.0)
             status = raft.status()
@@ -142,7 +153,7 @@ class Presence:
             with self.store.read() as txn:
                 epochs = {int(n): int(e) for n, e in (txn.meta("node_epochs") or {}).items()}
             for node, epoch in detector.observe(trio.current_time(), connected, epochs):
-                [result] = await self.proposer.call([{"t": OP_NODE_DOWN, "node": node, "epoch": epoch}])
+                [result] = await self.proposer.call([node_down_op(node, epoch)])
                 if result.get("r") == R_SUCCESS:
                     detector.declared(node, epoch)
                     log.info("node %s epoch %s declared down: %s", node, epoch, result)

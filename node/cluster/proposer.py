@@ -23,7 +23,7 @@ import trio.lowlevel
 
 from raft.apply import Result
 from raft.bridge import ProposeFailed, RaftNode
-from raft.commands import R_SYSTEM_ERROR, encode_entry
+from raft.commands import R_SYSTEM_ERROR, Op, encode_entry
 from storage.store import StoreFull
 
 log = logging.getLogger("imnode.proposer")
@@ -34,7 +34,7 @@ OP_OVERHEAD_BYTES = 160  # CBOR keys and ids of one send op beside its payload
 
 @dataclass
 class _Work:
-    ops: list[dict[str, Any]]
+    ops: list[Op]
     done: Done
     size: int
 
@@ -64,7 +64,7 @@ class Proposer:
         self.timeouts = 0
         self._committing = 0
 
-    def submit(self, ops: list[dict[str, Any]], done: Done) -> None:
+    def submit(self, ops: list[Op], done: Done) -> None:
         """Queue ops for the next entry; `done` gets one result per op (never raises, never blocks).
 
         The caller bounds how much it queues (one batch in flight per channel, a bounded pending list).
@@ -73,8 +73,8 @@ class Proposer:
         self._queue.append(_Work(ops, done, size))
         self._ready.set()
 
-    async def call(self, ops: list[dict[str, Any]]) -> list[Result]:
-        """Propose ops and wait for their results (for the HTTP API)."""
+    async def call(self, ops: list[Op]) -> list[Result]:
+        """Propose ops and wait for their results."""
         finished = trio.Event()
         box: list[list[Result]] = []
 
@@ -124,7 +124,7 @@ class Proposer:
             except Exception:
                 log.exception("a proposer completion failed")
 
-    async def _propose_until_deadline(self, ops: list[dict[str, Any]]) -> list[Result]:
+    async def _propose_until_deadline(self, ops: list[Op]) -> list[Result]:
         try:
             self._raft.store.check_room()
         except StoreFull as exc:

@@ -11,32 +11,37 @@ a receiver can drop the repeats that at-least-once delivery allows (after a lead
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
+from node.cluster.proposer import Proposer
+from node.config import WebhookSettings
+from node.shapes import message_json
 from raft import outbox
 from raft.commands import (
     CHANNEL_PERSON,
-    OP_DEADLETTER_REMOVE,
-    OP_WEBHOOK_ADVANCE,
-    OP_WEBHOOK_CONFIG,
-    OP_WEBHOOK_DEADLETTER,
+    R_SUCCESS,
+    WEBHOOK_EVENT_OF_STREAM,
+    WEBHOOK_STREAMS,
+    deadletter_remove_op,
+    webhook_advance_op,
+    webhook_config_op,
+    webhook_deadletter_op,
 )
 from storage.keys import split_channel_key
-from storage.store import Txn
-
-if TYPE_CHECKING:
-    from node.server import Node
+from storage.store import Store, Txn
 
 log = logging.getLogger("imnode.webhook")
-SYSTEM_UID = "____system"
 IDLE_POLL_S = 0.2
+CONFIG_RETRY_S = 1.0
+# A dead letter's error text is capped in the log (1 KiB of UTF-8): 256 characters always fit.
+ERROR_MAX_CHARS = 256
 
 
 @dataclass
@@ -80,69 +85,47 @@ async def post(url: str, event: str, body: bytes, event_id: str, timeout_s: floa
     return int(status_line[1])
 
 
-def message_json(row: dict[str, Any]) -> dict[str, Any]:
-    """A stored message in WuKongIM's JSON shape (person channel id: the half that is not the sender)."""
-    channel_id = row["cid"]
-    if row["ct"] == CHANNEL_PERSON and "@" in channel_id:
-        first, _, second = channel_id.partition("@")
-        channel_id = second if first == row["from"] else first
-    return {
-        "header": {"no_persist": 0, "red_dot": 1, "sync_once": 0},
-        "setting": row["setting"],
-        "message_id": row["mid"],
-        "message_idstr": str(row["mid"]),
-        "client_msg_no": row["cmn"],
-        "message_seq": row["seq"],
-        "from_uid": "" if row["from"] == SYSTEM_UID else row["from"],
-        "channel_id": channel_id,
-        "channel_type": row["ct"],
-        "expire": 0,
-        "timestamp": row["ts"],
-        "payload": base64.b64encode(row["payload"]).decode(),
-    }
-
-
 class Webhooks:
-    def __init__(self, node: Node) -> None:
-        self.node = node
-        self.streams = {name: StreamState() for name in outbox.STREAMS}
+    """Every node runs one; only the leader's delivers (`is_leader` is asked before every batch)."""
 
-    @property
-    def settings(self) -> Any:
-        return self.node.config.webhook
+    def __init__(
+        self, settings: WebhookSettings, store: Store, proposer: Proposer, is_leader: Callable[[], bool]
+    ) -> None:
+        self.settings = settings
+        self._store = store
+        self._proposer = proposer
+        self._is_leader = is_leader
+        self.streams = {name: StreamState() for name in WEBHOOK_STREAMS}
 
     async def run(self) -> None:
         if self.settings.url:
             await self.publish_config()
         async with trio.open_nursery() as nursery:
-            for stream in outbox.STREAMS:
+            for stream in WEBHOOK_STREAMS:
                 nursery.start_soon(self._deliver_forever, stream)
 
     async def publish_config(self) -> None:
         """Make the replicated webhook settings match this node's config (the same file on every node)."""
-        wanted = {
-            "url": self.settings.url,
-            "events": list(self.settings.events),
-            "outbox_max": self.settings.outbox_max,
-        }
+        op = webhook_config_op(self.settings.url, list(self.settings.events), self.settings.outbox_max)
+        wanted = {key: op[key] for key in ("url", "events", "outbox_max")}
         while True:
-            with self.node.store.read() as txn:
+            with self._store.read() as txn:
                 current = txn.meta("webhook")
             if current == wanted:
                 return
-            [result] = await self.node.proposer.call([{"t": OP_WEBHOOK_CONFIG, **wanted}])
-            if result.get("r") == 1:
+            [result] = await self._proposer.call([op])
+            if result.get("r") == R_SUCCESS:
                 return
-            await trio.sleep(1.0)
+            await trio.sleep(CONFIG_RETRY_S)
 
     async def _deliver_forever(self, stream: str) -> None:
         state = self.streams[stream]
         delay = self.settings.backoff_initial_s
         while True:
-            if self.node.raft.status()["role"] != "leader":
+            if not self._is_leader():
                 await trio.sleep(IDLE_POLL_S)
                 continue
-            with self.node.store.read() as txn:
+            with self._store.read() as txn:
                 hook = outbox.config(txn)
                 limit = self.settings.batch_max if stream != "offline" else 1
                 events = outbox.pending(txn, stream, limit) if hook else []
@@ -155,7 +138,7 @@ class Webhooks:
             try:
                 status = await post(
                     hook["url"],
-                    outbox.STREAM_EVENTS[stream],
+                    WEBHOOK_EVENT_OF_STREAM[stream],
                     body,
                     f"{stream}:{start + 1}-{end}",
                     self.settings.timeout_s,
@@ -167,9 +150,7 @@ class Webhooks:
                 state.delivered += end - start
                 state.failures = 0
                 delay = self.settings.backoff_initial_s
-                await self.node.proposer.call(
-                    [{"t": OP_WEBHOOK_ADVANCE, "stream": stream, "from": start, "to": end}]
-                )
+                await self._proposer.call([webhook_advance_op(stream, start, end)])
                 continue
             state.failures += 1
             state.last_error = error
@@ -182,17 +163,8 @@ class Webhooks:
                     start + 1,
                     end,
                 )
-                await self.node.proposer.call(
-                    [
-                        {
-                            "t": OP_WEBHOOK_DEADLETTER,
-                            "stream": stream,
-                            "from": start,
-                            "to": end,
-                            "error": error,
-                            "attempts": state.failures,
-                        }
-                    ]
+                await self._proposer.call(
+                    [webhook_deadletter_op(stream, start, end, error[:ERROR_MAX_CHARS], state.failures)]
                 )
                 state.dead_lettered += end - start
                 state.failures = 0
@@ -228,7 +200,7 @@ class Webhooks:
 
     async def replay_deadletters(self) -> dict[str, Any]:
         """Send every dead letter again (oldest first); the delivered ones leave the list."""
-        with self.node.store.read() as txn:
+        with self._store.read() as txn:
             hook = outbox.config(txn)
             letters = outbox.deadletters(txn)
             bodies = [
@@ -242,7 +214,7 @@ class Webhooks:
             try:
                 status = await post(
                     hook["url"],
-                    outbox.STREAM_EVENTS[stream],
+                    WEBHOOK_EVENT_OF_STREAM[stream],
                     body,
                     f"{stream}:{seq}-{seq}",
                     self.settings.timeout_s,
@@ -250,7 +222,7 @@ class Webhooks:
             except (OSError, WebhookError) as exc:
                 status, last_error = 0, str(exc)
             if status == 200:
-                await self.node.proposer.call([{"t": OP_DEADLETTER_REMOVE, "stream": stream, "seqs": [seq]}])
+                await self._proposer.call([deadletter_remove_op(stream, [seq])])
                 replayed += 1
             else:
                 failed += 1

@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any
 
 import trio
 import trio_websocket
 
 from node.config import Tuning
+from node.gateway import events as ev
 from node.gateway.connection import Connection
 from node.gateway.registry import Registry
-from node.pools import user as up
-from node.pools.eventbus import EventPool
+from node.gateway.transports import TRANSPORT_ERRORS, TcpTransport, Transport, WebSocketTransport
 from node.wire.protocol import (
     Connect,
     Disconnect,
@@ -39,49 +39,7 @@ from node.wire.protocol import (
 )
 
 log = logging.getLogger("imnode.gateway")
-READ_BYTES = 64 << 10
 WRITE_COALESCE_BYTES = 256 << 10
-
-
-class Transport(Protocol):
-    async def receive(self) -> bytes: ...
-    async def send(self, frames: list[bytes]) -> None: ...
-    async def aclose(self) -> None: ...
-
-
-class TcpTransport:
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-
-    async def receive(self) -> bytes:
-        return bytes(await self.stream.receive_some(READ_BYTES))
-
-    async def send(self, frames: list[bytes]) -> None:
-        await self.stream.send_all(frames[0] if len(frames) == 1 else b"".join(frames))
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()
-
-
-class WebSocketTransport:
-    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
-        self.ws = ws
-
-    async def receive(self) -> bytes:
-        try:
-            message = await self.ws.get_message()
-        except trio_websocket.ConnectionClosed:
-            return b""
-        if isinstance(message, str):
-            raise ProtocolError("text WebSocket message: the protocol is binary")
-        return bytes(message)
-
-    async def send(self, frames: list[bytes]) -> None:
-        for frame in frames:
-            await self.ws.send_message(frame)
-
-    async def aclose(self) -> None:
-        await self.ws.aclose()
 
 
 class _Closed(Exception):
@@ -89,10 +47,10 @@ class _Closed(Exception):
 
 
 class Gateway:
-    def __init__(self, tuning: Tuning, registry: Registry, user_pool: EventPool[Any]) -> None:
+    def __init__(self, tuning: Tuning, registry: Registry, user_events: ev.EventSink) -> None:
         self.tuning = tuning
         self.registry = registry
-        self.user_pool = user_pool
+        self.user_events = user_events
         self.accepted = 0
         self.protocol_errors = 0
         self.connect_timeouts = 0
@@ -185,17 +143,12 @@ class Gateway:
             if conn.authenticated:
                 # Ordered after this uid's other events in its shard; try_submit so a full pool can't
                 # keep a dead connection's task alive (the registry entry is already gone).
-                self.user_pool.try_submit(conn.uid, up.CLOSE, up.ConnEvent(conn))
+                self.user_events.try_submit(conn.uid, ev.CLOSE, ev.ConnEvent(conn))
             with trio.move_on_after(1) as scope:
                 scope.shield = True
                 try:
                     await transport.aclose()
-                except (
-                    trio.BrokenResourceError,
-                    trio.ClosedResourceError,
-                    trio_websocket.ConnectionClosed,
-                    OSError,
-                ):
+                except TRANSPORT_ERRORS:
                     pass
 
     async def _write_loop(self, conn: Connection, transport: Transport, scope: trio.CancelScope) -> None:
@@ -210,7 +163,7 @@ class Gateway:
                     frames.append(more)
                     size += len(more)
                 await transport.send(frames)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, trio_websocket.ConnectionClosed, OSError):
+        except TRANSPORT_ERRORS:
             pass
         finally:
             scope.cancel()
@@ -240,7 +193,7 @@ class Gateway:
                 conn.close(Reason.UNKNOWN, "the first packet must be CONNECT")
                 return
             decoder.version = negotiate_version(first.version)
-            await self.user_pool.submit(first.uid, up.CONNECT, up.ConnectEvent(conn, first))
+            await self.user_events.submit(first.uid, ev.CONNECT, ev.ConnectEvent(conn, first))
             with trio.move_on_after(self.tuning.handler_timeout_s * 4):
                 await conn.auth_done.wait()
             if not conn.authenticated:
@@ -256,17 +209,17 @@ class Gateway:
             pass
 
     async def _serve_packets(self, conn: Connection, next_packet: Callable[[], Awaitable[Any]]) -> None:
-        pool = self.user_pool
+        pool = self.user_events
         while not conn.closed.is_set():
             with trio.move_on_after(self.tuning.idle_timeout_s):
                 packet = await next_packet()
                 conn.last_activity = trio.current_time()
                 if isinstance(packet, Send):
-                    await pool.submit(conn.uid, up.SEND, up.SendEvent(conn, packet))
+                    await pool.submit(conn.uid, ev.SEND, ev.SendEvent(conn, packet))
                 elif isinstance(packet, Recvack):
-                    await pool.submit(conn.uid, up.RECVACK, up.RecvackEvent(conn, packet))
+                    await pool.submit(conn.uid, ev.RECVACK, ev.RecvackEvent(conn, packet))
                 elif isinstance(packet, Ping):
-                    await pool.submit(conn.uid, up.PING, up.ConnEvent(conn))
+                    await pool.submit(conn.uid, ev.PING, ev.ConnEvent(conn))
                 elif isinstance(packet, Disconnect):
                     conn.close()
                     return

@@ -15,19 +15,29 @@ from typing import Any
 
 from node.cluster.ids import Snowflake
 from node.cluster.proposer import Proposer
-from node.config import Config
+from node.config import Tuning
 from node.gateway.connection import Connection
 from node.pools.eventbus import EventPool
 from node.pools.pusher import PushEvent
 from node.wire.protocol import Reason, Sendack
 from raft.apply import Result
-from raft.commands import CHANNEL_PERSON, OP_SEND
+from raft.commands import (
+    CHANNEL_PERSON,
+    SUPPORTED_CHANNEL_TYPES,
+    BadCommand,
+    Op,
+    person_channel_id,
+    send_op,
+)
 from raft.permissions import send_permission
 from storage.keys import channel_key
 from storage.store import Store
 
 SEND = "send"
 DISTRIBUTE = "distribute"
+# Sends this node proposed whose commit it has not distributed yet (message id -> sending connection id).
+# Entries leave at distribute, or when the commit failed; the cap only matters if a commit is never seen.
+ORIGINS_MAX = 100_000
 
 
 @dataclass(slots=True)
@@ -59,21 +69,56 @@ class Delivery:
     result: Result
 
 
+def open_send(
+    *,
+    sender: str,
+    channel_id: str,
+    channel_type: int,
+    client_msg_no: str,
+    payload: bytes,
+    setting: int = 0,
+    conn: Connection | None = None,
+    client_seq: int = 0,
+    api: bool = False,
+    reply: Callable[[Result], None] | None = None,
+) -> ChannelSend | int:
+    """The one way a message enters the channel pool, from a client (SEND) or the business server (HTTP).
+
+    `channel_id` is the id the sender addressed (for a person channel: the other user). Returns the send,
+    under the channel's stored id, or the reason code it is refused with before anything is queued.
+    """
+    if channel_type not in SUPPORTED_CHANNEL_TYPES:
+        return Reason.NOT_SUPPORT_CHANNEL_TYPE
+    if not channel_id or not client_msg_no:
+        return Reason.CHANNEL_ID_ERROR
+    if channel_type == CHANNEL_PERSON:
+        if channel_id == sender:
+            return Reason.CHANNEL_ID_ERROR  # WuKongIM has no channel with oneself
+        stored, peer = person_channel_id(sender, channel_id), channel_id
+    else:
+        stored, peer = channel_id, ""
+    return ChannelSend(
+        conn, client_seq, client_msg_no, stored, channel_type, peer, sender, setting, payload, api, reply
+    )
+
+
 @dataclass
 class ChannelBatch:
-    pending: list[tuple[ChannelSend, dict[str, Any]]] = field(default_factory=list)
+    pending: list[tuple[ChannelSend, Op]] = field(default_factory=list)
     in_flight: bool = False
 
 
 @dataclass
 class ChannelContext:
-    config: Config
-    node_numeric_id: int
+    tuning: Tuning
     store: Store
     proposer: Proposer
     pusher_pool: EventPool[Any]
     ids: Snowflake
     batches: dict[str, ChannelBatch] = field(default_factory=dict)
+    # Node-local, never in the log: which connection sent a message this node proposed, so the push
+    # skips it (no echo to the sending device) and only this node notices its offline recipients.
+    origins: dict[int, int] = field(default_factory=dict)
     acked: int = 0
 
 
@@ -98,25 +143,28 @@ async def permission(ctx: ChannelContext, send: ChannelSend) -> int | None:
 
 async def store(ctx: ChannelContext, send: ChannelSend) -> int | None:
     batch = ctx.batches.setdefault(send.route_key, ChannelBatch())
-    if len(batch.pending) >= ctx.config.tuning.pending_per_channel_max:
+    if len(batch.pending) >= ctx.tuning.pending_per_channel_max:
         return Reason.RATE_LIMIT
-    op = {
-        "t": OP_SEND,
-        "cid": send.channel_id,
-        "ct": send.channel_type,
-        "from": send.sender,
-        "to": send.peer,
-        "cmn": send.client_msg_no,
-        "mid": ctx.ids.next(),
-        "ts": int(time.time()),
-        "setting": send.setting,
-        "payload": send.payload,
-        # Not stored: lets the node that owns the sending connection skip it when pushing.
-        "node": ctx.node_numeric_id,
-        "conn": send.conn.id if send.conn is not None else 0,
-    }
-    if send.api:
-        op["api"] = True
+    try:
+        op = send_op(
+            channel_id=send.channel_id,
+            channel_type=send.channel_type,
+            sender=send.sender,
+            receiver=send.peer,
+            client_msg_no=send.client_msg_no,
+            message_id=ctx.ids.next(),
+            timestamp=int(time.time()),
+            setting=send.setting,
+            payload=send.payload,
+            api=send.api,
+        )
+    except BadCommand:
+        # An id or payload over apply's caps: refused here as apply would refuse it (reason 15), as a
+        # rejection, not a failure (a failing built-in step would trip its breaker).
+        return Reason.SYSTEM_ERROR
+    if len(ctx.origins) >= ORIGINS_MAX:
+        del ctx.origins[next(iter(ctx.origins))]  # the oldest: a commit this node never saw
+    ctx.origins[op["mid"]] = send.conn.id if send.conn is not None else 0
     batch.pending.append((send, op))
     if not batch.in_flight:
         _flush(ctx, send.route_key, batch)
@@ -128,7 +176,9 @@ def _flush(ctx: ChannelContext, key: str, batch: ChannelBatch) -> None:
     batch.in_flight = True
 
     def done(results: list[Result]) -> None:
-        for (send, _op), result in zip(items, results, strict=True):
+        for (send, op), result in zip(items, results, strict=True):
+            if result.get("r") != Reason.SUCCESS or result.get("dup"):
+                ctx.origins.pop(op["mid"], None)  # no distribute will come for this message id
             _sendack(send, result)
         ctx.acked += len(items)
         batch.in_flight = False
@@ -148,6 +198,7 @@ async def reject_send(ctx: ChannelContext, send: ChannelSend, reason: int) -> No
 async def distribute(ctx: ChannelContext, delivery: Delivery) -> int | None:
     """Find the recipients of a committed message and hand them to the pusher pool, one event per shard."""
     op = delivery.op
+    origin = ctx.origins.pop(delivery.result["mid"], None)
     if op["ct"] == CHANNEL_PERSON:
         recipients = [op["from"], op["to"]] if op.get("to") else [op["from"]]
     else:
@@ -157,12 +208,12 @@ async def distribute(ctx: ChannelContext, delivery: Delivery) -> int | None:
     for uid in recipients:
         by_shard.setdefault(ctx.pusher_pool.shard_of(uid), []).append(uid)
     for uids in by_shard.values():
-        await ctx.pusher_pool.submit(uids[0], "push", PushEvent(op, delivery.result, uids))
+        await ctx.pusher_pool.submit(uids[0], "push", PushEvent(op, delivery.result, uids, origin))
     return None
 
 
 def build_channel_pool(ctx: ChannelContext) -> EventPool[ChannelContext]:
-    tuning = ctx.config.tuning
+    tuning = ctx.tuning
     pool: EventPool[ChannelContext] = EventPool(
         "channel",
         ctx,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
 import time
 import zlib
 from collections.abc import Awaitable, Callable
@@ -28,6 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
 import trio
+
+from node.metrics import percentile
 
 log = logging.getLogger("imnode.pool")
 
@@ -56,8 +57,7 @@ class HandlerStats:
     )
 
     def as_dict(self) -> dict[str, Any]:
-        samples = sorted(self.recent_s)
-        p99 = samples[min(len(samples) - 1, math.ceil(len(samples) * 0.99) - 1)] if samples else 0.0
+        p99 = percentile(self.recent_s, 0.99)
         return {
             "calls": self.calls,
             "rejects": self.rejects,

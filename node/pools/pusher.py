@@ -8,19 +8,19 @@ connection has its own key), and a RECV that is not acknowledged is resent with 
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
-from node.cluster.presence import Presence
-from node.config import Config
+from node.config import Tuning
 from node.gateway.connection import Connection
 from node.gateway.registry import Registry
 from node.pools.eventbus import EventPool
 from node.wire.protocol import SETTING_NO_ENCRYPT, Recv, encode
 from raft.apply import Result
-from raft.commands import CHANNEL_PERSON
+from raft.commands import CHANNEL_PERSON, person_peer
 
 PUSH = "push"
 
@@ -30,15 +30,16 @@ class PushEvent:
     op: dict[str, Any]
     result: Result
     uids: list[str]
+    # The connection that sent the message, when this node took the send (0: over HTTP); None elsewhere.
+    origin_conn: int | None = None
     offline: list[str] = field(default_factory=list)
 
 
 @dataclass
 class PushContext:
-    config: Config
-    node_numeric_id: int
+    tuning: Tuning
     registry: Registry
-    presence: Presence
+    is_online: Callable[[str], bool]  # online anywhere in the cluster (presence)
     delivered: int = 0
     resent: int = 0
     expired: int = 0
@@ -51,12 +52,9 @@ class PushContext:
 
 def recv_frame(conn: Connection, op: dict[str, Any], result: Result, recipient: str) -> bytes:
     """The RECV of one message for one connection, encrypted with that connection's key."""
-    if op["ct"] == CHANNEL_PERSON:
-        # A person channel shows the other party: the receiver sees the sender, the sender's other
-        # devices see the receiver.
-        channel_id = op["to"] if recipient == op["from"] else op["from"]
-    else:
-        channel_id = op["cid"]
+    # A person channel shows the other party: the receiver sees the sender, the sender's other devices
+    # see the receiver.
+    channel_id = person_peer(op["cid"], recipient) if op["ct"] == CHANNEL_PERSON else op["cid"]
     payload = op["payload"]
     setting = op["setting"]
     msg_key = ""
@@ -81,16 +79,15 @@ def recv_frame(conn: Connection, op: dict[str, Any], result: Result, recipient: 
 
 
 async def push_online(ctx: PushContext, ev: PushEvent) -> int | None:
-    tuning = ctx.config.tuning
+    tuning = ctx.tuning
     due = trio.current_time() + tuning.recv_resend_interval_s
-    sender_node, sender_conn = ev.op.get("node"), ev.op.get("conn")
     for uid in ev.uids:
         conns = ctx.registry.of_uid(uid)
         if not conns:
             ev.offline.append(uid)
             continue
         for conn in conns:
-            if sender_node == ctx.node_numeric_id and conn.id == sender_conn:
+            if conn.id == ev.origin_conn:
                 continue  # never echo a message to the device that sent it
             frame = recv_frame(conn, ev.op, ev.result, uid)
             if conn.send_frame(frame):
@@ -105,10 +102,10 @@ async def offline_notice(ctx: PushContext, ev: PushEvent) -> int | None:
     Every node runs this for the recipients it has no connection for; only the ones offline everywhere
     count, and only on the node that took the send, so each offline recipient is noticed once.
     """
-    if ev.op.get("node") != ctx.node_numeric_id or not ev.offline:
+    if ev.origin_conn is None or not ev.offline:
         return None
     for uid in ev.offline:
-        if ctx.presence.is_online(uid):
+        if ctx.is_online(uid):
             continue
         ctx.offline_notices += 1
         ctx.recent_offline.append((ev.result["mid"], uid))
@@ -117,7 +114,7 @@ async def offline_notice(ctx: PushContext, ev: PushEvent) -> int | None:
 
 def resend_due(ctx: PushContext, now: float) -> None:
     """Resend every RECV whose RECVACK is overdue, with DUP set; give up after the configured attempts."""
-    tuning = ctx.config.tuning
+    tuning = ctx.tuning
     for conn in ctx.registry:
         if not conn.inflight:
             continue
@@ -135,7 +132,7 @@ def resend_due(ctx: PushContext, now: float) -> None:
 
 
 def build_pusher_pool(ctx: PushContext) -> EventPool[PushContext]:
-    tuning = ctx.config.tuning
+    tuning = ctx.tuning
     pool: EventPool[PushContext] = EventPool(
         "pusher",
         ctx,

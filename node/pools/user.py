@@ -15,56 +15,32 @@ import trio
 
 from node.cluster.presence import Presence
 from node.config import Config
-from node.gateway.connection import Connection
+from node.gateway.events import (
+    CLOSE,
+    CONNECT,
+    PING,
+    RECVACK,
+    SEND,
+    ConnectEvent,
+    ConnEvent,
+    RecvackEvent,
+    SendEvent,
+)
 from node.gateway.registry import Registry
-from node.pools.channel import ChannelSend
+from node.pools.channel import SEND as CHANNEL_SEND
+from node.pools.channel import open_send
 from node.pools.eventbus import EventPool
 from node.wire.crypto import CryptoError, Session, generate_keypair, msg_key_matches, random_salt
 from node.wire.protocol import (
     SETTING_NO_ENCRYPT,
     Connack,
-    Connect,
     Pong,
     Reason,
-    Recvack,
-    Send,
     Sendack,
     negotiate_version,
 )
-from raft.commands import CHANNEL_PERSON, MAX_UID_BYTES, SUPPORTED_CHANNEL_TYPES, person_channel_id
+from raft.commands import MAX_UID_BYTES
 from storage.store import Store
-
-CONNECT = "connect"
-SEND = "send"
-RECVACK = "recvack"
-PING = "ping"
-CLOSE = "close"
-
-
-@dataclass(slots=True)
-class ConnectEvent:
-    conn: Connection
-    packet: Connect
-
-
-@dataclass(slots=True)
-class SendEvent:
-    conn: Connection
-    packet: Send
-    payload: bytes = b""  # plaintext, once the decrypt step has run
-
-
-@dataclass(slots=True)
-class RecvackEvent:
-    conn: Connection
-    packet: Recvack
-
-
-@dataclass(slots=True)
-class ConnEvent:
-    """ping and close carry nothing but the connection."""
-
-    conn: Connection
 
 
 @dataclass
@@ -180,28 +156,19 @@ async def rate_limit(ctx: UserContext, ev: SendEvent) -> int | None:
 async def forward(ctx: UserContext, ev: SendEvent) -> int | None:
     """Hand the send to the channel pool under the channel's stored id (person channels: the fake id)."""
     packet = ev.packet
-    if packet.channel_type not in SUPPORTED_CHANNEL_TYPES:
-        return Reason.NOT_SUPPORT_CHANNEL_TYPE
-    if not packet.channel_id or not packet.client_msg_no:
-        return Reason.CHANNEL_ID_ERROR
-    if packet.channel_type == CHANNEL_PERSON:
-        if packet.channel_id == ev.conn.uid:
-            return Reason.CHANNEL_ID_ERROR  # WuKongIM has no channel with oneself
-        channel_id, peer = person_channel_id(ev.conn.uid, packet.channel_id), packet.channel_id
-    else:
-        channel_id, peer = packet.channel_id, ""
-    send = ChannelSend(
+    send = open_send(
+        sender=ev.conn.uid,
+        channel_id=packet.channel_id,
+        channel_type=packet.channel_type,
+        client_msg_no=packet.client_msg_no,
+        payload=ev.payload,
+        setting=packet.setting,
         conn=ev.conn,
         client_seq=packet.client_seq,
-        client_msg_no=packet.client_msg_no,
-        channel_id=channel_id,
-        channel_type=packet.channel_type,
-        peer=peer,
-        sender=ev.conn.uid,
-        setting=packet.setting,
-        payload=ev.payload,
     )
-    await ctx.channel_pool.submit(send.route_key, "send", send)
+    if isinstance(send, int):
+        return send
+    await ctx.channel_pool.submit(send.route_key, CHANNEL_SEND, send)
     return None
 
 

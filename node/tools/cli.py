@@ -1,4 +1,8 @@
-"""The `imnode` command line: run nodes and clusters, change membership, inspect and verify."""
+"""The `imnode` command line: run nodes and clusters, change membership, inspect and verify.
+
+Only `node start` imports the server (and trio, hypercorn, PySyncObj with it), and only `bench` the client:
+every other command talks HTTP to running nodes, so it starts in the time Python and the config take.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +14,14 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
-
-import trio
+from typing import TYPE_CHECKING, Any
 
 from node.config import DEFAULT_NODE_ID, Config, ConfigError, load
-from node.plugins import PluginError
-from node.server import Listening, Node
 from node.tools import bench
 from node.tools import operator as op
+
+if TYPE_CHECKING:
+    from node.server import Node
 
 EXIT_CONFIG = 2
 EXIT_FAILED = 1
@@ -35,6 +38,10 @@ def _configure_logging(level: str) -> None:
 
 # -- node ------------------------------------------------------------------------------------------------
 async def _serve_until_signal(node: Node) -> None:
+    import trio
+
+    from node.server import Listening
+
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
 
@@ -66,7 +73,16 @@ def cmd_node_start(args: argparse.Namespace) -> int:
             config.node(partner)
         config = dataclasses.replace(config, initial_members=(node_id, *wanted))
     _check_ports_free(config, node_id)
-    node = Node(config, node_id)
+    import trio  # here, not at the top: the other commands never pay for the server's imports
+
+    from node.plugins import PluginError
+    from node.server import Node
+
+    try:
+        node = Node(config, node_id)
+    except PluginError as exc:
+        print(f"imnode: plugin error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     trio.run(_serve_until_signal, node)
     return 0
 
@@ -477,9 +493,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except op.OperatorError as exc:
         print(f"imnode: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except PluginError as exc:
-        print(f"imnode: plugin error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
 
 
 if __name__ == "__main__":

@@ -1,0 +1,173 @@
+"""Messages: send (one, or one per subscriber), and read a channel's messages back."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import trio
+
+from node.api.fields import CHANNEL, U32, F, Json, Route, bad, stored_channel
+from node.pools.channel import SEND, open_send
+from node.pools.eventbus import EventPool
+from node.shapes import message_json
+from node.wire.protocol import Reason
+from raft.apply import Result
+from raft.commands import CHANNEL_PERSON, MAX_PAYLOAD_BYTES, MAX_UID_BYTES, SYSTEM_UID
+from storage.keys import channel_key
+from storage.store import Store
+
+SYNC_LIMIT_MAX = 10_000
+# How long a send waits beyond the commit timeout: the proposer answers every send by then.
+ANSWER_SLACK_S = 5.0
+
+
+def routes(store: Store, channel_pool: EventPool[Any], commit_timeout_s: float) -> dict[str, Route]:
+    async def send_one(
+        sender: str, channel_id: str, channel_type: int, payload: bytes, client_msg_no: str
+    ) -> Json:
+        """One send through the channel pool (same order and batching as client sends), to its commit."""
+        done = trio.Event()
+        box: list[Result] = []
+
+        def reply(result: Result) -> None:
+            box.append(result)
+            done.set()
+
+        send = open_send(
+            sender=sender,
+            channel_id=channel_id,
+            channel_type=channel_type,
+            client_msg_no=client_msg_no or uuid.uuid4().hex + "0",
+            payload=payload,
+            api=True,
+            reply=reply,
+        )
+        if isinstance(send, int):
+            return {"r": send}
+        await channel_pool.submit(send.route_key, SEND, send)
+        with trio.move_on_after(commit_timeout_s + ANSWER_SLACK_S):
+            await done.wait()
+        if not box:
+            return {"r": Reason.SYSTEM_ERROR}
+        return {**box[0], "cmn": send.client_msg_no}
+
+    async def message_send(body: Json, query: Any) -> Json:
+        if body["subscribers"]:
+            raise bad(
+                "sending to a subscriber list (a temporary channel) is not supported; use /message/sendbatch"
+            )
+        if not body["channel_id"]:
+            raise bad("channel_id is required")
+        sender = body["from_uid"] or SYSTEM_UID
+        result = await send_one(
+            sender, body["channel_id"], body["channel_type"], body["payload"], body["client_msg_no"]
+        )
+        reason = int(result["r"])
+        if reason != Reason.SUCCESS:
+            raise bad(f"message not sent: {Reason(reason).name.lower()} (reason {reason})")
+        data = {"message_id": result["mid"], "message_seq": result["seq"], "client_msg_no": result["cmn"]}
+        return {"status": 200, "reason": reason, **data, "data": data}
+
+    async def message_sendbatch(body: Json, query: Any) -> Json:
+        results = []
+        async with trio.open_nursery() as nursery:
+
+            async def one(uid: str) -> None:
+                results.append(
+                    (uid, await send_one(body["from_uid"], uid, CHANNEL_PERSON, body["payload"], ""))
+                )
+
+            for uid in body["subscribers"]:
+                nursery.start_soon(one, uid)
+        failed = [(uid, r) for uid, r in results if r["r"] != Reason.SUCCESS]
+        return {"fail_uids": [uid for uid, _ in failed], "reason": [int(r["r"]) for _, r in failed]}
+
+    async def messagesync(body: Json, query: Any) -> Json:
+        """WuKongIM's windows: start=end=0 → the newest `limit`; up → [start, end); down → (end, start]."""
+        start, end, limit = body["start_message_seq"], body["end_message_seq"], body["limit"]
+        chan = channel_key(
+            stored_channel(body["login_uid"], body["channel_id"], body["channel_type"]), body["channel_type"]
+        )
+        with store.read() as txn:
+            last = int((txn.channel(chan) or {}).get("last_seq", 0))
+            if limit == 0 or last == 0:
+                rows: list[Json] = []
+            elif start == 0 and end == 0:
+                rows = txn.messages(chan, max(1, last - limit + 1), last, limit)
+            elif body["pull_mode"] == 1:
+                high = min(end - 1, last) if end else last
+                rows = txn.messages(chan, max(start, 1), high, limit) if high >= max(start, 1) else []
+            elif end > start:
+                rows = []
+            else:  # down from start (counted from start, then clipped to the last seq)
+                top = min(start, last)
+                low = max(end + 1, start - limit + 1, 1)
+                rows = txn.messages(chan, low, top, limit) if top >= low else []
+        return {
+            "start_message_seq": start,
+            "end_message_seq": end,
+            "more": int(limit > 0 and len(rows) >= limit),
+            "messages": [message_json(row) for row in rows],
+        }
+
+    async def max_message_seq(body: Json, query: Any) -> Json:
+        stored = stored_channel(body["login_uid"] or "", body["channel_id"], body["channel_type"])
+        if body["channel_type"] == CHANNEL_PERSON and "@" not in stored:
+            raise bad("login_uid is required for a person channel")
+        with store.read() as txn:
+            record = txn.channel(channel_key(stored, body["channel_type"])) or {}
+        return {"message_seq": int(record.get("last_seq", 0))}
+
+    return {
+        "/message/send": Route(
+            "POST",
+            message_send,
+            (
+                F("header", "obj"),
+                F("client_msg_no", default=""),
+                F("from_uid", default="", max_bytes=MAX_UID_BYTES),
+                F("channel_id", default=""),
+                F("channel_type", "int", default=0, high=255),
+                F("subscribers", "uids"),
+                F("payload", "b64", required=True, max_bytes=MAX_PAYLOAD_BYTES * 2),
+                F("expire", "int", default=0, high=U32),
+                F("is_stream", "flag", default=0),
+            ),
+            summary="Send a message and wait for its commit; answers message_id and message_seq",
+        ),
+        "/message/sendbatch": Route(
+            "POST",
+            message_sendbatch,
+            (
+                F("header", "obj"),
+                F("from_uid", required=True, max_bytes=MAX_UID_BYTES),
+                F("subscribers", "uids", required=True),
+                F("payload", "b64", required=True, max_bytes=MAX_PAYLOAD_BYTES * 2),
+            ),
+            summary="Send one person message to each subscriber",
+        ),
+        "/channel/messagesync": Route(
+            "POST",
+            messagesync,
+            (
+                F("login_uid", required=True, max_bytes=MAX_UID_BYTES),
+                *CHANNEL,
+                F("start_message_seq", "int", default=0, high=U32),
+                F("end_message_seq", "int", default=0, high=U32),
+                F("limit", "int", default=100, low=0, high=SYNC_LIMIT_MAX),
+                F("pull_mode", "flag", default=0),
+            ),
+            summary="Messages of a channel (pull_mode 1: up from start, end exclusive; 0: down to end)",
+        ),
+        "/channel/max_message_seq": Route(
+            "GET",
+            max_message_seq,
+            body="none",
+            query=(
+                F("channel_id", required=True),
+                F("channel_type", "int", required=True, low=1, high=255),
+                F("login_uid", max_bytes=MAX_UID_BYTES),
+            ),
+        ),
+    }

@@ -1,0 +1,72 @@
+"""Byte transports under a connection, TCP and WebSocket: the gateway's and the client library's alike.
+
+A transport moves whole frames out and some bytes in; it knows nothing of packets (the decoder in
+node/wire does that). WebSocket carries exactly one frame per message, in both directions: the JS SDK
+mishandles several frames in one message, and imnode's own client does the same as the SDKs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Final, Protocol
+
+import trio
+import trio_websocket
+
+from node.wire.protocol import ProtocolError
+
+READ_BYTES: Final = 64 << 10
+
+# What a transport raises when its peer goes away or breaks the framing: a connection's end, not a bug.
+TRANSPORT_ERRORS: Final = (
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    OSError,
+    trio_websocket.ConnectionClosed,
+)
+
+
+class Transport(Protocol):
+    async def receive(self) -> bytes:
+        """Some bytes, or b"" once the peer has closed."""
+        ...
+
+    async def send(self, frames: Sequence[bytes]) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class TcpTransport:
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+
+    async def receive(self) -> bytes:
+        return bytes(await self.stream.receive_some(READ_BYTES))
+
+    async def send(self, frames: Sequence[bytes]) -> None:
+        # Coalesced: one write for a batch of frames (the stream has no message boundaries anyway).
+        await self.stream.send_all(frames[0] if len(frames) == 1 else b"".join(frames))
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+class WebSocketTransport:
+    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
+        self.ws = ws
+
+    async def receive(self) -> bytes:
+        try:
+            message = await self.ws.get_message()
+        except trio_websocket.ConnectionClosed:
+            return b""
+        if isinstance(message, str):
+            raise ProtocolError("text WebSocket message: the protocol is binary")
+        return bytes(message)
+
+    async def send(self, frames: Sequence[bytes]) -> None:
+        for frame in frames:
+            await self.ws.send_message(frame)
+
+    async def aclose(self) -> None:
+        await self.ws.aclose()

@@ -1,0 +1,320 @@
+"""The load generator behind `imnode bench` (see bench.py for what it reports and how it counts).
+
+Kept apart from bench.py so the command line imports trio and the client only when a bench runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+import trio.lowlevel
+
+from node.client import Client, ClientError, open_client
+from node.config import Config
+from node.metrics import percentile
+from node.tools import operator as op
+from node.wire.protocol import Reason
+
+DRAIN_IDLE_S = 10.0  # after sending stops, wait for deliveries until none arrived for this long
+DRAIN_MAX_S = 300.0
+PROGRESS_EVERY_S = 1.0
+
+
+@dataclass
+class Tally:
+    sent: int = 0
+    acked: int = 0
+    delivered: int = 0
+    duplicates: int = 0
+    errors: collections.Counter[str] = field(default_factory=collections.Counter)
+    ack_ms: list[float] = field(default_factory=list)
+    e2e_ms: list[float] = field(default_factory=list)
+    # (sender, counter) -> recipients that must get it; filled when acked
+    expected: dict[tuple[int, int], set[int]] = field(default_factory=dict)
+    # (recipient, sender, counter) -> (message_id, seq) first seen
+    seen: dict[tuple[int, int, int], tuple[int, int]] = field(default_factory=dict)
+
+
+def make_payload(run: str, sender: int, counter: int, size: int) -> bytes:
+    body = json.dumps({"b": run, "s": sender, "n": counter, "t": time.time_ns()}, separators=(",", ":"))
+    pad = max(0, size - len(body) - 6)
+    return (body[:-1] + ',"p":"' + "x" * pad + '"}').encode()
+
+
+class Bench:
+    def __init__(self, config: Config, args: argparse.Namespace) -> None:
+        self.config = config
+        self.args = args
+        self.run_id = uuid.uuid4().hex[:8]
+        self.tally = Tally()
+        self.stop_sending = trio.Event()
+        self.group = f"bench-{self.run_id}"
+        self.stop_receiving = False
+
+    def uid(self, index: int) -> str:
+        return f"bench-{self.run_id}-{index}"
+
+    def recipients(self, sender: int) -> set[int]:
+        n = self.args.clients
+        if self.args.mode == "person":
+            return {(sender + 1) % n}
+        return {i for i in range(min(self.args.group_size, n)) if i != sender}
+
+    async def run(self) -> dict[str, Any]:
+        if self.args.mode == "idle":
+            return await self.run_idle()
+        leader, members = op.members(self.config)
+        nodes = [m for m in members if m in self.config.nodes]
+        if self.args.mode == "group":
+            size = min(self.args.group_size, self.args.clients)
+            op.request(
+                self.config,
+                leader,
+                "POST",
+                "/channel",
+                {
+                    "channel_id": self.group,
+                    "channel_type": 2,
+                    "subscribers": [self.uid(i) for i in range(size)],
+                },
+                timeout_s=30,
+            )
+        started = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            clients: list[Client] = [None] * self.args.clients  # type: ignore[list-item]
+            ready = trio.Semaphore(0)
+
+            async def hold(index: int) -> None:
+                node_id = nodes[index % len(nodes)]
+                host, port = self.config.node(node_id).tcp.rsplit(":", 1)
+                async with open_client(host, int(port), self.uid(index), timeout_s=30) as client:
+                    clients[index] = client
+                    ready.release()
+                    await self._receive(client, index)
+
+            for index in range(self.args.clients):
+                nursery.start_soon(hold, index)
+            with trio.fail_after(60):
+                for _ in range(self.args.clients):
+                    await ready.acquire()
+            began = time.perf_counter()
+            async with trio.open_nursery() as senders:
+                senders.start_soon(self._progress, began)
+                for index, client in enumerate(clients[: self.args.senders or len(clients)]):
+                    senders.start_soon(self._send, client, index, began + self.args.duration)
+                await trio.sleep(self.args.duration)
+                self.stop_sending.set()
+            send_end = time.perf_counter()
+            # Drain: an overloaded cluster still delivers its backlog; only what never arrives is lost.
+            with trio.move_on_after(DRAIN_MAX_S):
+                last_count, last_change = self.tally.delivered, time.perf_counter()
+                while self._missing() and time.perf_counter() - last_change < DRAIN_IDLE_S:
+                    await trio.sleep(0.1)
+                    if self.tally.delivered != last_count:
+                        last_count, last_change = self.tally.delivered, time.perf_counter()
+            self.stop_receiving = True
+            nursery.cancel_scope.cancel()
+        elapsed = max(send_end - began, 1e-9)
+        return self._report(elapsed, nodes, time.perf_counter() - started)
+
+    async def run_idle(self) -> dict[str, Any]:
+        """Hold --clients connections open (with heartbeats) for --duration; report the nodes' memory."""
+        _leader, members = op.members(self.config)
+        nodes = [m for m in members if m in self.config.nodes]
+        connected = 0
+        started = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            ready = trio.Semaphore(0)
+
+            async def hold(index: int) -> None:
+                nonlocal connected
+                host, port = self.config.node(nodes[index % len(nodes)]).tcp.rsplit(":", 1)
+                try:
+                    async with open_client(host, int(port), self.uid(index), timeout_s=120) as client:
+                        connected += 1
+                        ready.release()
+                        while True:
+                            await trio.sleep(self.args.ping_interval)
+                            await client.ping(timeout_s=60)
+                except ClientError as exc:
+                    self.tally.errors[str(exc)[:60]] += 1
+                    ready.release()
+
+            for index in range(self.args.clients):
+                nursery.start_soon(hold, index)
+                if index % 200 == 199:
+                    await trio.sleep(0.05)  # pace the handshakes a little
+            for _ in range(self.args.clients):
+                await ready.acquire()
+            opened = time.perf_counter() - started
+            if not self.args.json:
+                print(
+                    f"{connected} connections open after {opened:.1f}s; holding {self.args.duration}s",
+                    file=sys.stderr,
+                )
+            await trio.sleep(self.args.duration)
+            statuses = {n: op.node_status(self.config, n) or {} for n in nodes}
+            nursery.cancel_scope.cancel()
+        return {
+            "mode": "idle",
+            "clients": self.args.clients,
+            "connected": connected,
+            "connect_s": round(opened, 2),
+            "ping_interval_s": self.args.ping_interval,
+            "errors": dict(self.tally.errors),
+            "nodes": {
+                n: {
+                    "connections": s.get("connections"),
+                    "peak_rss_mb": s.get("process", {}).get("peak_rss_mb"),
+                    "cpu_s": s.get("process", {}).get("cpu_s"),
+                }
+                for n, s in statuses.items()
+            },
+        }
+
+    def _missing(self) -> int:
+        tally = self.tally
+        return sum(
+            1
+            for (sender, counter), who in tally.expected.items()
+            for r in who
+            if (r, sender, counter) not in tally.seen
+        )
+
+    async def _send(self, client: Client, index: int, deadline: float) -> None:
+        target = self.group if self.args.mode == "group" else self.uid((index + 1) % self.args.clients)
+        channel_type = 2 if self.args.mode == "group" else 1
+        window = trio.Semaphore(self.args.window)
+        sending = self.args.senders or self.args.clients
+        per_client = None if self.args.rate == "max" else float(self.args.rate) / sending
+        interval = 1.0 / per_client if per_client else 0.0
+        next_at = time.perf_counter()
+        tally = self.tally
+        async with trio.open_nursery() as nursery:
+            counter = 0
+            while not self.stop_sending.is_set():
+                await window.acquire()
+                if self.stop_sending.is_set():
+                    break
+                counter += 1
+                nursery.start_soon(self._one, client, index, counter, target, channel_type, window)
+                tally.sent += 1
+                if interval:
+                    next_at += interval
+                    delay = next_at - time.perf_counter()
+                    if delay > 0:
+                        with trio.move_on_after(delay):
+                            await self.stop_sending.wait()
+                else:
+                    await trio.lowlevel.checkpoint()
+
+    async def _one(
+        self, client: Client, index: int, counter: int, target: str, channel_type: int, window: trio.Semaphore
+    ) -> None:
+        tally = self.tally
+        started = time.perf_counter()
+        try:
+            seq = await client.submit(
+                target, channel_type, make_payload(self.run_id, index, counter, self.args.payload)
+            )
+            ack = await client.wait_ack(seq, timeout_s=30)
+        except ClientError as exc:
+            tally.errors["timeout" if "SENDACK" in str(exc) else "disconnected"] += 1
+            return
+        finally:
+            window.release()
+        if ack.reason_code != Reason.SUCCESS:
+            tally.errors[Reason(ack.reason_code).name.lower()] += 1
+            return
+        tally.acked += 1
+        tally.ack_ms.append((time.perf_counter() - started) * 1000)
+        tally.expected[(index, counter)] = self.recipients(index)
+
+    async def _receive(self, client: Client, index: int) -> None:
+        tally = self.tally
+        while True:
+            try:
+                recv = await client.recv(timeout_s=3600)
+            except ClientError:
+                if not self.stop_receiving:
+                    # Counted, because what this recipient then misses is reported as lost: a bench client
+                    # too slow to read is disconnected by the node like any other (bounded buffers).
+                    tally.errors[f"recipient_disconnected_{client.disconnect_reason}"] += 1
+                return
+            try:
+                body = json.loads(recv.payload)
+            except ValueError:
+                continue
+            if not isinstance(body, dict) or body.get("b") != self.run_id:
+                continue
+            key = (index, int(body["s"]), int(body["n"]))
+            ids = (recv.message_id, recv.message_seq)
+            first = tally.seen.get(key)
+            if first is None:
+                tally.seen[key] = ids
+                tally.delivered += 1
+                tally.e2e_ms.append((time.time_ns() - int(body["t"])) / 1e6)
+            elif first != ids:
+                tally.duplicates += 1  # the same send under another id or seq (a DUP resend keeps its id)
+
+    async def _progress(self, began: float) -> None:
+        if self.args.json:
+            return
+        while not self.stop_sending.is_set():
+            with trio.move_on_after(PROGRESS_EVERY_S):
+                await self.stop_sending.wait()
+            t = self.tally
+            elapsed = max(time.perf_counter() - began, 1e-9)
+            errors = sum(t.errors.values())
+            print(
+                f"\r{elapsed:5.1f}s  sent {t.sent}  acked {t.acked} ({t.acked / elapsed:,.0f}/s)  "
+                f"delivered {t.delivered} ({t.delivered / elapsed:,.0f}/s)  errors {errors}   ",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+        if not self.args.json:
+            print(file=sys.stderr)
+
+    def _report(self, elapsed: float, nodes: list[str], wall: float) -> dict[str, Any]:
+        t = self.tally
+        lost = self._missing()
+        node_stats = {}
+        for node_id in nodes:
+            status = op.node_status(self.config, node_id) or {}
+            process = status.get("process", {})
+            node_stats[node_id] = {
+                "peak_rss_mb": process.get("peak_rss_mb"),
+                "cpu_s": process.get("cpu_s"),
+            }
+        return {
+            "mode": self.args.mode,
+            "clients": self.args.clients,
+            "senders": self.args.senders or self.args.clients,
+            "window": self.args.window,
+            "duration_s": round(elapsed, 2),
+            "rate": self.args.rate,
+            "payload_bytes": self.args.payload,
+            "sent": t.sent,
+            "acked": t.acked,
+            "acked_per_s": round(t.acked / elapsed),
+            "delivered": t.delivered,
+            "delivered_per_s": round(t.delivered / elapsed),
+            "ack_p50_ms": round(percentile(t.ack_ms, 0.50), 2),
+            "ack_p99_ms": round(percentile(t.ack_ms, 0.99), 2),
+            "e2e_p50_ms": round(percentile(t.e2e_ms, 0.50), 2),
+            "e2e_p99_ms": round(percentile(t.e2e_ms, 0.99), 2),
+            "errors": dict(t.errors),
+            "lost": lost,
+            "duplicates": t.duplicates,
+            "nodes": node_stats,
+            "wall_s": round(wall, 2),
+        }
