@@ -4,6 +4,10 @@ storage/ imports nothing of ours, raft/ may import storage/, node/ may import bo
 thread, and the only way back into trio is the bridge in raft/; so node/ may use raft.bridge and
 raft.machine types but never imports `pysyncobj` itself, and storage/ (below raft/) never does either.
 
+Inside node/ (DESIGN.md, "Layout"): wire/ imports nothing of ours; the client library never reaches the
+server side (server, pools, cluster, api, plugins, tools), directly or through another module; nothing the
+server reaches imports tools/; and no module, nor any of node/'s parts, imports itself in a circle.
+
 Every import counts: module level, inside functions, under `if TYPE_CHECKING:`, relative, and the
 string-named ones (`importlib.import_module("x")`, `__import__("x")`), since each couples the layers.
 """
@@ -126,6 +130,124 @@ def test_node_reaches_raft_only_through_its_public_modules() -> None:
         imp.module for path in _modules("node") for imp in imports_of(path, REPO) if imp.top == "raft"
     }
     assert {"raft.bridge", "raft.machine"} <= raft_users, raft_users
+
+
+# -- inside node/ ----------------------------------------------------------------------------------------
+def module_graph(root: Path = REPO) -> dict[str, set[str]]:
+    """Each of our modules (dotted name) and the modules of ours it imports."""
+    files: dict[str, Path] = {}
+    for layer in OUR_PACKAGES:
+        for path in sorted((root / layer).rglob("*.py")):
+            parts = path.relative_to(root).with_suffix("").parts
+            files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+
+    def ours(module: str) -> str | None:
+        # `from node.api import users` names a module; `from node.api.app import F` names its module.
+        while module and module not in files:
+            module = module.rpartition(".")[0]
+        return module or None
+
+    return {
+        name: {found for imp in imports_of(path, root) if (found := ours(imp.module)) and found != name}
+        for name, path in files.items()
+    }
+
+
+def reach(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module `start` imports, directly or through others."""
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        for dep in graph[todo.pop()] - seen:
+            seen.add(dep)
+            todo.append(dep)
+    return seen
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one node (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for dep in sorted(graph.get(node, ())):
+            if dep not in index:
+                visit(dep)
+                low[node] = min(low[node], low[dep])
+            elif dep in stack:
+                low[node] = min(low[node], index[dep])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def part_of(module: str) -> str:
+    """node's part a module belongs to: node.pools.user -> node.pools; raft.apply -> raft."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if parts[0] == "node" and len(parts) > 1 else parts[0]
+
+
+GRAPH = module_graph()
+CLIENT_NEVER = ("node.server", "node.pools", "node.cluster", "node.api", "node.plugins", "node.tools")
+
+
+def _under(module: str, packages: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
+def test_wire_imports_nothing_of_ours() -> None:
+    wire = [m for m in GRAPH if _under(m, ("node.wire",))]
+    assert wire, "no modules under node/wire"
+    bad = {m: sorted(d for d in GRAPH[m] if not _under(d, ("node.wire",))) for m in wire}
+    assert not any(bad.values()), bad
+
+
+def test_the_client_never_reaches_the_server_side() -> None:
+    reached = reach(GRAPH, "node.client")
+    assert "node.gateway.transports" in reached, "the client shares the gateway's transports"
+    assert not [m for m in reached if _under(m, CLIENT_NEVER)], sorted(reached)
+
+
+def test_the_server_never_reaches_tools() -> None:
+    reached = reach(GRAPH, "node.server")
+    assert "node.api.app" in reached  # the walk sees the server's parts, or it proves nothing
+    assert not [m for m in reached if _under(m, ("node.tools",))], sorted(reached)
+
+
+def test_no_module_imports_itself_in_a_circle() -> None:
+    assert not circles(GRAPH)
+
+
+def test_node_parts_import_each_other_one_way() -> None:
+    parts: dict[str, set[str]] = {}
+    for module, deps in GRAPH.items():
+        parts.setdefault(part_of(module), set()).update(
+            part_of(d) for d in deps if part_of(d) != part_of(module)
+        )
+    assert {"node.wire", "node.gateway", "node.pools", "node.cluster", "node.api", "node.client"} <= set(
+        parts
+    )
+    assert not circles(parts)
+
+
+def test_the_circle_finder_finds_a_circle() -> None:
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert circles({"a": {"b"}, "b": set()}) == []
 
 
 # -- the checker itself catches every shape of import ------------------------------------------------------

@@ -1,6 +1,6 @@
 """One client connection: its identity, its bounded outbound queue, and the RECVs awaiting RECVACK.
 
-The connection object never touches a socket itself. A transport (TCP or WebSocket, in gateway.py) runs two
+The connection object never touches a socket itself. A transport (TCP or WebSocket, transports.py) runs two
 tasks per connection: a reader that decodes frames into events for the user pool, and a writer that drains
 `outbound`. Everything else (pools, handlers) only calls `send_packet` / `send_frame`, which never block:
 a connection whose queue is full is a client that stopped reading, and it is disconnected rather than

@@ -5,20 +5,21 @@ reject (a **step**: it returns a reason code, which becomes the SENDACK or CONNA
 (an **observer**: it runs behind a bounded queue and never delays the send path). The typed event each pool
 hands its handlers:
 
-| pool    | event        | event object                     | context        |
-|---------|--------------|----------------------------------|----------------|
-| user    | connect      | user_pool.ConnectEvent           | UserContext    |
-| user    | send         | user_pool.SendEvent (decrypted)  | UserContext    |
-| channel | send         | channel_pool.ChannelSend         | ChannelContext |
-| channel | distribute   | channel_pool.Delivery (committed)| ChannelContext |
-| pusher  | push         | pusher_pool.PushEvent            | PushContext    |
+| pool    | event        | event object (node/...)               | context (node/pools/...) |
+|---------|--------------|---------------------------------------|--------------------------|
+| user    | connect      | gateway/events.ConnectEvent           | user.UserContext         |
+| user    | send         | gateway/events.SendEvent (decrypted)  | user.UserContext         |
+| channel | send         | pools/channel.ChannelSend             | channel.ChannelContext   |
+| channel | distribute   | pools/channel.Delivery (committed)    | channel.ChannelContext   |
+| pusher  | push         | pools/pusher.PushEvent                | pusher.PushContext       |
 
-Plugins are named in the config (``[[plugins]] handler = "module:object"``) or published under the entry
-point group ``imnode.handlers``. `object` is a HandlerSpec, a list of them, or a factory
+The shipped examples are in node/plugins/examples/. Plugins are named in the config
+(``[[plugins]] handler = "module:object"``) or published under the entry point group ``imnode.handlers``.
+`object` is a HandlerSpec, a list of them, or a factory
 ``(options: dict, host: PluginHost) -> HandlerSpec | list[HandlerSpec]``. A plugin that cannot be loaded
 stops the start with a message naming it. At run time a plugin step that raises or overruns its timeout is
 skipped for that event (the message goes on), counted and dead-lettered; after a few failures in a row it
-is bypassed for a while (see eventbus).
+is bypassed for a while (see node/pools/eventbus.py).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from node.metrics import Metrics
 from node.pools.eventbus import EventPool, HandlerError, HandlerFn
 
 ENTRY_POINT_GROUP = "imnode.handlers"
+# Refs written before the shipped examples moved under node.plugins keep working in existing configs.
+MOVED_MODULES = {"node.examples": "node.plugins.examples"}
 DEFAULT_PLUGIN_TIMEOUT_S = 0.5
 
 
@@ -107,6 +110,9 @@ def resolve(ref: str) -> Any:
     module_name, sep, attr = ref.partition(":")
     if not sep or not module_name or not attr:
         raise PluginError(f"plugin {ref!r}: expected 'module:object'")
+    for old, new in MOVED_MODULES.items():
+        if module_name == old or module_name.startswith(old + "."):
+            module_name = new + module_name[len(old) :]
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:

@@ -83,6 +83,7 @@ class Handler:
     stats: HandlerStats = field(default_factory=HandlerStats)
     # Circuit breaker: after `BREAKER_FAILURES` failures in a row the handler is bypassed for
     # `BREAKER_COOLDOWN_S`, so a hanging plugin costs its timeout a few times, not on every event.
+    # `open_until` is on trio's clock, so tests can run the cooldown on autojump_clock.
     failures_in_row: int = 0
     open_until: float = 0.0
     priority: int | None = None
@@ -266,7 +267,7 @@ class EventPool(Generic[Ctx]):
         for handler in self._chains.get(event_type, ()):
             if not handler.enabled:
                 continue
-            if handler.open_until and handler.open_until > time.monotonic():
+            if handler.open_until and handler.open_until > trio.current_time():
                 handler.stats.bypassed += 1
                 continue
             if handler.kind == "observer":
@@ -334,7 +335,7 @@ class EventPool(Generic[Ctx]):
     def _trip(self, handler: Handler) -> None:
         handler.failures_in_row += 1
         if handler.failures_in_row >= BREAKER_FAILURES:
-            handler.open_until = time.monotonic() + BREAKER_COOLDOWN_S
+            handler.open_until = trio.current_time() + BREAKER_COOLDOWN_S
             handler.failures_in_row = 0
             log.warning(
                 "%s: handler %s keeps failing; bypassed for %.0fs",
@@ -394,7 +395,7 @@ class EventPool(Generic[Ctx]):
                         "name": h.name,
                         "kind": h.kind,
                         "enabled": h.enabled,
-                        "bypassed_until": h.open_until if h.open_until > time.monotonic() else None,
+                        "bypassed_until": h.open_until if h.open_until > trio.current_time() else None,
                         **h.stats.as_dict(),
                     }
                     for h in chain

@@ -14,7 +14,7 @@ from node.tools import operator as op
 from node.wire.protocol import Reason
 from tests.cluster_harness import MANAGER_TOKEN, Cluster, write_cluster_toml
 from tests.conftest import http_json
-from tests.test_cluster import sync_person
+from tests.system.test_cluster import sync_person
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
@@ -133,7 +133,7 @@ async def test_an_old_leader_does_not_acknowledge_its_own_entries_when_a_snapsho
     snapshot message used to make the old leader commit its own tail: it acknowledged the send with
     SUCCESS and then lost it to the snapshot. Timing decides whether the snapshot or a retry of the
     proposal reaches the old leader first: with the fix taken out this failed in 1 of 6 runs. The
-    deterministic replay is tests/test_safe_syncobj.py; this one checks the whole path.
+    deterministic replay is tests/raft/test_safe_syncobj.py; this one checks the whole path.
     """
     tuning = {
         "commit_timeout_s": 30.0,  # the cut-off send must still be waiting when the partition heals

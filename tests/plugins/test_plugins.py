@@ -37,12 +37,13 @@ from tests.conftest import (
     wait_for,
     write_single_node_toml,
 )
-from tests.plugin_fixtures.words import DEFAULT_WORD
+from tests.plugins.fixtures.words import DEFAULT_WORD
 
+EXAMPLES = "node.plugins.examples"
 AUDIT = "node.plugins.examples.audit:audit"
 STATISTICS = "node.plugins.examples.statistics:statistics"
 ROLLOUT = "node.plugins.examples.rollout:rollout"
-FAULTY = "tests.plugin_fixtures.faulty"
+FAULTY = "tests.plugins.fixtures.faulty"
 TEXT = b'{"content":"hello","type":1}'
 FORBIDDEN = b'{"content":"a FORBIDDEN word","type":1}'
 ENTRY_POINT_WORD = DEFAULT_WORD.encode()
@@ -59,7 +60,7 @@ def write_entry_point_dist(site: Path) -> Path:
     dist_info.mkdir(parents=True)
     (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: imnode-fixture-plugin\nVersion: 0.1\n")
     (dist_info / "entry_points.txt").write_text(
-        "[imnode.handlers]\nword_block = tests.plugin_fixtures.words:block_word\n"
+        "[imnode.handlers]\nword_block = tests.plugins.fixtures.words:block_word\n"
     )
     return site
 
@@ -167,7 +168,7 @@ async def test_plugin_published_as_an_entry_point_is_installed_at_start(
     monkeypatch.syspath_prepend(str(write_entry_point_dist(tmp_path / "site")))
     published = plugins.entry_point_plugins()
     assert [(p.ref, p.source) for p in published] == [
-        ("tests.plugin_fixtures.words:block_word", "entry point word_block")
+        ("tests.plugins.fixtures.words:block_word", "entry point word_block")
     ]
     async with (
         running_node(single_node_config(tmp_path / "n1")) as running,
@@ -450,16 +451,16 @@ async def test_a_node_that_catches_up_by_snapshot_takes_the_disabled_state(tmp_p
 
 # -- bad plugins stop the start --------------------------------------------------------------------------
 BAD_PLUGINS = {
-    "import-error": ("tests.plugin_fixtures.broken:thing", "", "cannot import"),
+    "import-error": ("tests.plugins.fixtures.broken:thing", "", "cannot import"),
     "syntax-error": ("syntax_broken_plugin:thing", "", "cannot import"),
-    "missing-module": ("tests.plugin_fixtures.no_such_module:thing", "", "cannot import"),
-    "missing-object": ("tests.plugin_fixtures.bad:no_such_object", "", "has no"),
-    "not-a-handler": ("tests.plugin_fixtures.bad:not_a_handler", "", "not a HandlerSpec"),
-    "wrong-signature": ("tests.plugin_fixtures.bad:wrong_signature", "", "must take exactly (ctx, event)"),
-    "not-async": ("tests.plugin_fixtures.bad:not_async", "", "must be an async function"),
-    "unknown-pool": ("tests.plugin_fixtures.bad:unknown_pool", "", "unknown pool 'mailbox'"),
-    "unknown-event": ("tests.plugin_fixtures.bad:unknown_event", "", "has no event 'teleport'"),
-    "unknown-neighbour": ("tests.plugin_fixtures.bad:unknown_neighbour", "", "no_such_handler"),
+    "missing-module": ("tests.plugins.fixtures.no_such_module:thing", "", "cannot import"),
+    "missing-object": ("tests.plugins.fixtures.bad:no_such_object", "", "has no"),
+    "not-a-handler": ("tests.plugins.fixtures.bad:not_a_handler", "", "not a HandlerSpec"),
+    "wrong-signature": ("tests.plugins.fixtures.bad:wrong_signature", "", "must take exactly (ctx, event)"),
+    "not-async": ("tests.plugins.fixtures.bad:not_async", "", "must be an async function"),
+    "unknown-pool": ("tests.plugins.fixtures.bad:unknown_pool", "", "unknown pool 'mailbox'"),
+    "unknown-event": ("tests.plugins.fixtures.bad:unknown_event", "", "has no event 'teleport'"),
+    "unknown-neighbour": ("tests.plugins.fixtures.bad:unknown_neighbour", "", "no_such_handler"),
     "factory-fails": (AUDIT, 'options = { words = "not a list" }', "factory failed"),
 }
 
@@ -573,3 +574,10 @@ async def _check_metrics(running: RunningNode, statistics_sample: str) -> None:
     assert metric_value(text, permission) == 2
     for name in ("imnode_connections", "imnode_raft_commit_index", "imnode_handler_calls_total", METRIC):
         assert f"# TYPE {name} " in text
+
+
+def test_plugin_refs_to_the_examples_old_home_still_load() -> None:
+    """Configs written before the examples moved under node.plugins name them as node.examples.*."""
+    for name in ("audit", "statistics", "rollout"):
+        old = plugins.resolve(f"node.examples.{name}:{name}")
+        assert old is plugins.resolve(f"{EXAMPLES}.{name}:{name}")

@@ -286,7 +286,7 @@ def test_a_bad_snapshot_halts_the_process(tmp_path: os.PathLike[str], content: b
         print("survived")
         """
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60, check=False
     )

@@ -1,4 +1,5 @@
-"""node/eventbus.py: handler chains, isolation of failing and hanging handlers, observers, shards, statistics.
+"""node/pools/eventbus.py: handler chains, isolation of failing and hanging handlers, the circuit breaker,
+observers, shards, statistics.
 
 Pure trio (no Raft), so these run on `autojump_clock`: timeouts and backoffs cost no real time.
 """
@@ -16,7 +17,14 @@ import pytest
 import trio
 import trio.testing
 
-from node.pools.eventbus import SUCCESS, SYSTEM_ERROR, EventPool, HandlerError
+from node.pools.eventbus import (
+    BREAKER_COOLDOWN_S,
+    BREAKER_FAILURES,
+    SUCCESS,
+    SYSTEM_ERROR,
+    EventPool,
+    HandlerError,
+)
 
 WAIT_S = 30.0  # virtual seconds on the autojump clock
 
@@ -212,6 +220,46 @@ async def test_a_hanging_step_is_timed_out_and_isolated(autojump_clock: trio.tes
     # Another shard did not wait for the stuck one; the same shard waited for two timeouts, no longer.
     assert pool.ctx.times["other-shard"][0] - started < 0.05
     assert pool.ctx.times["same-shard"][0] - started == pytest.approx(0.1, abs=0.01)
+
+
+async def test_the_circuit_breaker_bypasses_a_hanging_step_for_its_cooldown_then_calls_it_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The breaker reads trio's clock: its 10 s cooldown costs no real time here."""
+    timeout_s = 0.5
+    pool = make_pool()
+    called: list[Any] = []
+
+    async def hang(ctx: Ctx, event: Any) -> int | None:
+        called.append(event)
+        await trio.sleep_forever()
+        return None
+
+    # As a plugin step is: skipped (the event goes on) when it keeps failing, never retried.
+    pool.register("ev", "hang", hang, timeout_s=timeout_s, retries=0, on_error="skip")
+    pool.register("ev", "after", recorder("after"))
+    started = trio.current_time()
+    for i in range(BREAKER_FAILURES):
+        assert await pool.dispatch("ev", i) == SUCCESS
+    assert trio.current_time() - started == pytest.approx(BREAKER_FAILURES * timeout_s)
+    tripped_at = trio.current_time()
+    assert pool.chain("ev")[0].open_until == pytest.approx(tripped_at + BREAKER_COOLDOWN_S)
+
+    # Open: bypassed at once, the rest of the chain still runs.
+    assert await pool.dispatch("ev", "bypassed") == SUCCESS
+    assert trio.current_time() == tripped_at
+    assert called == list(range(BREAKER_FAILURES))
+    assert pool.ctx.calls[-1] == ("after", "bypassed")
+    [stats] = [h for h in pool.statistics()["handlers"]["ev"] if h["name"] == "hang"]
+    assert stats["bypassed"] == 1
+    assert stats["bypassed_until"] == pytest.approx(tripped_at + BREAKER_COOLDOWN_S)
+
+    # After the cooldown the step is called again (and pays its timeout again).
+    await trio.sleep(BREAKER_COOLDOWN_S)
+    assert await pool.dispatch("ev", "again") == SUCCESS
+    assert called[-1] == "again"
+    assert pool.statistics()["handlers"]["ev"][0]["bypassed_until"] is None
+    assert len(pool.dead_letters) == BREAKER_FAILURES + 1
 
 
 # -- observers --------------------------------------------------------------------------------------------

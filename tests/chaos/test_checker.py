@@ -18,7 +18,7 @@ import pytest
 
 from tests.chaos.checker import Report, check, load, main
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SEED = 42
 NODES = ("n1", "n2", "n3")
 PERSON = "p:alice:bob"
