@@ -253,6 +253,12 @@ def load(path: str | None) -> Config:
     if not members:
         raise ConfigError(f"{source}: cluster.initial_members: must name at least one node")
 
+    if len(nodes) > 1 and not cluster.get("raft_password"):
+        # Without it PySyncObj unpickles whatever reaches a Raft port: anyone who can connect runs code.
+        raise ConfigError(
+            f"{source}: cluster.raft_password: required when the file names more than one node "
+            "(the nodes authenticate their Raft traffic with it; use a long random string)"
+        )
     plugins = _plugins(source, doc.get("plugins", []))
     webhook = _webhook(source, doc.get("webhook", {}))
     tuning = Tuning(**_table(source, "tuning", doc.get("tuning", {}), Tuning))

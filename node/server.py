@@ -49,6 +49,7 @@ from node.wire.protocol import Reason
 from raft import outbox
 from raft.bridge import RaftNode
 from raft.machine import RaftSettings
+from raft.secret import local_secret
 from storage.store import Store
 
 log = logging.getLogger("imnode.node")
@@ -91,8 +92,10 @@ class Node:
                 self_addr=self.spec.raft,
                 partners=config.partners(node_id),
                 data_dir=os.path.join(self.spec.data_dir, "raft"),
-                password=config.raft_password or None,
-                bind_addr=self.spec.raft_bind or None,
+                # Never None: PySyncObj without a password unpickles whatever reaches its port.
+                password=config.raft_password or local_secret(os.path.join(self.spec.data_dir, "raft")),
+                # Never None: PySyncObj would then bind every interface (0.0.0.0), not the configured host.
+                bind_addr=self.spec.raft_bind or self.spec.raft,
                 min_timeout_s=tuning.raft_min_timeout_s,
                 max_timeout_s=tuning.raft_max_timeout_s,
                 leader_fallback_timeout_s=tuning.leader_fallback_timeout_s,

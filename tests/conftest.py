@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 import signal
 import socket
 import subprocess
@@ -24,11 +25,35 @@ logging.getLogger("pysyncobj").setLevel(logging.CRITICAL)
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _ephemeral_range() -> range:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
+_EPHEMERAL = _ephemeral_range()
+
+
 def free_port() -> int:
-    """A port free right now on 127.0.0.1 (PySyncObj needs a fixed Raft address, so port 0 won't do)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free right now on 127.0.0.1, outside the kernel's ephemeral range.
+
+    PySyncObj needs a fixed Raft address, so port 0 won't do. Ports from the ephemeral range (what binding
+    port 0 hands out) can be taken by any outgoing connection while a node of a test is down, and its
+    restart then fails with "address in use"; a random port below that range is never handed out so.
+    """
+    for _ in range(1000):
+        port = random.randrange(10000, 32000)
+        if port in _EPHEMERAL:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def single_node_config(data_dir: Path, **overrides: Any) -> Config:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from node.config import DEFAULT_NODE_ID, Config, ConfigError, NodeSpec, Tuning, load
+from raft.secret import SECRET_FILE, local_secret
 
 FILE = "cluster.toml"
 
@@ -99,7 +100,7 @@ def test_a_valid_file_loads(tmp_path: Path) -> None:
 
 
 def test_initial_members_default_to_every_node(tmp_path: Path) -> None:
-    config = load(write(tmp_path, NODE_1 + NODE_2))
+    config = load(write(tmp_path, '[cluster]\nraft_password = "pw"\n' + NODE_1 + NODE_2))
     assert config.initial_members == ("n1", "n2")
     assert config.cluster_name == "imnode"
 
@@ -186,3 +187,22 @@ def test_log_compaction_min_entries_pysyncobj_would_refuse_is_a_config_error(tmp
     # AssertionError (and under `python -O` run on with a value PySyncObj never expected).
     message = load_error(tmp_path, "[tuning]\nlog_compaction_min_entries = 1\n" + NODE_1)
     assert "tuning.log_compaction_min_entries" in message
+
+
+def test_a_file_naming_several_nodes_requires_raft_password(tmp_path: Path) -> None:
+    # Without it PySyncObj would unpickle whatever reaches the Raft ports (remote code execution).
+    for cluster in ("", '[cluster]\nraft_password = ""\n'):
+        message = load_error(tmp_path, cluster + NODE_1 + NODE_2)
+        assert "cluster.raft_password: required" in message
+    assert load(write(tmp_path, NODE_1)).raft_password == ""  # one node: it generates its own secret
+
+
+def test_the_local_raft_secret_is_made_once_and_kept_private(tmp_path: Path) -> None:
+    secret = local_secret(str(tmp_path))
+    path = tmp_path / SECRET_FILE
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert len(secret) >= 32 and local_secret(str(tmp_path)) == secret  # stable across restarts
+    assert local_secret(str(tmp_path / "other")) != secret
+    os.chmod(path, 0o644)
+    with pytest.raises(PermissionError, match="readable by others"):
+        local_secret(str(tmp_path))

@@ -77,6 +77,7 @@ class Run:
     down: set[str] = field(default_factory=set)
     stopping: bool = False
     sent: int = 0
+    faults: int = 0  # injected, not counting the restarts, resumes and heals that end them
 
     @property
     def nodes(self) -> list[str]:
@@ -253,8 +254,14 @@ async def wait_leader(run: Run, timeout_s: float = 30) -> str | None:
     return None
 
 
+# Fault records that end a fault or describe the run, rather than inject one.
+AFTERMATH = ("restart", "sigcont", "heal", "proxy", "verify")
+
+
 def fault(run: Run, kind: str, node: str | None, detail: str = "") -> None:
     run.history.write({"type": "fault", "kind": kind, "node": node, "detail": detail})
+    if kind not in AFTERMATH:
+        run.faults += 1
 
 
 async def restart(run: Run, node: str) -> None:
@@ -352,8 +359,19 @@ async def final_stores(run: Run) -> None:
 
 
 async def run_chaos(
-    workdir: Path, *, seed: int, duration_s: float, history_path: Path, nodes: int = 3
+    workdir: Path,
+    *,
+    seed: int,
+    duration_s: float,
+    history_path: Path,
+    nodes: int = 3,
+    min_faults: int = 0,
 ) -> Path:
+    """Run writers and readers under seeded faults for `duration_s`, and at least `min_faults` faults.
+
+    On a loaded machine each fault takes longer (restarts, catch-up), so a run bounded by time alone may
+    inject too few faults to mean anything: `min_faults` extends it, up to three times `duration_s`.
+    """
     rng = random.Random(seed)
     # One more node than the initial members: the join_remove fault adds it under load.
     config = write_cluster_toml(
@@ -391,10 +409,13 @@ async def run_chaos(
             async with trio.open_nursery() as writers_nursery:
                 for uid in writers:
                     writers_nursery.start_soon(writer, run, uid)
-                deadline = trio.current_time() + duration_s
-                while trio.current_time() < deadline:
+                start = trio.current_time()
+                deadline, hard_deadline = start + duration_s, start + 3 * duration_s
+                while (now := trio.current_time()) < deadline or (
+                    run.faults < min_faults and now < hard_deadline
+                ):
                     await trio.sleep(rng.uniform(1.0, 3.0))
-                    if trio.current_time() >= deadline:
+                    if trio.current_time() >= deadline and run.faults >= min_faults:
                         break
                     await inject(run, rng.choice(FAULTS))
                 run.stopping = True

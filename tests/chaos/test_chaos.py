@@ -22,7 +22,7 @@ async def test_no_acknowledged_message_is_lost_duplicated_or_reordered_under_fau
 ) -> None:
     history = tmp_path / "history.jsonl"
     with trio.fail_after(300):
-        await run_chaos(tmp_path, seed=seed, duration_s=25, history_path=history)
+        await run_chaos(tmp_path, seed=seed, duration_s=25, history_path=history, min_faults=4)
     report = checker.check(checker.load(history))
     print(report.summary())
     faults = [

@@ -6,7 +6,6 @@ These tests commit through Raft, so they run on the real clock with every wait b
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -25,15 +24,10 @@ from raft.bridge import RaftNode
 from raft.machine import EXIT_STORE_FAILURE, SNAPSHOT_MAGIC, Committed, Machine, RaftSettings
 from storage import keys
 from storage.store import Store
+from tests.conftest import free_port
 
 READY_TIMEOUT_S = 15.0
 COMMIT_TIMEOUT_S = 5.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def as_machine(store: Store) -> Machine:
