@@ -20,6 +20,8 @@ from node.crypto import CryptoError, Session, generate_keypair, msg_key_matches,
 from node.eventbus import EventPool
 from node.presence import Presence
 from node.protocol import (
+    I64_MAX,
+    I64_MIN,
     SETTING_NO_ENCRYPT,
     Connack,
     Connect,
@@ -114,6 +116,9 @@ async def connack(ctx: UserContext, ev: ConnectEvent) -> int | None:
             conn.session = Session.from_keys(private_key, packet.client_key, salt)
         except CryptoError:
             return Reason.CLIENT_KEY_IS_EMPTY
+    # Any i64 is a valid client_timestamp (the Go SDK even sends seconds), so the difference can leave
+    # CONNACK's i64: clamp it rather than fail the login over a clock.
+    time_diff = min(max(int(time.time() * 1000) - packet.client_timestamp, I64_MIN), I64_MAX)
     conn.uid = packet.uid
     conn.device_flag = packet.device_flag
     conn.device_id = packet.device_id
@@ -124,7 +129,7 @@ async def connack(ctx: UserContext, ev: ConnectEvent) -> int | None:
     ctx.presence.online(conn)  # replicated in the background: the CONNACK does not wait for it
     conn.send_packet(
         Connack(
-            time_diff=int(time.time() * 1000) - packet.client_timestamp,
+            time_diff=time_diff,
             reason_code=Reason.SUCCESS,
             server_key=server_key,
             salt=salt,

@@ -1,4 +1,5 @@
-"""Abuse: a SEND flood gets reason 22; a Raft port reached without the password runs nothing."""
+"""Abuse: a SEND flood gets reason 22; a Raft port reached without the password runs nothing; hostile
+logins and uids (a uid with `@`, an extreme client timestamp, a refused CONNECT) change nothing else."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 import pickle
 import socket
 import struct
+import time
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -15,7 +17,8 @@ import pytest
 import trio
 
 from node.client import open_client
-from node.protocol import Reason
+from node.crypto import generate_keypair
+from node.protocol import LATEST_VERSION, Connack, Connect, FrameDecoder, Reason, encode
 from raft.commands import person_channel_id
 from storage.keys import channel_key
 from tests.cluster_harness import Cluster, write_cluster_toml
@@ -79,3 +82,44 @@ async def test_a_raft_port_reached_without_the_password_runs_nothing(
     assert not marker.exists()
     async with open_client(*one_node.tcp("n1"), "alice") as alice:
         assert (await alice.send("bob", 1, b"still serving")).reason_code == Reason.SUCCESS
+
+
+# -- what a hostile client sends at login and as a uid ----------------------------------------------------
+async def raw_connect(
+    address: tuple[str, int],
+    uid: str,
+    *,
+    client_timestamp: int | None = None,
+    client_key: str | None = None,
+    token: str = "",
+) -> tuple[trio.SocketStream, Connack]:
+    """A CONNECT with any field values (the client library only sends sane ones), and its CONNACK."""
+    stream = await trio.open_tcp_stream(*address)
+    stamp = int(time.time() * 1000) if client_timestamp is None else client_timestamp
+    key = generate_keypair()[1] if client_key is None else client_key
+    await stream.send_all(
+        encode(Connect(LATEST_VERSION, 0, f"dev-{uid}", uid, token, stamp, key), LATEST_VERSION)
+    )
+    decoder = FrameDecoder(version=LATEST_VERSION)
+    with trio.fail_after(10):
+        while (connack := decoder.next_packet()) is None:
+            data = await stream.receive_some(65536)
+            assert data, "the node closed the connection before CONNACK"
+            decoder.feed(data)
+    assert isinstance(connack, Connack), connack
+    return stream, connack
+
+
+async def test_a_connect_is_never_refused_for_its_timestamp(tmp_path: Path) -> None:
+    i64_min, i64_max = -(1 << 63), (1 << 63) - 1
+    async with running_node(single_node_config(tmp_path / "n1")) as node:
+        for n, stamp in enumerate((i64_min, i64_max, 0, -1)):
+            stream, connack = await raw_connect(node.tcp, f"clock-{n}", client_timestamp=stamp)
+            async with stream:
+                assert connack.reason_code == Reason.SUCCESS, (stamp, connack)
+                # time_diff = server ms - client ms, clamped to the field's range.
+                if stamp == i64_min:
+                    assert connack.time_diff == i64_max
+                else:
+                    assert connack.time_diff == pytest.approx(int(time.time() * 1000) - stamp, abs=60_000)
+        assert node.node.user_pool.statistics()["dead_letters"] == 0
