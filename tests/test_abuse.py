@@ -22,7 +22,7 @@ from node.protocol import LATEST_VERSION, Connack, Connect, FrameDecoder, Reason
 from raft.commands import person_channel_id
 from storage.keys import channel_key
 from tests.cluster_harness import Cluster, write_cluster_toml
-from tests.conftest import running_node, single_node_config
+from tests.conftest import http_json, running_node, single_node_config, wait_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
@@ -123,3 +123,27 @@ async def test_a_connect_is_never_refused_for_its_timestamp(tmp_path: Path) -> N
                 else:
                     assert connack.time_diff == pytest.approx(int(time.time() * 1000) - stamp, abs=60_000)
         assert node.node.user_pool.statistics()["dead_letters"] == 0
+
+
+async def test_a_refused_connect_leaves_the_live_session_alone(tmp_path: Path) -> None:
+    config = single_node_config(tmp_path / "n1", token_auth=True)
+    async with running_node(config) as node:
+        for uid in ("alice", "bob"):
+            status, _ = await http_json(node.http, "POST", "/user/token", {"uid": uid, "token": f"{uid}-t"})
+            assert status == 200
+        async with open_client(*node.tcp, "alice", token="alice-t") as alice:
+            live = list(node.node.registry.of_uid("alice"))
+            assert len(live) == 1
+            # The same uid and device flag with the right token but a client key that is no X25519 key.
+            stream, connack = await raw_connect(node.tcp, "alice", token="alice-t", client_key="bm90LWEta2V5")
+            async with stream:
+                assert connack.reason_code == Reason.CLIENT_KEY_IS_EMPTY
+            # The live session was not kicked: it is still registered, open and served.
+            assert node.node.registry.of_uid("alice") == live and not live[0].closed.is_set()
+            await alice.ping()
+            async with open_client(*node.tcp, "bob", token="bob-t") as bob:
+                assert (await alice.send("bob", 1, b"still here")).reason_code == Reason.SUCCESS
+                assert (await bob.recv()).payload == b"still here"
+            # A CONNECT that passes every check does replace it (reason 12).
+            async with open_client(*node.tcp, "alice", token="alice-t"):
+                await wait_for(lambda: live[0].closed.is_set(), 10, "the older session kicked")
