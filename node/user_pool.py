@@ -34,7 +34,13 @@ from node.protocol import (
     negotiate_version,
 )
 from node.registry import Registry
-from raft.commands import CHANNEL_PERSON, MAX_UID_BYTES, SUPPORTED_CHANNEL_TYPES, person_channel_id
+from raft.commands import (
+    CHANNEL_PERSON,
+    MAX_UID_BYTES,
+    SUPPORTED_CHANNEL_TYPES,
+    person_channel_id,
+    valid_uid,
+)
 from storage.store import Store
 
 CONNECT = "connect"
@@ -83,7 +89,7 @@ class UserContext:
 # -- connect ---------------------------------------------------------------------------------------------
 async def auth(ctx: UserContext, ev: ConnectEvent) -> int | None:
     packet = ev.packet
-    if not packet.uid or len(packet.uid.encode()) > MAX_UID_BYTES:
+    if not packet.uid or len(packet.uid.encode()) > MAX_UID_BYTES or not valid_uid(packet.uid):
         return Reason.AUTH_FAIL
     if ctx.config.encryption and not packet.client_key:
         return Reason.CLIENT_KEY_IS_EMPTY
@@ -200,8 +206,8 @@ async def forward(ctx: UserContext, ev: SendEvent) -> int | None:
     if not packet.channel_id or not packet.client_msg_no:
         return Reason.CHANNEL_ID_ERROR
     if packet.channel_type == CHANNEL_PERSON:
-        if packet.channel_id == ev.conn.uid:
-            return Reason.CHANNEL_ID_ERROR  # WuKongIM has no channel with oneself
+        if packet.channel_id == ev.conn.uid or not valid_uid(packet.channel_id):
+            return Reason.CHANNEL_ID_ERROR  # no channel with oneself (WuKongIM), nor with a uid none can have
         channel_id, peer = person_channel_id(ev.conn.uid, packet.channel_id), packet.channel_id
     else:
         channel_id, peer = packet.channel_id, ""

@@ -3,6 +3,7 @@ logins and uids (a uid with `@`, an extreme client timestamp, a refused CONNECT)
 
 from __future__ import annotations
 
+import base64
 import os
 import pickle
 import socket
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from node.client import open_client
+from node.client import ConnectRefused, open_client
 from node.crypto import generate_keypair
 from node.protocol import LATEST_VERSION, Connack, Connect, FrameDecoder, Reason, encode
 from raft.commands import person_channel_id
@@ -108,6 +109,116 @@ async def raw_connect(
             decoder.feed(data)
     assert isinstance(connack, Connack), connack
     return stream, connack
+
+
+async def test_a_uid_with_at_cannot_write_into_another_pairs_person_conversation(tmp_path: Path) -> None:
+    # Person channels are stored as `a@b`: with `@` allowed in uids, `eve` writing to `mail.com@bob` and
+    # `eve@mail.com` writing to `bob` name the same stored channel.
+    shared = person_channel_id("eve@mail.com", "bob")
+    assert shared == person_channel_id("eve", "mail.com@bob")
+    payload = base64.b64encode(b'{"content":"hi","type":1}').decode()
+    async with running_node(single_node_config(tmp_path / "n1")) as node:
+        async with open_client(*node.tcp, "eve") as eve:
+            assert (await eve.send("mail.com@bob", 1, b"forged")).reason_code == Reason.CHANNEL_ID_ERROR
+            assert (await eve.send("bob", 1, b"fine")).reason_code == Reason.SUCCESS
+        with pytest.raises(ConnectRefused) as refused:
+            async with open_client(*node.tcp, "eve@mail.com"):
+                pass
+        assert refused.value.reason_code == Reason.AUTH_FAIL
+        # Every HTTP field that takes a uid refuses one with `@`, naming the field.
+        refusals = [
+            ("/user/token", {"uid": "eve@mail.com", "token": "t"}, "uid"),
+            ("/user/device_quit", {"uid": "eve@mail.com"}, "uid"),
+            ("/user/onlinestatus", ["eve@mail.com"], "uids"),
+            ("/user/systemuids_add", {"uids": ["eve@mail.com"]}, "uids"),
+            (
+                "/channel",
+                {"channel_id": "g", "channel_type": 2, "subscribers": ["eve@mail.com"]},
+                "subscribers",
+            ),
+            (
+                "/channel/subscriber_add",
+                {"channel_id": "g", "channel_type": 2, "subscribers": ["eve@mail.com"]},
+                "subscribers",
+            ),
+            (
+                "/channel/blacklist_add",
+                {"channel_id": "g", "channel_type": 2, "uids": ["eve@mail.com"]},
+                "uids",
+            ),
+            (
+                "/channel/whitelist_set",
+                {"channel_id": "g", "channel_type": 2, "uids": ["eve@mail.com"]},
+                "uids",
+            ),
+            # A person channel's lists belong to the uid named as channel_id.
+            (
+                "/channel/blacklist_add",
+                {"channel_id": "mail.com@bob", "channel_type": 1, "uids": ["x"]},
+                "channel_id",
+            ),
+            (
+                "/message/send",
+                {"from_uid": "eve@mail.com", "channel_id": "bob", "channel_type": 1, "payload": payload},
+                "from_uid",
+            ),
+            (
+                "/message/send",
+                {"from_uid": "eve", "channel_id": "mail.com@bob", "channel_type": 1, "payload": payload},
+                "channel_id",
+            ),
+            (
+                "/message/sendbatch",
+                {"from_uid": "eve", "subscribers": ["mail.com@bob"], "payload": payload},
+                "subscribers",
+            ),
+            (
+                "/channel/messagesync",
+                {"login_uid": "eve@mail.com", "channel_id": "bob", "channel_type": 1},
+                "login_uid",
+            ),
+            ("/conversation/sync", {"uid": "eve@mail.com"}, "uid"),
+            (
+                "/conversations/clearUnread",
+                {"uid": "eve@mail.com", "channel_id": "bob", "channel_type": 1},
+                "uid",
+            ),
+        ]
+        for path, body, field in refusals:
+            status, answer = await http_json(node.http, "POST", path, body)
+            assert status == 400 and answer["msg"].startswith(f"{field} "), (path, body, status, answer)
+            assert "@" in answer["msg"], answer
+        status, answer = await http_json(node.http, "GET", "/connz?uid=eve%40mail.com")
+        assert status == 400 and answer["msg"].startswith("uid "), answer
+        # Apply checks again, deterministically: hand-made ops carrying such uids become error results.
+        forged = {
+            "t": "send",
+            "cid": shared,
+            "ct": 1,
+            "from": "eve",
+            "to": "mail.com@bob",
+            "cmn": "forged-by-hand",
+            "mid": 1,
+            "ts": 1,
+            "setting": 0,
+            "payload": b"forged",
+        }
+        token = {"t": "token", "uid": "eve@mail.com", "flag": 0, "level": 0, "token": "t"}
+        members = {
+            "t": "members",
+            "list": "subscribers",
+            "action": "add",
+            "cid": "g",
+            "ct": 2,
+            "uids": ["a@b"],
+        }
+        results = await node.node.proposer.call([forged, token, members])
+        assert [r["r"] for r in results] == [Reason.SYSTEM_ERROR] * 3, results
+        assert all("@" in r["err"] for r in results), results
+        with node.node.store.read() as txn:
+            assert txn.channel(channel_key(shared, 1)) is None
+            assert txn.user("eve@mail.com") is None
+            assert txn.channel(channel_key(person_channel_id("eve", "bob"), 1)) is not None
 
 
 async def test_a_connect_is_never_refused_for_its_timestamp(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -794,7 +795,8 @@ async def test_metrics_include_webhook_delivery(node: RunningNode) -> None:
 
 
 # -- the OpenAPI document and malformed input ------------------------------------------------------------
-KIND_TYPES = {"str": "string", "b64": "string", "int": "integer", "flag": "integer", "uids": "array"}
+KIND_TYPES = {"str": "string", "uid": "string", "b64": "string", "int": "integer", "flag": "integer"}
+KIND_TYPES["uids"] = "array"
 KIND_TYPES |= {"ints": "array", "obj": "object"}
 
 
@@ -802,12 +804,15 @@ def _check_field_schema(where: str, f: F, schema: dict[str, Any]) -> None:
     assert schema["type"] == KIND_TYPES[f.kind], where
     if f.kind in ("int", "flag"):
         assert (schema["minimum"], schema["maximum"]) == (f.low, 1 if f.kind == "flag" else f.high), where
-    if f.kind in ("str", "b64"):
+    if f.kind in ("str", "uid", "b64"):
         assert schema["maxLength"] == f.max_bytes, where
+    if f.kind == "uid":
+        assert schema["pattern"] == "^[^@]*$", where
     if f.kind == "b64":
         assert schema["format"] == "byte", where
     if f.kind == "uids":
         assert schema["maxItems"] == MAX_UIDS_PER_OP and schema["items"]["type"] == "string", where
+        assert schema["items"]["pattern"] == "^[^@]*$", where
 
 
 async def test_openapi_lists_every_route_with_its_fields(node: RunningNode, api: Api) -> None:
@@ -855,7 +860,7 @@ def schema_accepts(schema: dict[str, Any], value: Any) -> bool:
                 base64.b64decode(value, validate=True)
             except ValueError:
                 return False
-        return True
+        return "pattern" not in schema or re.search(schema["pattern"], value) is not None
     if kind == "integer":
         if not isinstance(value, int) or isinstance(value, bool):
             return False
@@ -913,6 +918,8 @@ def _bad_values(schema: dict[str, Any]) -> Iterator[tuple[str, Any]]:
         yield "minLength", ""
     if schema.get("format") == "byte":
         yield "format byte", "%%%"
+    if schema.get("pattern") == "^[^@]*$":
+        yield "pattern", "eve@mail.com"
 
 
 def schema_violations(doc: dict[str, Any]) -> Iterator[tuple[str, str, bytes]]:
