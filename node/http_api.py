@@ -467,6 +467,9 @@ class HttpApi:
             parsed = json.loads(raw or (b"[]" if route.body == "uid_array" else b"{}"))
         except (ValueError, UnicodeDecodeError) as exc:
             raise bad(f"body is not JSON: {exc}") from None
+        except RecursionError:
+            # The parser recurses per bracket: client input, not a fault of the node (no 500, no traceback).
+            raise bad("body is nested too deeply for the JSON parser") from None
         if route.body == "uid_array":
             return await route.fn(F("uids", "uids").parse({"uids": parsed}) or [], query)
         if not isinstance(parsed, dict):

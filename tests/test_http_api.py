@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -1070,3 +1071,19 @@ async def test_cluster_http_send_and_conversation_state_are_the_same_on_every_no
     assert len(expected) == 1 and expected[0]["last_msg_seq"] == 4
     for api in (n2, n3):  # the same state, byte for byte, on every node
         await eventually(functools.partial(api.conversations, "bob"), lambda rows: rows == expected, "same")
+
+
+# -- hostile bodies ---------------------------------------------------------------------------------------
+async def test_a_body_the_json_parser_cannot_take_gets_400_and_logs_no_traceback(
+    node: RunningNode, api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = await settled(node)
+    deep = [b"[" * 100_000, b'{"a":' * 100_000, b"[" * 100_000 + b"]" * 100_000, b"[" * (MAX_BODY_BYTES - 1)]
+    for path in ("/user/token", "/user/onlinestatus", "/channel/messagesync"):
+        for raw in deep:
+            status, answer = await api.call("POST", path, raw=raw)
+            assert (status, answer["status"]) == (400, 400), (path, len(raw), answer)
+            assert "nested too deeply" in answer["msg"], answer
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert proposed(node) == before
+    assert await api.post("/user/systemuids_add", {"uids": ["still-serving"]}) == {"status": 200}
