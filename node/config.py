@@ -52,6 +52,7 @@ class Tuning:
     store_map_bytes: int = 64 << 30
     store_sync_interval_s: float = 1.0
     node_down_after_s: float = 15.0
+    http_body_timeout_s: float = 5.0
 
 
 @dataclass(frozen=True)

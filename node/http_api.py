@@ -447,13 +447,19 @@ class HttpApi:
                 raise HttpError(401, "missing or wrong token header")
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         raw = b""
-        while True:
-            message = await receive()
-            raw += message.get("body", b"")
-            if len(raw) > MAX_BODY_BYTES:
-                raise HttpError(413, f"body larger than {MAX_BODY_BYTES} bytes")
-            if not message.get("more_body"):
-                break
+        # A client dribbling its body would otherwise hold the request, and what it sent, as long as it likes.
+        limit_s = self.node.config.tuning.http_body_timeout_s
+        with trio.move_on_after(limit_s) as body_time:
+            while True:
+                message = await receive()
+                raw += message.get("body", b"")
+                if len(raw) > MAX_BODY_BYTES:
+                    raise HttpError(413, f"body larger than {MAX_BODY_BYTES} bytes")
+                if not message.get("more_body"):
+                    break
+        if body_time.cancelled_caught:
+            # Answering before the body is complete makes Hypercorn close the connection after the answer.
+            raise HttpError(408, f"request body not received within {limit_s:g} s")
         if route.body == "none":
             args: dict[str, Any] = {k: v[0] for k, v in query.items() if v}
             for f in route.query:  # a query string carries text: integers arrive as digits

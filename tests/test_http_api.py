@@ -1087,3 +1087,41 @@ async def test_a_body_the_json_parser_cannot_take_gets_400_and_logs_no_traceback
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
     assert proposed(node) == before
     assert await api.post("/user/systemuids_add", {"uids": ["still-serving"]}) == {"status": 200}
+
+
+async def test_a_body_dribbled_past_the_time_limit_gets_408_and_a_close(tmp_path: Path) -> None:
+    config = single_node_config(tmp_path / "n1", manager_token=TOKEN, http_body_timeout_s=1.0)
+    async with running_node(config) as node:
+        host, port = node.http.removeprefix("http://").rsplit(":", 1)
+        body = json.dumps({"uids": ["dribbler"]}).encode()
+        head = (
+            f"POST /user/systemuids_add HTTP/1.1\r\nHost: {host}\r\ntoken: {TOKEN}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        stream = await trio.open_tcp_stream(host, int(port))
+        started = trio.current_time()
+        response = b""
+        async with stream, trio.open_nursery() as nursery:
+            await stream.send_all(head.encode())
+
+            async def dribble() -> None:
+                # One byte at a time, the last one never: the body stays incomplete as long as it likes.
+                for byte in body[:-1]:
+                    await trio.sleep(0.2)
+                    try:
+                        await stream.send_all(bytes((byte,)))
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        return
+
+            nursery.start_soon(dribble)
+            with trio.fail_after(10):  # the dribbler alone would take over 4 s, and then wait forever
+                while chunk := await stream.receive_some(65536):
+                    response += chunk
+            nursery.cancel_scope.cancel()
+        assert response.startswith(b"HTTP/1.1 408 "), response
+        assert b"request body" in response, response
+        assert trio.current_time() - started < 4
+        status, _ = await http_json(node.http, "GET", "/health")
+        assert status == 200
+        with node.node.store.read() as txn:
+            assert "dribbler" not in (txn.meta("system_uids") or [])
