@@ -520,7 +520,7 @@ class HttpApi:
                     "port": int(c.remote.rsplit(":", 1)[1]) if c.remote.rsplit(":", 1)[-1].isdigit() else 0,
                     "last_activity": round(now - c.last_activity, 3),
                     "uptime": round(now - c.connected_at, 3),
-                    "pending_bytes": 0,
+                    "pending_bytes": c.pending_bytes,
                     "pending_frames": c.outbound.statistics().current_buffer_used,
                     "in_packets": c.received_frames,
                     "out_packets": c.sent_frames,

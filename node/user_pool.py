@@ -232,7 +232,7 @@ async def reject_send(ctx: UserContext, ev: SendEvent, reason: int) -> None:
 
 # -- recvack, ping, close --------------------------------------------------------------------------------
 async def recvack(ctx: UserContext, ev: RecvackEvent) -> int | None:
-    ev.conn.inflight.pop(ev.packet.message_id, None)
+    ev.conn.untrack_recv(ev.packet.message_id)
     return None
 
 
