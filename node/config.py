@@ -27,9 +27,11 @@ class Tuning:
     connect_timeout_s: float = 10.0
     idle_timeout_s: float = 180.0
     outbound_queue_frames: int = 4096
+    outbound_queue_bytes: int = 8 << 20
     recv_resend_interval_s: float = 10.0
     recv_resend_attempts: int = 5
     recv_inflight_max: int = 4096
+    recv_inflight_bytes: int = 4 << 20
     send_rate_per_s: float = 2000.0
     send_burst: int = 4000
     user_pool_shards: int = 8
@@ -52,6 +54,7 @@ class Tuning:
     store_map_bytes: int = 64 << 30
     store_sync_interval_s: float = 1.0
     node_down_after_s: float = 15.0
+    http_body_timeout_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,14 @@ def _check_tuning(source: str, tuning: Tuning) -> None:
         value = getattr(tuning, f.name)
         if value <= 0:
             raise ConfigError(f"{source}: tuning.{f.name}: must be positive, got {value!r}")
+    # An empty queue must take one RECV of the largest message (an HTTP send carries 1 MiB, which encryption
+    # and base64 make 1.4 MB), or every recipient of such a message would be cut for it.
+    queue_floor = max(2 * tuning.max_frame_bytes, 2 << 20)
+    if tuning.outbound_queue_bytes < queue_floor:
+        raise ConfigError(
+            f"{source}: tuning.outbound_queue_bytes: must be at least {queue_floor} (2 MiB and twice "
+            "max_frame_bytes: a RECV of the largest message must fit)"
+        )
     if tuning.log_compaction_min_entries < 2:
         raise ConfigError(f"{source}: tuning.log_compaction_min_entries: must be at least 2")
     # PySyncObj asserts these at start (heartbeats every 0.1 s); say so here, naming the key.

@@ -167,7 +167,12 @@ class Gateway:
     # -- one connection ----------------------------------------------------------------------------------
     async def serve(self, transport: Transport, kind: str, remote: str) -> None:
         conn = Connection(
-            self.registry.next_id(), kind, remote, outbound_frames=self.tuning.outbound_queue_frames
+            self.registry.next_id(),
+            kind,
+            remote,
+            outbound_frames=self.tuning.outbound_queue_frames,
+            outbound_bytes=self.tuning.outbound_queue_bytes,
+            inflight_bytes=self.tuning.recv_inflight_bytes,
         )
         self.registry.add(conn)
         self.accepted += 1
@@ -182,6 +187,7 @@ class Gateway:
         finally:
             conn.closed.set()
             self.registry.remove(conn)
+            conn.release()
             if conn.authenticated:
                 # Ordered after this uid's other events in its shard; try_submit so a full pool can't
                 # keep a dead connection's task alive (the registry entry is already gone).
@@ -210,6 +216,7 @@ class Gateway:
                     frames.append(more)
                     size += len(more)
                 await transport.send(frames)
+                conn.written(size)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio_websocket.ConnectionClosed, OSError):
             pass
         finally:

@@ -41,8 +41,11 @@ from raft.commands import (
     OP_MEMBERS,
     OP_SYSTEM_UIDS,
     OP_TOKEN,
+    PERSON_SEPARATOR,
     SUPPORTED_CHANNEL_TYPES,
+    UID_RULE,
     person_channel_id,
+    valid_uid,
 )
 from raft.conversations import conversations_of
 from storage.keys import channel_key
@@ -54,6 +57,7 @@ SYNC_LIMIT_MAX = 10_000
 CONVERSATIONS_MAX = 1000
 U32 = (1 << 32) - 1
 I63 = (1 << 63) - 1
+UID_PATTERN = f"^[^{PERSON_SEPARATOR}]*$"  # raft.commands.valid_uid, as JSON Schema says it
 
 Json = dict[str, Any]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -82,7 +86,7 @@ class PlainText:
 # -- request fields: one declaration validates and documents ---------------------------------------------
 @dataclass(frozen=True)
 class F:
-    """One request field. kind: str, int, flag (0/1), uids (list of uid strings), obj, b64."""
+    """One request field. kind: str, uid (str without `@`), int, flag (0/1), uids (list of uids), obj, b64."""
 
     name: str
     kind: str = "str"
@@ -99,7 +103,7 @@ class F:
             if self.required:
                 raise bad(f"{self.name} is required")
             return self.default
-        if self.kind in ("str", "b64"):
+        if self.kind in ("str", "uid", "b64"):
             if not isinstance(value, str):
                 raise bad(f"{self.name} must be a string")
             if self.required and not value:
@@ -110,6 +114,8 @@ class F:
                 raise bad(f"{self.name} is not valid UTF-8 text") from None
             if size > self.max_bytes:
                 raise bad(f"{self.name} longer than {self.max_bytes} bytes")
+            if self.kind == "uid" and not valid_uid(value):
+                raise bad(f"{self.name} {UID_RULE}")
             if self.kind == "b64":
                 import base64
                 import binascii
@@ -130,7 +136,7 @@ class F:
             for uid in value:
                 if not isinstance(uid, str) or not uid:
                     raise bad(f"every entry of {self.name} must be a non-empty string")
-                F(self.name, max_bytes=MAX_UID_BYTES).parse({self.name: uid})
+                F(self.name, "uid", max_bytes=MAX_UID_BYTES).parse({self.name: uid})
             if self.required and not value:
                 raise bad(f"{self.name} must not be empty")
             return list(dict.fromkeys(value))
@@ -150,8 +156,10 @@ class F:
 
     def schema(self) -> Json:
         # Lengths are limits in UTF-8 bytes (they keep LMDB keys in range); for ASCII that is maxLength.
-        if self.kind in ("str", "b64"):
+        if self.kind in ("str", "uid", "b64"):
             out: Json = {"type": "string", "maxLength": self.max_bytes, "x-max-utf8-bytes": self.max_bytes}
+            if self.kind == "uid":
+                out["pattern"] = UID_PATTERN
             if self.required:
                 out["minLength"] = 1
             if self.kind == "b64":
@@ -164,6 +172,7 @@ class F:
                 "minLength": 1,
                 "maxLength": MAX_UID_BYTES,
                 "x-max-utf8-bytes": MAX_UID_BYTES,
+                "pattern": UID_PATTERN,
             }
             out = {"type": "array", "maxItems": MAX_UIDS_PER_OP, "items": item}
             if self.required:
@@ -187,7 +196,7 @@ def parse(fields: tuple[F, ...], body: Json) -> Json:
     return {f.name: f.parse(body) for f in fields}
 
 
-UID = F("uid", required=True, max_bytes=MAX_UID_BYTES)
+UID = F("uid", "uid", required=True, max_bytes=MAX_UID_BYTES)
 CHANNEL = (F("channel_id", required=True), F("channel_type", "int", required=True, low=1, high=255))
 CHANNEL_INFO = (
     *CHANNEL,
@@ -232,7 +241,7 @@ class HttpApi:
                 query=(
                     F("offset", "int", default=0),
                     F("limit", "int", default=20, low=1, high=1000),
-                    F("uid", max_bytes=MAX_UID_BYTES),
+                    F("uid", "uid", max_bytes=MAX_UID_BYTES),
                 ),
             ),
             "/varz": R("GET", self.varz, body="none", summary="Node variables"),
@@ -295,7 +304,7 @@ class HttpApi:
                 query=(
                     F("channel_id", required=True),
                     F("channel_type", "int", required=True, low=1, high=255),
-                    F("login_uid", max_bytes=MAX_UID_BYTES),
+                    F("login_uid", "uid", max_bytes=MAX_UID_BYTES),
                 ),
             ),
             "/channel/whitelist": R("GET", self.whitelist, body="none", query=CHANNEL),
@@ -306,7 +315,7 @@ class HttpApi:
                 (
                     F("header", "obj"),
                     F("client_msg_no", default=""),
-                    F("from_uid", default="", max_bytes=MAX_UID_BYTES),
+                    F("from_uid", "uid", default="", max_bytes=MAX_UID_BYTES),
                     F("channel_id", default=""),
                     F("channel_type", "int", default=0, high=255),
                     F("subscribers", "uids"),
@@ -321,7 +330,7 @@ class HttpApi:
                 self.message_sendbatch,
                 (
                     F("header", "obj"),
-                    F("from_uid", required=True, max_bytes=MAX_UID_BYTES),
+                    F("from_uid", "uid", required=True, max_bytes=MAX_UID_BYTES),
                     F("subscribers", "uids", required=True),
                     F("payload", "b64", required=True, max_bytes=MAX_PAYLOAD_BYTES * 2),
                 ),
@@ -331,7 +340,7 @@ class HttpApi:
                 "POST",
                 self.messagesync,
                 (
-                    F("login_uid", required=True, max_bytes=MAX_UID_BYTES),
+                    F("login_uid", "uid", required=True, max_bytes=MAX_UID_BYTES),
                     *CHANNEL,
                     F("start_message_seq", "int", default=0, high=U32),
                     F("end_message_seq", "int", default=0, high=U32),
@@ -438,13 +447,19 @@ class HttpApi:
                 raise HttpError(401, "missing or wrong token header")
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         raw = b""
-        while True:
-            message = await receive()
-            raw += message.get("body", b"")
-            if len(raw) > MAX_BODY_BYTES:
-                raise HttpError(413, f"body larger than {MAX_BODY_BYTES} bytes")
-            if not message.get("more_body"):
-                break
+        # A client dribbling its body would otherwise hold the request, and what it sent, as long as it likes.
+        limit_s = self.node.config.tuning.http_body_timeout_s
+        with trio.move_on_after(limit_s) as body_time:
+            while True:
+                message = await receive()
+                raw += message.get("body", b"")
+                if len(raw) > MAX_BODY_BYTES:
+                    raise HttpError(413, f"body larger than {MAX_BODY_BYTES} bytes")
+                if not message.get("more_body"):
+                    break
+        if body_time.cancelled_caught:
+            # Answering before the body is complete makes Hypercorn close the connection after the answer.
+            raise HttpError(408, f"request body not received within {limit_s:g} s")
         if route.body == "none":
             args: dict[str, Any] = {k: v[0] for k, v in query.items() if v}
             for f in route.query:  # a query string carries text: integers arrive as digits
@@ -458,6 +473,9 @@ class HttpApi:
             parsed = json.loads(raw or (b"[]" if route.body == "uid_array" else b"{}"))
         except (ValueError, UnicodeDecodeError) as exc:
             raise bad(f"body is not JSON: {exc}") from None
+        except RecursionError:
+            # The parser recurses per bracket: client input, not a fault of the node (no 500, no traceback).
+            raise bad("body is nested too deeply for the JSON parser") from None
         if route.body == "uid_array":
             return await route.fn(F("uids", "uids").parse({"uids": parsed}) or [], query)
         if not isinstance(parsed, dict):
@@ -502,7 +520,7 @@ class HttpApi:
                     "port": int(c.remote.rsplit(":", 1)[1]) if c.remote.rsplit(":", 1)[-1].isdigit() else 0,
                     "last_activity": round(now - c.last_activity, 3),
                     "uptime": round(now - c.connected_at, 3),
-                    "pending_bytes": 0,
+                    "pending_bytes": c.pending_bytes,
                     "pending_frames": c.outbound.statistics().current_buffer_used,
                     "in_packets": c.received_frames,
                     "out_packets": c.sent_frames,
@@ -636,6 +654,9 @@ class HttpApi:
 
     def _member_list(self, member_list: str, action: str) -> Callable[[Json, Any], Awaitable[Json]]:
         async def handle(body: Json, query: Any) -> Json:
+            if body["channel_type"] == CHANNEL_PERSON and not valid_uid(body["channel_id"]):
+                # A person channel's lists belong to the user named by channel_id.
+                raise bad(f"channel_id {UID_RULE}")
             await self._propose([self._members_op(member_list, action, body, body["uids"] or [])])
             return {"status": 200}
 
@@ -697,6 +718,8 @@ class HttpApi:
             )
         if not body["channel_id"]:
             raise bad("channel_id is required")
+        if body["channel_type"] == CHANNEL_PERSON and not valid_uid(body["channel_id"]):
+            raise bad(f"channel_id {UID_RULE}")  # a person channel is named by the receiver's uid
         sender = body["from_uid"] or SYSTEM_UID
         result = await self._send_one(
             sender, body["channel_id"], body["channel_type"], body["payload"], body["client_msg_no"]
@@ -969,7 +992,7 @@ def openapi_document(api: HttpApi) -> Json:
                         "schema": {
                             "type": "array",
                             "maxItems": MAX_UIDS_PER_OP,
-                            "items": {"type": "string", "minLength": 1},
+                            "items": {"type": "string", "minLength": 1, "pattern": UID_PATTERN},
                         }
                     }
                 },
