@@ -1,5 +1,6 @@
 """Abuse: a SEND flood gets reason 22; no Raft port runs a pickle it is sent; nodes listen where told
-only; hostile logins and uids (a uid with `@`, an extreme timestamp, a refused CONNECT) change nothing else."""
+only; hostile logins and uids (a uid with `@`, an extreme timestamp, a refused CONNECT) change nothing else.
+"""
 
 from __future__ import annotations
 
