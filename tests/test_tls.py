@@ -8,13 +8,21 @@ from __future__ import annotations
 
 import dataclasses
 import ssl
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
+import httpx
 import pytest
+import trio
 import trustme
 
-from node.config import ConfigError, TlsSettings, load
+from node.client import ClientError, open_client
+from node.config import Config, ConfigError, TlsSettings, load
+from node.protocol import Reason
+from node.server import Node
+from tests.conftest import REPO, NodeProcess, free_port, running_node, single_node_config
 
 FILE = "cluster.toml"
 
@@ -134,3 +142,226 @@ def test_tls_config_errors_name_the_file_and_the_key(tmp_path: Path, text: str, 
     message = load_error(tmp_path, text)
     assert message.startswith(f"{FILE}: {key}:"), message
     assert words in message, message
+
+
+# -- a bad certificate stops the start ---------------------------------------------------------------------
+def tls_node_config(data_dir: Path, certs: Certs, **tls: object) -> Config:
+    """One in-process node with every TLS listener on a port of its own (0: chosen at bind)."""
+    base = single_node_config(data_dir)
+    spec = dataclasses.replace(base.nodes["n1"], tcp_tls="127.0.0.1:0", wss="127.0.0.1:0")
+    settings = {"cert_file": str(certs.cert_file), "key_file": str(certs.key_file), "http": True, **tls}
+    return dataclasses.replace(base, nodes={"n1": spec}, tls=TlsSettings(**settings))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"cert_file": "/nonexistent/server.pem"}, "tls.cert_file: cannot read /nonexistent/server.pem"),
+        ({"key_file": "/nonexistent/server.key"}, "tls.key_file: cannot read /nonexistent/server.key"),
+        ({"cert_file": "KEY"}, "tls.cert_file, tls.key_file: not a PEM certificate"),
+        ({"key_file": "OTHER_KEY"}, "tls.cert_file, tls.key_file: not a PEM certificate"),
+    ],
+)
+def test_a_bad_certificate_is_a_config_error_before_anything_opens(
+    tmp_path: Path, certs: Certs, change: dict[str, str], words: str
+) -> None:
+    other = make_certs(tmp_path / "other")
+    paths = {"KEY": str(certs.key_file), "OTHER_KEY": str(other.key_file)}
+    change = {k: paths.get(v, v) for k, v in change.items()}
+    data_dir = tmp_path / "n1"
+    with pytest.raises(ConfigError, match=words):
+        Node(tls_node_config(data_dir, certs, **change), "n1")
+    assert not data_dir.exists()  # refused before the store (or anything else) was opened
+
+
+def test_node_start_with_a_missing_certificate_exits_2_naming_file_and_key(tmp_path: Path) -> None:
+    ports = [free_port() for _ in range(5)]
+    config = tmp_path / "node.toml"
+    config.write_text(
+        textwrap.dedent(
+            f"""
+            [nodes.n1]
+            numeric_id = 1
+            raft = "127.0.0.1:{ports[0]}"
+            tcp = "127.0.0.1:{ports[1]}"
+            ws = "127.0.0.1:{ports[2]}"
+            wss = "127.0.0.1:{ports[3]}"
+            http = "127.0.0.1:{ports[4]}"
+            data_dir = "data"
+
+            [tls]
+            cert_file = "missing.pem"
+            key_file = "missing.key"
+            """
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "node.cli", "node", "start", "--config", str(config)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"node.toml: tls.cert_file: cannot read {tmp_path / 'missing.pem'}" in done.stderr, done.stderr
+    assert not (tmp_path / "data").exists()
+
+
+# -- clients over TLS TCP and wss -------------------------------------------------------------------------
+def split(address: str) -> tuple[str, int]:
+    host, port = address.rsplit(":", 1)
+    return host, int(port)
+
+
+async def test_clients_over_tls_tcp_and_wss_send_and_receive(tmp_path: Path, certs: Certs) -> None:
+    async with running_node(tls_node_config(tmp_path / "n1", certs)) as node:
+        listening = node.listening
+        trust = certs.client_context()
+        async with (
+            open_client(*split(listening.tcp_tls), "alice", ssl_context=trust) as alice,
+            open_client(*split(listening.wss), "bob", websocket=True, ssl_context=trust) as bob,
+            open_client(*node.tcp, "carol") as carol,  # the plain port serves on beside the TLS ones
+        ):
+            for sender, recipient, text in (
+                (alice, bob, b"tls"),
+                (bob, alice, b"wss"),
+                (carol, alice, b"tcp"),
+            ):
+                ack = await sender.send(recipient.uid, 1, b'{"content":"' + text + b'"}')
+                assert ack.reason_code == Reason.SUCCESS
+                recv = await recipient.recv()
+                assert (recv.from_uid, recv.payload) == (sender.uid, b'{"content":"' + text + b'"}')
+            async with httpx.AsyncClient(verify=trust, timeout=10) as https:
+                connz = (await https.get(f"https://{listening.http}/connz")).json()
+            kinds = {c["uid"]: c["proxy_type_format"] for c in connz["connections"]}
+            assert kinds == {"alice": "tls", "bob": "wss", "carol": "tcp"}
+
+
+async def test_tls_listeners_refuse_untrusted_and_plain_clients(tmp_path: Path, certs: Certs) -> None:
+    async with running_node(tls_node_config(tmp_path / "n1", certs)) as node:
+        listening = node.listening
+        system_only = ssl.create_default_context()  # does not know the test's CA
+        with pytest.raises(ClientError, match="CERTIFICATE_VERIFY_FAILED"):
+            async with open_client(*split(listening.tcp_tls), "eve", ssl_context=system_only):
+                pass
+        with pytest.raises(ClientError, match="CERTIFICATE_VERIFY_FAILED"):
+            async with open_client(*split(listening.wss), "eve", websocket=True, ssl_context=system_only):
+                pass
+        # A client that skips TLS gets no CONNACK from a TLS port: its CONNECT is not a TLS handshake,
+        # and the node closes the connection.
+        with pytest.raises(ClientError, match="closed the connection before CONNACK"):
+            async with open_client(*split(listening.tcp_tls), "eve"):
+                pass
+        # (trio-websocket waits for an upgrade answer that never comes: the client's timeout ends it.)
+        with pytest.raises(ClientError):
+            async with open_client(*split(listening.wss), "eve", websocket=True, timeout_s=1):
+                pass
+        # None of that disturbed the listeners.
+        trust = certs.client_context()
+        async with open_client(*split(listening.tcp_tls), "alice", ssl_context=trust) as alice:
+            await alice.ping()
+
+
+def chain_text(exc: BaseException) -> str:
+    """Every message of an exception chain (httpx on trio hides the ssl error two causes down)."""
+    parts: list[str] = []
+    found: BaseException | None = exc
+    while found is not None and len(parts) < 10:
+        parts.append(repr(found))
+        found = found.__cause__ or found.__context__
+    return " <- ".join(parts)
+
+
+# -- the HTTP API over https -------------------------------------------------------------------------------
+async def plain_exchange(address: str, request: bytes) -> bytes:
+    """What a plain-text HTTP client gets back from `address` (b"" if the connection just ends)."""
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream(*split(address))
+        async with stream:
+            await stream.send_all(request)
+            received = b""
+            try:
+                while chunk := await stream.receive_some(65536):
+                    received += chunk
+            except trio.BrokenResourceError:
+                pass  # reset by the server
+    return received
+
+
+async def test_http_api_over_https_answers_trusted_clients_only(tmp_path: Path, certs: Certs) -> None:
+    async with running_node(tls_node_config(tmp_path / "n1", certs)) as node:
+        listening = node.listening
+        base = f"https://{listening.http}"
+        async with httpx.AsyncClient(verify=certs.client_context(), timeout=10) as https:
+            answer = await https.get(f"{base}/health")
+            assert (answer.status_code, answer.json()) == (200, {"status": "ok"})
+            # /route names the TLS addresses next to the plain ones, wss with its scheme as in WuKongIM.
+            assert (await https.get(f"{base}/route")).json() == {
+                "tcp_addr": listening.tcp,
+                "ws_addr": f"ws://{listening.ws}",
+                "wss_addr": f"wss://{listening.wss}",
+                "tcp_tls_addr": listening.tcp_tls,
+            }
+            created = await https.post(
+                f"{base}/channel", json={"channel_id": "g1", "channel_type": 2, "subscribers": ["a", "b"]}
+            )
+            assert created.status_code == 200, created.text
+        # A client that does not know the CA refuses the node.
+        async with httpx.AsyncClient(timeout=10) as untrusting:
+            with pytest.raises(httpx.ConnectError) as refused:
+                await untrusting.get(f"{base}/health")
+            assert "CERTIFICATE_VERIFY_FAILED" in chain_text(refused.value)
+        # Plain HTTP on the https port gets no HTTP answer, and the node serves on.
+        reply = await plain_exchange(listening.http, b"GET /health HTTP/1.1\r\nHost: n1\r\n\r\n")
+        assert not reply.startswith(b"HTTP/"), reply
+        async with httpx.AsyncClient(verify=certs.client_context(), timeout=10) as https:
+            assert (await https.get(f"{base}/health")).status_code == 200
+
+
+def test_admin_commands_reach_an_https_node_with_tls_ca_file(tmp_path: Path, certs: Certs) -> None:
+    ports = [free_port() for _ in range(6)]
+    config = tmp_path / "node.toml"
+    body = f"""
+        [cluster]
+        manager_token = "t0ken"
+
+        [nodes.n1]
+        numeric_id = 1
+        raft = "127.0.0.1:{ports[0]}"
+        tcp = "127.0.0.1:{ports[1]}"
+        ws = "127.0.0.1:{ports[2]}"
+        http = "127.0.0.1:{ports[3]}"
+        tcp_tls = "127.0.0.1:{ports[4]}"
+        wss = "127.0.0.1:{ports[5]}"
+        data_dir = "data"
+
+        [tls]
+        cert_file = "{certs.cert_file}"
+        key_file = "{certs.key_file}"
+        http = true
+        """
+    config.write_text(textwrap.dedent(body + f'ca_file = "{certs.ca_file}"\n'))
+    without_ca = tmp_path / "without-ca.toml"
+    without_ca.write_text(textwrap.dedent(body))
+    proc = NodeProcess(config, tmp_path / "node.log")
+    try:
+        proc.start()
+        started = (tmp_path / "node.log").read_text()
+        assert f"https://127.0.0.1:{ports[3]}" in started and f"wss wss://127.0.0.1:{ports[5]}" in started
+
+        def admin_status(path: Path) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "node.cli", "admin", "status", "--config", str(path)],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+
+        status = admin_status(config)
+        assert status.returncode == 0 and "leader n1" in status.stdout, status.stdout + status.stderr
+        # Without the CA the command cannot check the node's certificate, so it does not talk to it.
+        status = admin_status(without_ca)
+        assert "leader (none)" in status.stdout and "down" in status.stdout, status.stdout + status.stderr
+    finally:
+        proc.stop()
