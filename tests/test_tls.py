@@ -6,6 +6,7 @@ deployment: a client or a node that was not told about that CA refuses the other
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ssl
 import subprocess
@@ -19,10 +20,12 @@ import trio
 import trustme
 
 from node.client import ClientError, open_client
-from node.config import Config, ConfigError, TlsSettings, load
+from node.config import Config, ConfigError, TlsSettings, WebhookSettings, load
 from node.protocol import Reason
 from node.server import Node
-from tests.conftest import REPO, NodeProcess, free_port, running_node, single_node_config
+from raft import outbox
+from tests.conftest import REPO, NodeProcess, free_port, running_node, single_node_config, wait_for
+from tests.test_webhooks import Receiver
 
 FILE = "cluster.toml"
 
@@ -365,3 +368,71 @@ def test_admin_commands_reach_an_https_node_with_tls_ca_file(tmp_path: Path, cer
         assert "leader (none)" in status.stdout and "down" in status.stdout, status.stdout + status.stderr
     finally:
         proc.stop()
+
+
+# -- webhooks to https -------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class HttpsReceiver(Receiver):
+    """test_webhooks' receiver behind TLS, with a certificate from a CA of its own."""
+
+    ssl_context: ssl.SSLContext | None = None
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}/hook"
+
+    async def _serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        assert self.ssl_context is not None
+        with trio.CancelScope() as scope:
+            self._scope = scope
+            tcp = await trio.open_tcp_listeners(self.port, host="127.0.0.1")
+            listeners = [trio.SSLListener(t, self.ssl_context, https_compatible=True) for t in tcp]
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                await trio.serve_listeners(self._handle_tls, listeners, handler_nursery=nursery)
+
+    async def _handle_tls(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+        with contextlib.suppress(trio.BrokenResourceError):  # a client that refused our certificate
+            await self._handle(stream)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("ca", ["receiver", "none", "other"])
+async def test_webhooks_reach_an_https_receiver_only_with_its_ca(
+    tmp_path: Path, certs: Certs, ca: str
+) -> None:
+    hooks = make_certs(tmp_path / "hooks")  # the receiver's own CA: unknown to the system's trust store
+    receiver = HttpsReceiver(ssl_context=hooks.server_context())
+    # webhook.ca_file replaces the trust store: the nodes' own CA ("other") does not vouch for the receiver.
+    ca_file = {"receiver": str(hooks.ca_file), "none": "", "other": str(certs.ca_file)}[ca]
+    webhook = WebhookSettings(
+        url=receiver.url, events=("msg.notify",), attempts=2, backoff_initial_s=0.05, ca_file=ca_file
+    )
+    config = dataclasses.replace(single_node_config(tmp_path / "n1"), webhook=webhook)
+    async with trio.open_nursery() as nursery:
+        await receiver.up(nursery)
+        async with running_node(config) as node, open_client(*node.tcp, "alice") as alice:
+            acks = await alice.send_many([("bob", 1, f"m{i}".encode()) for i in range(3)])
+            assert all(a.reason_code == Reason.SUCCESS for a in acks)
+            sent = sorted(a.message_id for a in acks)
+            state = node.node.webhooks.streams["notify"]
+            if ca == "receiver":
+                await wait_for(lambda: len(receiver.notified()) >= 3, 30, "delivered over https")
+                assert sorted(m["message_id"] for m in receiver.notified()) == sent
+                assert (state.delivered, state.dead_lettered) == (3, 0)
+            else:
+                # Never posted: each attempt failed the certificate check and counted as a failure, and
+                # after `attempts` the events went to the dead letters like those of any failing receiver.
+                await wait_for(lambda: state.dead_lettered >= 3, 30, "dead-lettered")
+                assert receiver.posts == [] and state.delivered == 0
+                with node.node.store.read() as txn:
+                    letters = outbox.deadletters(txn)
+                assert [(stream, v["attempts"]) for stream, _seq, v in letters] == [("notify", 2)] * 3
+                assert all("CERTIFICATE_VERIFY_FAILED" in v["error"] for _s, _q, v in letters), letters
+        nursery.cancel_scope.cancel()
+
+
+def test_a_missing_webhook_ca_file_is_a_config_error_before_anything_opens(tmp_path: Path) -> None:
+    webhook = WebhookSettings(url="https://127.0.0.1:1/hook", ca_file=str(tmp_path / "absent.pem"))
+    config = dataclasses.replace(single_node_config(tmp_path / "n1"), webhook=webhook)
+    with pytest.raises(ConfigError, match=r"webhook\.ca_file: cannot read .*absent\.pem"):
+        Node(config, "n1")
