@@ -81,7 +81,11 @@ def _check_ports_free(config: Config, node_id: str) -> None:
         ("tcp", spec.tcp),
         ("ws", spec.ws),
         ("http", spec.http),
+        ("tcp_tls", spec.tcp_tls),
+        ("wss", spec.wss),
     ):
+        if not address:
+            continue
         host, _, port = address.rpartition(":")
         if int(port) == 0:
             continue
@@ -135,9 +139,10 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
             time.sleep(0.2)
         for node_id in config.initial_members:
             spec = config.node(node_id)
-            op.say(
-                f"  {node_id}: tcp {spec.tcp}  ws ws://{spec.ws}  http http://{spec.http}  raft {spec.raft}"
+            listening = Listening(
+                node_id, spec.tcp, spec.ws, spec.http, spec.raft, spec.tcp_tls, spec.wss, config.tls.http
             )
+            op.say(f"  {listening.describe().removeprefix('node ')}")
         op.say(f"cluster {config.cluster_name} is up: leader {status['leader']}. Ctrl-C stops it.")
         running = {p.node_id for p in procs}
         while True:

@@ -500,12 +500,19 @@ class HttpApi:
         return PlainText(self.node.metrics.render())
 
     async def route(self, body: Json, query: Any) -> Json:
+        """WuKongIM's three fields (its wss_addr carries the scheme, its tcp_addr none), and `tcp_tls_addr`
+        only when this node has a TLS TCP listener, so the answer is WuKongIM's own shape otherwise."""
         listening = self.node.listening
-        return {
-            "tcp_addr": listening.tcp if listening else self.node.spec.tcp,
-            "ws_addr": f"ws://{listening.ws if listening else self.node.spec.ws}",
-            "wss_addr": "",
+        spec = self.node.spec
+        wss = listening.wss if listening else spec.wss
+        answer: Json = {
+            "tcp_addr": listening.tcp if listening else spec.tcp,
+            "ws_addr": f"ws://{listening.ws if listening else spec.ws}",
+            "wss_addr": f"wss://{wss}" if wss else "",
         }
+        if spec.tcp_tls:
+            answer["tcp_tls_addr"] = listening.tcp_tls if listening else spec.tcp_tls
+        return answer
 
     async def connz(self, body: Json, query: Any) -> Json:
         now = trio.current_time()

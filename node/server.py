@@ -19,7 +19,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as serve_http
 
-from node import plugins
+from node import plugins, tls
 from node.channel_pool import ChannelContext, Delivery, build_channel_pool
 from node.config import Config, NodeSpec
 from node.eventbus import EventPool
@@ -70,9 +70,15 @@ class Listening:
     ws: str
     http: str
     raft: str
+    tcp_tls: str = ""  # empty: no such listener
+    wss: str = ""
+    https: bool = False  # the HTTP API speaks https on `http`
 
     def describe(self) -> str:
-        urls = f"tcp {self.tcp}  ws ws://{self.ws}  http http://{self.http}  raft {self.raft}"
+        tls = f"  tcp+tls {self.tcp_tls}" if self.tcp_tls else ""
+        tls += f"  wss wss://{self.wss}" if self.wss else ""
+        scheme = "https" if self.https else "http"
+        urls = f"tcp {self.tcp}  ws ws://{self.ws}{tls}  http {scheme}://{self.http}  raft {self.raft}"
         return f"node {self.node_id}: {urls}"
 
 
@@ -80,6 +86,8 @@ class Node:
     def __init__(self, config: Config, node_id: str) -> None:
         self.config = config
         self.spec: NodeSpec = config.node(node_id)
+        # First: a bad certificate stops the start before anything opens (ConfigError names the key).
+        self.tls_context = tls.server_context(config)
         tuning = config.tuning
         self.store = Store(os.path.join(self.spec.data_dir, "store"), map_size=tuning.store_map_bytes)
         self.raft = RaftNode(
@@ -195,6 +203,15 @@ class Node:
                 http_host, http_port = _split(self.spec.http)
                 tcp_bound = await nursery.start(self.gateway.serve_tcp, tcp_host, tcp_port)
                 ws_bound = await nursery.start(self.gateway.serve_ws, ws_host, ws_port)
+                tcp_tls, wss = "", ""
+                if self.spec.tcp_tls:
+                    host, port = _split(self.spec.tcp_tls)
+                    serve = functools.partial(self.gateway.serve_tcp, ssl_context=self.tls_context)
+                    tcp_tls = f"{host}:{await nursery.start(serve, host, port)}"
+                if self.spec.wss:
+                    host, port = _split(self.spec.wss)
+                    serve = functools.partial(self.gateway.serve_ws, ssl_context=self.tls_context)
+                    wss = f"{host}:{await nursery.start(serve, host, port)}"
                 binds = await nursery.start(
                     functools.partial(
                         serve_http, cast(Any, self.http), self._http_config(http_host, http_port)
@@ -207,6 +224,9 @@ class Node:
                     f"{ws_host}:{ws_bound}",
                     f"{http_host}:{http_bound}",
                     self.spec.raft,
+                    tcp_tls=tcp_tls,
+                    wss=wss,
+                    https=self.config.tls.http,
                 )
                 task_status.started(self.listening)
         finally:
@@ -219,6 +239,13 @@ class Node:
         config.accesslog = None
         config.errorlog = logging.getLogger("imnode.http.server")
         config.graceful_timeout = 1.0
+        if self.config.tls.http:
+            # Already loaded once by tls.server_context, so a bad file was refused before anything started.
+            config.certfile = self.config.tls.cert_file
+            config.keyfile = self.config.tls.key_file
+            # HTTP/1.1 only, what business servers use: HTTP/2 would expose one more parser for no gain.
+            config.alpn_protocols = ["http/1.1"]
+            config.ssl_handshake_timeout = self.config.tuning.connect_timeout_s
         return config
 
     async def _distribute_committed(self) -> None:
