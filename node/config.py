@@ -29,9 +29,11 @@ class Tuning:
     connect_timeout_s: float = 10.0
     idle_timeout_s: float = 180.0
     outbound_queue_frames: int = 4096
+    outbound_queue_bytes: int = 8 << 20
     recv_resend_interval_s: float = 10.0
     recv_resend_attempts: int = 5
     recv_inflight_max: int = 4096
+    recv_inflight_bytes: int = 4 << 20
     send_rate_per_s: float = 2000.0
     send_burst: int = 4000
     user_pool_shards: int = 8
@@ -54,6 +56,7 @@ class Tuning:
     store_map_bytes: int = 64 << 30
     store_sync_interval_s: float = 1.0
     node_down_after_s: float = 15.0
+    http_body_timeout_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,22 @@ class WebhookSettings:
     timeout_s: float = 5.0
     batch_max: int = 100
     outbox_max: int = 100_000
+    # PEM file of the CA (or CAs) an https:// receiver's certificate must chain to, instead of the system's
+    # trust store: for receivers with a certificate from a private CA. Absolute once loaded.
+    ca_file: str = ""
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """The certificate of the node's TLS listeners (off unless a listener asks for it). Absolute paths."""
+
+    cert_file: str = ""  # PEM: the node's certificate, then any intermediates
+    key_file: str = ""  # PEM: its private key, not encrypted (a node starts unattended)
+    # The HTTP API over https on each node's `http` address; plain http is then refused there.
+    http: bool = False
+    # PEM of the CA that signed cert_file, for imnode's own commands (admin, cluster up/join) to check
+    # the nodes' https; empty means the system's trust store.
+    ca_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -84,6 +103,32 @@ class NodeSpec:
     ws: str = "127.0.0.1:5200"
     http: str = "127.0.0.1:5001"
     data_dir: str = "imnode-data"
+    # TLS listeners for clients, next to the plain ones as in WuKongIM (its wss port 5210): the plain
+    # ports keep serving SDKs and tools that do not speak TLS; `/route` names both. Empty means none.
+    tcp_tls: str = ""
+    wss: str = ""
+
+
+@dataclass(frozen=True)
+class Listening:
+    """Where a started node listens (ports resolved when the config asked for port 0): its NodeSpec's
+    addresses as bound. Here, beside NodeSpec, so the command line prints them without the server."""
+
+    node_id: str
+    tcp: str
+    ws: str
+    http: str
+    raft: str
+    tcp_tls: str = ""  # empty: no such listener
+    wss: str = ""
+    https: bool = False  # the HTTP API speaks https on `http`
+
+    def describe(self) -> str:
+        tls = f"  tcp+tls {self.tcp_tls}" if self.tcp_tls else ""
+        tls += f"  wss wss://{self.wss}" if self.wss else ""
+        scheme = "https" if self.https else "http"
+        urls = f"tcp {self.tcp}  ws ws://{self.ws}{tls}  http {scheme}://{self.http}  raft {self.raft}"
+        return f"node {self.node_id}: {urls}"
 
 
 @dataclass(frozen=True)
@@ -99,6 +144,7 @@ class Config:
     nodes: dict[str, NodeSpec] = field(default_factory=lambda: {DEFAULT_NODE_ID: NodeSpec()})
     tuning: Tuning = field(default_factory=Tuning)
     webhook: WebhookSettings = field(default_factory=WebhookSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
     # Handler plugins from [[plugins]] tables: ("module:object", options). Switching one on or off at run
     # time goes through Raft (`imnode admin handlers --disable NAME`), so every node agrees.
     plugins: tuple[tuple[str, dict[str, Any]], ...] = ()
@@ -161,6 +207,14 @@ def _check_tuning(source: str, tuning: Tuning) -> None:
         value = getattr(tuning, f.name)
         if value <= 0:
             raise ConfigError(f"{source}: tuning.{f.name}: must be positive, got {value!r}")
+    # An empty queue must take one RECV of the largest message (an HTTP send carries 1 MiB, which encryption
+    # and base64 make 1.4 MB), or every recipient of such a message would be cut for it.
+    queue_floor = max(2 * tuning.max_frame_bytes, 2 << 20)
+    if tuning.outbound_queue_bytes < queue_floor:
+        raise ConfigError(
+            f"{source}: tuning.outbound_queue_bytes: must be at least {queue_floor} (2 MiB and twice "
+            "max_frame_bytes: a RECV of the largest message must fit)"
+        )
     if tuning.log_compaction_min_entries < 2:
         raise ConfigError(f"{source}: tuning.log_compaction_min_entries: must be at least 2")
     # PySyncObj asserts these at start (heartbeats every 0.1 s); say so here, naming the key.
@@ -186,7 +240,7 @@ def load(path: str | None) -> Config:
         raise ConfigError(f"{path}: no such file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    allowed = {"cluster", "nodes", "tuning", "plugins", "webhook"}
+    allowed = {"cluster", "nodes", "tuning", "plugins", "webhook", "tls"}
     for key in doc:
         if key not in allowed:
             raise ConfigError(f"{source}: {key}: unknown section (known: {', '.join(sorted(allowed))})")
@@ -222,9 +276,9 @@ def load(path: str | None) -> Config:
         for key in ("numeric_id", "raft", "tcp", "ws", "http", "data_dir"):
             if key not in values:
                 raise ConfigError(f"{source}: nodes.{node_id}.{key}: missing")
-        for key in ("raft", "raft_bind", "tcp", "ws", "http"):
-            if key not in values:
-                continue  # raft_bind is optional
+        for key in ("raft", "raft_bind", "tcp", "tcp_tls", "ws", "wss", "http"):
+            if key not in values or (key in ("tcp_tls", "wss") and not values[key]):
+                continue  # raft_bind, tcp_tls and wss are optional
             addr = _address(source, f"nodes.{node_id}.{key}", values[key])
             if addr in used:
                 raise ConfigError(
@@ -239,7 +293,7 @@ def load(path: str | None) -> Config:
                 f"nodes.{numeric_ids[values['numeric_id']]}"
             )
         numeric_ids[values["numeric_id"]] = node_id
-        values["data_dir"] = os.path.normpath(os.path.join(base_dir, values["data_dir"]))
+        values["data_dir"] = _path(base_dir, values["data_dir"])
         nodes[node_id] = NodeSpec(id=node_id, **values)
 
     members = cluster.get("initial_members", list(nodes))
@@ -260,7 +314,8 @@ def load(path: str | None) -> Config:
             "(the nodes authenticate their Raft traffic with it; use a long random string)"
         )
     plugins = _plugins(source, doc.get("plugins", []))
-    webhook = _webhook(source, doc.get("webhook", {}))
+    webhook = _webhook(source, doc.get("webhook", {}), base_dir)
+    tls = _tls(source, doc.get("tls", {}), base_dir, nodes)
     tuning = Tuning(**_table(source, "tuning", doc.get("tuning", {}), Tuning))
     _check_tuning(source, tuning)
     return Config(
@@ -274,12 +329,44 @@ def load(path: str | None) -> Config:
         tuning=tuning,
         plugins=plugins,
         webhook=webhook,
+        tls=tls,
         entry_point_plugins=cluster.get("entry_point_plugins", True),
         source=source,
     )
 
 
-def _webhook(source: str, raw: Any) -> WebhookSettings:
+def _path(base_dir: str, value: str) -> str:
+    return os.path.normpath(os.path.join(base_dir, value))
+
+
+def _tls(source: str, raw: Any, base_dir: str, nodes: dict[str, NodeSpec]) -> TlsSettings:
+    """Only the shape is checked here; the files are read when a node starts (node/tls.py), so an admin
+    command on a machine without the node's private key still loads the config."""
+    values = _table(source, "tls", raw, TlsSettings)
+    for key in ("cert_file", "key_file", "ca_file"):
+        if key in values:
+            if not values[key]:
+                raise ConfigError(f"{source}: tls.{key}: empty (leave the key out instead)")
+            values[key] = _path(base_dir, values[key])
+    users = [f"nodes.{n}.{k}" for n, spec in nodes.items() for k in ("tcp_tls", "wss") if getattr(spec, k)]
+    if values.get("http"):
+        users.append("tls.http")
+    for key in ("cert_file", "key_file"):
+        if users and key not in values:
+            raise ConfigError(f"{source}: tls.{key}: missing ({users[0]} serves TLS)")
+    if not users and ("cert_file" in values or "key_file" in values):
+        raise ConfigError(
+            f"{source}: tls: a certificate but no TLS listener uses it "
+            "(set tls.http = true, nodes.<id>.wss or nodes.<id>.tcp_tls)"
+        )
+    if "ca_file" in values and not values.get("http"):
+        raise ConfigError(
+            f"{source}: tls.ca_file: only checks the nodes' https API, which is off (tls.http = false)"
+        )
+    return TlsSettings(**values)
+
+
+def _webhook(source: str, raw: Any, base_dir: str) -> WebhookSettings:
     raw = dict(raw) if isinstance(raw, dict) else raw
     events = raw.pop("events", None) if isinstance(raw, dict) else None
     values = _table(source, "webhook", raw, WebhookSettings)
@@ -289,8 +376,12 @@ def _webhook(source: str, raw: Any) -> WebhookSettings:
             raise ConfigError(f"{source}: webhook.events: expected a list of {', '.join(known)}")
         values["events"] = tuple(events)
     url = values.get("url", "")
-    if url and not url.startswith("http://"):
-        raise ConfigError(f"{source}: webhook.url: only http:// URLs are supported, got {url!r}")
+    if url and not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{source}: webhook.url: expected an http:// or https:// URL, got {url!r}")
+    if "ca_file" in values:
+        if not url.startswith("https://"):
+            raise ConfigError(f"{source}: webhook.ca_file: only checks an https:// url, got {url!r}")
+        values["ca_file"] = _path(base_dir, values["ca_file"])
     for key in ("attempts", "batch_max", "outbox_max", "backoff_initial_s", "backoff_max_s", "timeout_s"):
         if key in values and values[key] <= 0:
             raise ConfigError(f"{source}: webhook.{key}: must be positive")

@@ -14,14 +14,13 @@ import resource
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, cast
 
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as serve_http
 
-from node import plugins
+from node import plugins, tls
 from node.api import admin as admin_api
 from node.api import channels as channels_api
 from node.api import conversations as conversations_api
@@ -35,7 +34,7 @@ from node.cluster.membership import Membership
 from node.cluster.presence import Presence
 from node.cluster.proposer import Proposer
 from node.cluster.webhooks import Webhooks
-from node.config import Config, NodeSpec
+from node.config import Config, Listening, NodeSpec
 from node.gateway.listeners import Gateway
 from node.gateway.registry import Registry
 from node.metrics import Metrics, Sample
@@ -64,27 +63,14 @@ def _split(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-@dataclass(frozen=True)
-class Listening:
-    """Where a started node listens (ports resolved when the config asked for port 0)."""
-
-    node_id: str
-    tcp: str
-    ws: str
-    http: str
-    raft: str
-
-    def describe(self) -> str:
-        urls = f"tcp {self.tcp}  ws ws://{self.ws}  http http://{self.http}  raft {self.raft}"
-        return f"node {self.node_id}: {urls}"
-
-
 class Node:
     """One node, built from its parts. Each part gets the few things it uses; nothing gets the Node."""
 
     def __init__(self, config: Config, node_id: str) -> None:
         self.config = config
         self.spec: NodeSpec = config.node(node_id)
+        # First: a bad certificate stops the start before anything opens (ConfigError names the key).
+        self.tls_context = tls.server_context(config)
         tuning = config.tuning
         self.store = Store(os.path.join(self.spec.data_dir, "store"), map_size=tuning.store_map_bytes)
         self.raft = RaftNode(
@@ -145,17 +131,21 @@ class Node:
         self.committed = CommittedStream(
             self.raft.committed, self.channel_pool, self.presence, self.registry, self._sync_handler_states
         )
-        self.webhooks = Webhooks(config.webhook, self.store, self.proposer, self.raft.is_leader)
+        webhook_tls = None
+        if config.webhook.url.startswith("https://"):
+            # A CA file that cannot be read stops the start with a ConfigError naming webhook.ca_file.
+            webhook_tls = tls.client_context(config.source, "webhook.ca_file", config.webhook.ca_file)
+        self.webhooks = Webhooks(config.webhook, self.store, self.proposer, self.raft.is_leader, webhook_tls)
         self.listening: Listening | None = None
-        self.http = HttpApi(self._routes(), config.manager_token)
+        self.http = HttpApi(self._routes(), config.manager_token, body_timeout_s=tuning.http_body_timeout_s)
         self._register_metrics()
 
     def _routes(self) -> dict[str, Route]:
         """The HTTP API, resource by resource, each given only what it uses."""
         store, proposer = self.store, self.proposer
-        identity = operations_api.Identity(
-            self.spec.id, self.spec.numeric_id, self.spec.tcp, self.spec.ws, self._listening_addresses
-        )
+        spec = self.spec
+        configured = operations_api.Addresses(spec.tcp, spec.ws, spec.tcp_tls, spec.wss)
+        identity = operations_api.Identity(spec.id, spec.numeric_id, configured, self._listening_addresses)
         return {
             **operations_api.routes(
                 identity=identity,
@@ -182,8 +172,9 @@ class Node:
             ),
         }
 
-    def _listening_addresses(self) -> tuple[str, str] | None:
-        return None if self.listening is None else (self.listening.tcp, self.listening.ws)
+    def _listening_addresses(self) -> operations_api.Addresses | None:
+        at = self.listening
+        return None if at is None else operations_api.Addresses(at.tcp, at.ws, at.tcp_tls, at.wss)
 
     def _install_plugins(self) -> list[str]:
         """Load every configured and published plugin; a bad one stops the start (PluginError names it)."""
@@ -237,6 +228,15 @@ class Node:
                 http_host, http_port = _split(self.spec.http)
                 tcp_bound = await nursery.start(self.gateway.serve_tcp, tcp_host, tcp_port)
                 ws_bound = await nursery.start(self.gateway.serve_ws, ws_host, ws_port)
+                tcp_tls, wss = "", ""
+                if self.spec.tcp_tls:
+                    host, port = _split(self.spec.tcp_tls)
+                    serve = functools.partial(self.gateway.serve_tcp, ssl_context=self.tls_context)
+                    tcp_tls = f"{host}:{await nursery.start(serve, host, port)}"
+                if self.spec.wss:
+                    host, port = _split(self.spec.wss)
+                    serve = functools.partial(self.gateway.serve_ws, ssl_context=self.tls_context)
+                    wss = f"{host}:{await nursery.start(serve, host, port)}"
                 binds = await nursery.start(
                     functools.partial(
                         serve_http, cast(Any, self.http), self._http_config(http_host, http_port)
@@ -249,6 +249,9 @@ class Node:
                     f"{ws_host}:{ws_bound}",
                     f"{http_host}:{http_bound}",
                     self.spec.raft,
+                    tcp_tls=tcp_tls,
+                    wss=wss,
+                    https=self.config.tls.http,
                 )
                 task_status.started(self.listening)
         finally:
@@ -261,6 +264,13 @@ class Node:
         config.accesslog = None
         config.errorlog = logging.getLogger("imnode.http.server")
         config.graceful_timeout = 1.0
+        if self.config.tls.http:
+            # Already loaded once by tls.server_context, so a bad file was refused before anything started.
+            config.certfile = self.config.tls.cert_file
+            config.keyfile = self.config.tls.key_file
+            # HTTP/1.1 only, what business servers use: HTTP/2 would expose one more parser for no gain.
+            config.alpn_protocols = ["http/1.1"]
+            config.ssl_handshake_timeout = self.config.tuning.connect_timeout_s
         return config
 
     def _on_snapshot_installed(self) -> None:

@@ -50,6 +50,11 @@ MAX_CHANNEL_ID_BYTES = 2 * MAX_UID_BYTES + 1  # a person channel's stored id is 
 MAX_TOKEN_BYTES = 1024
 MAX_PAYLOAD_BYTES = 1 << 20
 MAX_UIDS_PER_OP = 10_000
+# A person channel is stored as `uid@uid` (WuKongIM's fake channel id, which sync and webhooks show). With
+# `@` inside a uid two pairs could share one stored channel (`eve` + `mail.com@bob` and `eve@mail.com` +
+# `bob` both give `eve@mail.com@bob`), so no uid may hold it: WuKongIM refuses it too (`IsSpecialChar`).
+PERSON_SEPARATOR = "@"
+UID_RULE = f"must not contain {PERSON_SEPARATOR!r} (it joins the two uids of a person channel)"
 MEMBER_LISTS = ("subscribers", "blacklist", "whitelist")
 MEMBER_ACTIONS = ("add", "set", "remove")
 
@@ -121,6 +126,17 @@ def _id(op: dict[str, Any], field: str, *, allow_empty: bool = False, max_bytes:
         raise BadCommand(f"{field} longer than {max_bytes} bytes")
 
 
+def valid_uid(uid: str) -> bool:
+    """Whether `uid` may name a user: see PERSON_SEPARATOR (length is checked where it is decoded)."""
+    return PERSON_SEPARATOR not in uid
+
+
+def _uid(op: dict[str, Any], field: str, *, allow_empty: bool = False) -> None:
+    _id(op, field, allow_empty=allow_empty, max_bytes=MAX_UID_BYTES)
+    if not valid_uid(op[field]):
+        raise BadCommand(f"{field} {UID_RULE}")
+
+
 def _int(op: dict[str, Any], field: str, low: int, high: int) -> None:
     value = op.get(field)
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
@@ -141,6 +157,8 @@ def _uids(op: dict[str, Any], field: str = "uids") -> None:
             raise BadCommand(
                 f"every entry of {field} must be a non-empty string of at most {MAX_UID_BYTES} bytes"
             )
+        if not valid_uid(uid):
+            raise BadCommand(f"every entry of {field} {UID_RULE}")
 
 
 def _channel(op: dict[str, Any]) -> None:
@@ -155,7 +173,7 @@ def check_op(op: Any) -> Op:
     kind = op.get("t")
     if kind == OP_SEND:
         _channel(op)
-        _id(op, "from", max_bytes=MAX_UID_BYTES)
+        _uid(op, "from")
         _id(op, "cmn")
         _int(op, "mid", 0, (1 << 63) - 1)
         _int(op, "ts", 0, (1 << 32) - 1)
@@ -164,10 +182,10 @@ def check_op(op: Any) -> Op:
         if not isinstance(payload, bytes) or len(payload) > MAX_PAYLOAD_BYTES:
             raise BadCommand(f"payload must be bytes of at most {MAX_PAYLOAD_BYTES}")
         if "to" in op:
-            _id(op, "to", allow_empty=True, max_bytes=MAX_UID_BYTES)
+            _uid(op, "to", allow_empty=True)
         _bool(op, "api")
     elif kind == OP_TOKEN:
-        _id(op, "uid", max_bytes=MAX_UID_BYTES)
+        _uid(op, "uid")
         _int(op, "flag", 0, 255)
         _int(op, "level", 0, 255)
         token = op.get("token")
@@ -199,7 +217,7 @@ def check_op(op: Any) -> Op:
         for change in changes:
             if not isinstance(change, dict):
                 raise BadCommand("every presence change must be a map")
-            _id(change, "uid", max_bytes=MAX_UID_BYTES)
+            _uid(change, "uid")
             _int(change, "conn", 0, (1 << 63) - 1)
             _int(change, "flag", 0, 255)
             _int(change, "level", 0, 255)
@@ -210,11 +228,11 @@ def check_op(op: Any) -> Op:
             raise BadCommand("action must be add or remove")
         _uids(op)
     elif kind == OP_DEVICE_QUIT:
-        _id(op, "uid", max_bytes=MAX_UID_BYTES)
+        _uid(op, "uid")
         _int(op, "flag", -1, 255)
     elif kind == OP_CONVERSATION:
         _channel(op)
-        _id(op, "uid", max_bytes=MAX_UID_BYTES)
+        _uid(op, "uid")
         if op.get("action") not in CONVERSATION_ACTIONS:
             raise BadCommand(f"action must be one of {', '.join(CONVERSATION_ACTIONS)}")
         if op["action"] == "set_unread":
@@ -420,6 +438,7 @@ def person_channel_id(uid_a: str, uid_b: str) -> str:
     """The stored id of the person channel between two users, the same whoever sends (WuKongIM's rule).
 
     `a@b` when (crc32(a), a) > (crc32(b), b), else `b@a`: the crc decides, bytes break a tie.
+    Invariant: for uids that pass `valid_uid`, two different pairs never get the same id.
     """
     key_a = (zlib.crc32(uid_a.encode()), uid_a.encode())
     key_b = (zlib.crc32(uid_b.encode()), uid_b.encode())

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import trio
 
-from node.config import Config, NodeSpec, Tuning
-from node.server import Listening, Node
+from node.config import Config, Listening, NodeSpec, Tuning
+from node.server import Node
 
 logging.getLogger("pysyncobj").setLevel(logging.CRITICAL)
 REPO = Path(__file__).resolve().parent.parent

@@ -159,6 +159,17 @@ def test_toml_syntax_error(tmp_path: Path) -> None:
             "tuning.leader_fallback_timeout_s",
             "above 0.1",
         ),
+        ("[tuning]\nhttp_body_timeout_s = 0\n" + NODE_1, "tuning.http_body_timeout_s", "must be positive"),
+        (
+            "[tuning]\noutbound_queue_bytes = 1048576\n" + NODE_1,
+            "tuning.outbound_queue_bytes",
+            "at least 2097152",
+        ),
+        (
+            "[tuning]\nmax_frame_bytes = 4194304\noutbound_queue_bytes = 4194304\n" + NODE_1,
+            "tuning.outbound_queue_bytes",
+            "at least 8388608",
+        ),
         ("nodes = 5\n", "nodes", "at least one"),
         ("[tuning]\n" + NODE_1 + "[nodes.n2]\n", "nodes.n2.numeric_id", "missing"),
         ("tuning = 3\n" + NODE_1, "tuning", "expected a table"),

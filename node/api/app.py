@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
+import trio
+
 from node.api.fields import F, HttpError, Json, Route, bad, openapi_document, parse
 from node.cluster.proposer import Proposer
 from node.wire.protocol import Reason
@@ -49,12 +51,13 @@ async def propose(proposer: Proposer, ops: list[Op]) -> None:
 class HttpApi:
     """The ASGI application over a route table."""
 
-    def __init__(self, routes: Mapping[str, Route], manager_token: str) -> None:
+    def __init__(self, routes: Mapping[str, Route], manager_token: str, *, body_timeout_s: float) -> None:
         self.routes = dict(routes)
         self.routes["/openapi.json"] = Route(
             "GET", self.openapi, body="none", summary="This API's OpenAPI 3.0 description"
         )
         self._manager_token = manager_token
+        self._body_timeout_s = body_timeout_s
         self.requests = 0
         self.errors = 0
 
@@ -112,13 +115,19 @@ class HttpApi:
                 raise HttpError(401, "missing or wrong token header")
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         raw = b""
-        while True:
-            message = await receive()
-            raw += message.get("body", b"")
-            if len(raw) > MAX_BODY_BYTES:
-                raise HttpError(413, f"body larger than {MAX_BODY_BYTES} bytes")
-            if not message.get("more_body"):
-                break
+        # A client dribbling its body would otherwise hold the request, and what it sent, as long as it likes.
+        limit_s = self._body_timeout_s
+        with trio.move_on_after(limit_s) as body_time:
+            while True:
+                message = await receive()
+                raw += message.get("body", b"")
+                if len(raw) > MAX_BODY_BYTES:
+                    raise HttpError(413, f"body larger than {MAX_BODY_BYTES} bytes")
+                if not message.get("more_body"):
+                    break
+        if body_time.cancelled_caught:
+            # Answering before the body is complete makes Hypercorn close the connection after the answer.
+            raise HttpError(408, f"request body not received within {limit_s:g} s")
         if route.body == "none":
             args: dict[str, Any] = {k: v[0] for k, v in query.items() if v}
             for f in route.query:  # a query string carries text: integers arrive as digits
@@ -132,6 +141,9 @@ class HttpApi:
             parsed = json.loads(raw or (b"[]" if route.body == "uid_array" else b"{}"))
         except (ValueError, UnicodeDecodeError) as exc:
             raise bad(f"body is not JSON: {exc}") from None
+        except RecursionError:
+            # The parser recurses per bracket: client input, not a fault of the node (no 500, no traceback).
+            raise bad("body is nested too deeply for the JSON parser") from None
         if route.body == "uid_array":
             return await route.fn(F("uids", "uids").parse({"uids": parsed}) or [], query)
         if not isinstance(parsed, dict):

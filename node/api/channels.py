@@ -9,7 +9,7 @@ from node.api.app import propose
 from node.api.fields import CHANNEL, CHANNEL_INFO, F, Json, Route, bad
 from node.cluster.proposer import Proposer
 from node.wire.protocol import Reason
-from raft.commands import CHANNEL_PERSON, channel_delete_op, channel_op, members_op
+from raft.commands import CHANNEL_PERSON, UID_RULE, channel_delete_op, channel_op, members_op, valid_uid
 from storage.keys import channel_key
 from storage.store import Store
 
@@ -72,6 +72,9 @@ def routes(store: Store, proposer: Proposer) -> dict[str, Route]:
 
     def member_list(name: str, action: str) -> Callable[[Json, Any], Awaitable[Json]]:
         async def handle(body: Json, query: Any) -> Json:
+            if body["channel_type"] == CHANNEL_PERSON and not valid_uid(body["channel_id"]):
+                # A person channel's lists belong to the user named by channel_id.
+                raise bad(f"channel_id {UID_RULE}")
             op = members_op(name, action, body["channel_id"], body["channel_type"], body["uids"] or [])
             await propose(proposer, [op])
             return {"status": 200}

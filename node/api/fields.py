@@ -13,10 +13,20 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from raft.commands import CHANNEL_PERSON, MAX_ID_BYTES, MAX_UID_BYTES, MAX_UIDS_PER_OP, person_channel_id
+from raft.commands import (
+    CHANNEL_PERSON,
+    MAX_ID_BYTES,
+    MAX_UID_BYTES,
+    MAX_UIDS_PER_OP,
+    PERSON_SEPARATOR,
+    UID_RULE,
+    person_channel_id,
+    valid_uid,
+)
 
 U32 = (1 << 32) - 1
 I63 = (1 << 63) - 1
+UID_PATTERN = f"^[^{PERSON_SEPARATOR}]*$"  # raft.commands.valid_uid, as JSON Schema says it
 
 Json = dict[str, Any]
 
@@ -35,7 +45,7 @@ def bad(msg: str) -> HttpError:
 # -- request fields: one declaration validates and documents ---------------------------------------------
 @dataclass(frozen=True)
 class F:
-    """One request field. kind: str, int, flag (0/1), uids (list of uid strings), obj, b64."""
+    """One request field. kind: str, uid (str without `@`), int, flag (0/1), uids (list of uids), obj, b64."""
 
     name: str
     kind: str = "str"
@@ -52,7 +62,7 @@ class F:
             if self.required:
                 raise bad(f"{self.name} is required")
             return self.default
-        if self.kind in ("str", "b64"):
+        if self.kind in ("str", "uid", "b64"):
             if not isinstance(value, str):
                 raise bad(f"{self.name} must be a string")
             if self.required and not value:
@@ -63,6 +73,8 @@ class F:
                 raise bad(f"{self.name} is not valid UTF-8 text") from None
             if size > self.max_bytes:
                 raise bad(f"{self.name} longer than {self.max_bytes} bytes")
+            if self.kind == "uid" and not valid_uid(value):
+                raise bad(f"{self.name} {UID_RULE}")
             if self.kind == "b64":
                 try:
                     return base64.b64decode(value, validate=True)
@@ -80,7 +92,7 @@ class F:
             for uid in value:
                 if not isinstance(uid, str) or not uid:
                     raise bad(f"every entry of {self.name} must be a non-empty string")
-                F(self.name, max_bytes=MAX_UID_BYTES).parse({self.name: uid})
+                F(self.name, "uid", max_bytes=MAX_UID_BYTES).parse({self.name: uid})
             if self.required and not value:
                 raise bad(f"{self.name} must not be empty")
             return list(dict.fromkeys(value))
@@ -100,8 +112,10 @@ class F:
 
     def schema(self) -> Json:
         # Lengths are limits in UTF-8 bytes (they keep LMDB keys in range); for ASCII that is maxLength.
-        if self.kind in ("str", "b64"):
+        if self.kind in ("str", "uid", "b64"):
             out: Json = {"type": "string", "maxLength": self.max_bytes, "x-max-utf8-bytes": self.max_bytes}
+            if self.kind == "uid":
+                out["pattern"] = UID_PATTERN
             if self.required:
                 out["minLength"] = 1
             if self.kind == "b64":
@@ -114,6 +128,7 @@ class F:
                 "minLength": 1,
                 "maxLength": MAX_UID_BYTES,
                 "x-max-utf8-bytes": MAX_UID_BYTES,
+                "pattern": UID_PATTERN,
             }
             out = {"type": "array", "maxItems": MAX_UIDS_PER_OP, "items": item}
             if self.required:
@@ -137,7 +152,7 @@ def parse(fields: tuple[F, ...], body: Json) -> Json:
     return {f.name: f.parse(body) for f in fields}
 
 
-UID = F("uid", required=True, max_bytes=MAX_UID_BYTES)
+UID = F("uid", "uid", required=True, max_bytes=MAX_UID_BYTES)
 CHANNEL = (F("channel_id", required=True), F("channel_type", "int", required=True, low=1, high=255))
 CHANNEL_INFO = (
     *CHANNEL,
@@ -220,7 +235,7 @@ def openapi_document(routes: Mapping[str, Route], manager_token_on: bool) -> Jso
                         "schema": {
                             "type": "array",
                             "maxItems": MAX_UIDS_PER_OP,
-                            "items": {"type": "string", "minLength": 1},
+                            "items": {"type": "string", "minLength": 1, "pattern": UID_PATTERN},
                         }
                     }
                 },

@@ -13,7 +13,14 @@ from node.pools.eventbus import EventPool
 from node.shapes import message_json
 from node.wire.protocol import Reason
 from raft.apply import Result
-from raft.commands import CHANNEL_PERSON, MAX_PAYLOAD_BYTES, MAX_UID_BYTES, SYSTEM_UID
+from raft.commands import (
+    CHANNEL_PERSON,
+    MAX_PAYLOAD_BYTES,
+    MAX_UID_BYTES,
+    SYSTEM_UID,
+    UID_RULE,
+    valid_uid,
+)
 from storage.keys import channel_key
 from storage.store import Store
 
@@ -59,6 +66,8 @@ def routes(store: Store, channel_pool: EventPool[Any], commit_timeout_s: float) 
             )
         if not body["channel_id"]:
             raise bad("channel_id is required")
+        if body["channel_type"] == CHANNEL_PERSON and not valid_uid(body["channel_id"]):
+            raise bad(f"channel_id {UID_RULE}")  # a person channel is named by the receiver's uid
         sender = body["from_uid"] or SYSTEM_UID
         result = await send_one(
             sender, body["channel_id"], body["channel_type"], body["payload"], body["client_msg_no"]
@@ -126,7 +135,7 @@ def routes(store: Store, channel_pool: EventPool[Any], commit_timeout_s: float) 
             (
                 F("header", "obj"),
                 F("client_msg_no", default=""),
-                F("from_uid", default="", max_bytes=MAX_UID_BYTES),
+                F("from_uid", "uid", default="", max_bytes=MAX_UID_BYTES),
                 F("channel_id", default=""),
                 F("channel_type", "int", default=0, high=255),
                 F("subscribers", "uids"),
@@ -141,7 +150,7 @@ def routes(store: Store, channel_pool: EventPool[Any], commit_timeout_s: float) 
             message_sendbatch,
             (
                 F("header", "obj"),
-                F("from_uid", required=True, max_bytes=MAX_UID_BYTES),
+                F("from_uid", "uid", required=True, max_bytes=MAX_UID_BYTES),
                 F("subscribers", "uids", required=True),
                 F("payload", "b64", required=True, max_bytes=MAX_PAYLOAD_BYTES * 2),
             ),
@@ -151,7 +160,7 @@ def routes(store: Store, channel_pool: EventPool[Any], commit_timeout_s: float) 
             "POST",
             messagesync,
             (
-                F("login_uid", required=True, max_bytes=MAX_UID_BYTES),
+                F("login_uid", "uid", required=True, max_bytes=MAX_UID_BYTES),
                 *CHANNEL,
                 F("start_message_seq", "int", default=0, high=U32),
                 F("end_message_seq", "int", default=0, high=U32),
@@ -167,7 +176,7 @@ def routes(store: Store, channel_pool: EventPool[Any], commit_timeout_s: float) 
             query=(
                 F("channel_id", required=True),
                 F("channel_type", "int", required=True, low=1, high=255),
-                F("login_uid", max_bytes=MAX_UID_BYTES),
+                F("login_uid", "uid", max_bytes=MAX_UID_BYTES),
             ),
         ),
     }

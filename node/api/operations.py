@@ -17,15 +17,24 @@ from raft.commands import MAX_UID_BYTES
 
 
 @dataclass(frozen=True)
+class Addresses:
+    """Where clients reach a node ("" for a listener it does not have)."""
+
+    tcp: str
+    ws: str
+    tcp_tls: str = ""
+    wss: str = ""
+
+
+@dataclass(frozen=True)
 class Identity:
-    """Who this node is and where clients reach it: `listening` gives the bound (tcp, ws) addresses once
-    the listeners run (a config may ask for port 0), None before."""
+    """Who this node is and where clients reach it: `configured` as the config says, `listening` the bound
+    addresses once the listeners run (a config may ask for port 0), None before."""
 
     node_id: str
     numeric_id: int
-    tcp: str
-    ws: str
-    listening: Callable[[], tuple[str, str] | None]
+    configured: Addresses
+    listening: Callable[[], Addresses | None]
 
 
 def routes(
@@ -44,8 +53,17 @@ def routes(
         return PlainText(metrics.render())
 
     async def route(body: Json, query: Any) -> Json:
-        tcp, ws = identity.listening() or (identity.tcp, identity.ws)
-        return {"tcp_addr": tcp, "ws_addr": f"ws://{ws}", "wss_addr": ""}
+        """WuKongIM's three fields (its wss_addr carries the scheme, its tcp_addr none), and `tcp_tls_addr`
+        only when this node has a TLS TCP listener, so the answer is WuKongIM's own shape otherwise."""
+        where = identity.listening() or identity.configured
+        answer: Json = {
+            "tcp_addr": where.tcp,
+            "ws_addr": f"ws://{where.ws}",
+            "wss_addr": f"wss://{where.wss}" if where.wss else "",
+        }
+        if identity.configured.tcp_tls:
+            answer["tcp_tls_addr"] = where.tcp_tls
+        return answer
 
     async def connz(body: Json, query: Any) -> Json:
         now = trio.current_time()
@@ -60,7 +78,7 @@ def routes(
                     "port": int(c.remote.rsplit(":", 1)[1]) if c.remote.rsplit(":", 1)[-1].isdigit() else 0,
                     "last_activity": round(now - c.last_activity, 3),
                     "uptime": round(now - c.connected_at, 3),
-                    "pending_bytes": 0,
+                    "pending_bytes": c.pending_bytes,
                     "pending_frames": c.outbound.statistics().current_buffer_used,
                     "in_packets": c.received_frames,
                     "out_packets": c.sent_frames,
@@ -86,8 +104,8 @@ def routes(
             "server_name": identity.node_id,
             "connections": node_status["connections"],
             "in_msgs": gateway_statistics()["accepted"],
-            "tcp_addr": identity.tcp,
-            "ws_addr": f"ws://{identity.ws}",
+            "tcp_addr": identity.configured.tcp,
+            "ws_addr": f"ws://{identity.configured.ws}",
             "manager_token_on": int(manager_token_on),
             "raft": {k: node_status[k] for k in ("role", "term", "commit_index", "applied_index", "leader")},
             "messages": node_status["messages"],
@@ -105,7 +123,7 @@ def routes(
             query=(
                 F("offset", "int", default=0),
                 F("limit", "int", default=20, low=1, high=1000),
-                F("uid", max_bytes=MAX_UID_BYTES),
+                F("uid", "uid", max_bytes=MAX_UID_BYTES),
             ),
         ),
         "/varz": Route("GET", varz, body="none", summary="Node variables"),

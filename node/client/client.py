@@ -1,6 +1,7 @@
 """imnode's own WuKongIM client on trio, for tests, the CLI and the benchmark.
 
-It speaks the same wire protocol and encryption as the official SDKs, over TCP or WebSocket:
+It speaks the same wire protocol and encryption as the official SDKs, over TCP or WebSocket, either one
+optionally inside TLS (`ssl_context=`: a node's `tcp_tls` port, or its `wss` port with `websocket=True`):
 
     async with open_client("127.0.0.1", 5100, "alice") as alice:
         ack = await alice.send("bob", 1, b'{"content":"hi","type":1}')
@@ -13,6 +14,7 @@ wait is bounded by a timeout and raises ClientError, never trio.TooSlowError, wh
 
 import dataclasses
 import math
+import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -99,19 +101,46 @@ class _Waiter(Generic[_T]):
 # --- transports (the gateway's own: node/gateway/transports.py) ----------------------------------
 
 
-async def _open_transport(host: str, port: int, websocket: bool, nursery: trio.Nursery | None) -> Transport:
+async def _open_stream(
+    host: str, port: int, ssl_context: ssl.SSLContext | None, https: bool
+) -> trio.SocketStream | trio.SSLStream[trio.SocketStream]:
+    if ssl_context is None:
+        return await trio.open_tcp_stream(host, port)
+    # https_compatible for wss, as trio-websocket itself connects: web servers may close without close_notify.
+    stream = await trio.open_ssl_over_tcp_stream(host, port, ssl_context=ssl_context, https_compatible=https)
+    try:
+        # Here, not on the first write: an untrusted certificate fails the connect with its own reason
+        # (trio-websocket would only wait for an upgrade that never comes).
+        await stream.do_handshake()
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+    return stream
+
+
+async def _open_transport(
+    host: str, port: int, websocket: bool, nursery: trio.Nursery | None, ssl_context: ssl.SSLContext | None
+) -> Transport:
     if not websocket:
-        return TcpTransport(await trio.open_tcp_stream(host, port))
+        return TcpTransport(await _open_stream(host, port, ssl_context, https=False))
     if nursery is None:
         raise ValueError("websocket=True needs a nursery for the WebSocket's own reader task")
+    stream = await _open_stream(host, port, ssl_context, https=True)
     netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    ws = await trio_websocket.connect_websocket_url(
-        nursery,
-        f"ws://{netloc}/",
-        message_queue_size=64,
-        # A whole frame travels in one message: room for the largest body plus its header.
-        max_message_size=MAX_FRAME_BYTES + 16,
-    )
+    try:
+        ws = await trio_websocket.wrap_client_stream(
+            nursery,
+            stream,
+            netloc,
+            "/",
+            message_queue_size=64,
+            # A whole frame travels in one message: room for the largest body plus its header.
+            max_message_size=MAX_FRAME_BYTES + 16,
+        )
+    except BaseException:
+        # A connect timeout cancels the wait for the upgrade: trio-websocket would leave the socket open.
+        await trio.aclose_forcefully(stream)
+        raise
     return WebSocketTransport(ws)
 
 
@@ -516,12 +545,15 @@ async def connect(
     auto_ack: bool = True,
     timeout_s: float = 5.0,
     nursery: trio.Nursery | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> Client:
     """Open a connection, log in, and return the Client.
 
     The reader task is started in `nursery` when one is given; otherwise the caller must run
     `await client.run()` in a task of its own. WebSocket needs a nursery. `encrypt=False` is
     for servers running with encryption off: payloads travel in clear, msg_keys stay empty.
+    `ssl_context` connects over TLS (wss with `websocket=True`), checking the node's certificate and
+    host name: `ssl.create_default_context()` for the system's CAs, `cafile=` for a private one.
     Raises ConnectRefused if the server refuses the login, ClientError on any other failure.
     """
     if version < 1:
@@ -530,9 +562,12 @@ async def connect(
     decoder = FrameDecoder(max_remaining=MAX_FRAME_BYTES, version=negotiate_version(version))
     try:
         with _bounded(timeout_s, f"connecting to {host}:{port}"):
-            transport = await _open_transport(host, port, websocket, nursery)
-    except (OSError, trio_websocket.HandshakeError) as exc:
-        raise ClientError(f"cannot connect to {host}:{port}: {exc!r}") from exc
+            transport = await _open_transport(host, port, websocket, nursery, ssl_context)
+    except (OSError, trio.BrokenResourceError, trio_websocket.HandshakeError) as exc:
+        # A failed TLS handshake (an untrusted certificate, say) is a BrokenResourceError whose cause
+        # says why.
+        why = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) and exc.__cause__ else exc
+        raise ClientError(f"cannot connect to {host}:{port}: {why!r}") from exc
     try:
         # client_timestamp is wall-clock ms by definition: the server compares it with its own
         # wall clock to report time_diff, so trio's clock would be the wrong one here.
@@ -588,6 +623,7 @@ async def open_client(
     websocket: bool = False,
     auto_ack: bool = True,
     timeout_s: float = 5.0,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[Client]:
     """A connected Client whose reader runs for the duration of the block.
 
@@ -608,6 +644,7 @@ async def open_client(
                 auto_ack=auto_ack,
                 timeout_s=timeout_s,
                 nursery=nursery,
+                ssl_context=ssl_context,
             )
             try:
                 yield client

@@ -5,19 +5,23 @@ of up to `batch_max` messages per POST), `msg.offline` (one message per POST, wi
 with no device online anywhere in the cluster, computed when it is sent), and `user.onlinestatus` (an array
 of "uid-deviceFlag-online-connId-deviceOnlineCount-totalOnlineCount" strings). Only HTTP 200 counts as
 delivered. A failed POST is retried with exponential backoff; after `attempts` failures the events move to
-the replicated dead-letter list. Every POST carries `X-Imnode-Event-Id: <stream>:<first seq>-<last seq>` so
-a receiver can drop the repeats that at-least-once delivery allows (after a leader change, for example).
+the replicated dead-letter list. An https receiver's certificate and host name are checked against the
+system's trust store, or only against `webhook.ca_file` when it is set; a failed check is a failed attempt.
+Every POST carries `X-Imnode-Event-Id: <stream>:<first seq>-<last seq>` so a receiver can drop the repeats
+that at-least-once delivery allows (after a leader change, for example).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import ssl
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import trio
 
 from node.cluster.proposer import Proposer
@@ -56,45 +60,79 @@ class WebhookError(Exception):
     pass
 
 
-async def post(url: str, event: str, body: bytes, event_id: str, timeout_s: float) -> int:
-    """POST `body` to `url?event=NAME` (HTTP/1.1, http only); returns the status code."""
+async def post(
+    url: str,
+    event: str,
+    body: bytes,
+    event_id: str,
+    timeout_s: float,
+    ssl_context: ssl.SSLContext | None = None,
+) -> int:
+    """POST `body` to `url?event=NAME` (http, or https checked against `ssl_context`); the status code.
+
+    `timeout_s` bounds the whole exchange. The answer's body is never read: only its status counts.
+    """
     parts = urllib.parse.urlsplit(url)
-    if parts.scheme != "http" or not parts.hostname:
-        raise WebhookError(f"unsupported webhook url {url!r} (http://host:port/path)")
-    query = (parts.query + "&" if parts.query else "") + urllib.parse.urlencode({"event": event})
-    target = f"{parts.path or '/'}?{query}"
-    head = (
-        f"POST {target} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nX-Imnode-Event-Id: {event_id}\r\nConnection: close\r\n\r\n"
-    ).encode()
-    with trio.move_on_after(timeout_s) as scope:
-        stream = await trio.open_tcp_stream(parts.hostname, parts.port or 80)
-        async with stream:
-            await stream.send_all(head + body)
-            response = b""
-            while b"\r\n" not in response:
-                chunk = await stream.receive_some(4096)
-                if not chunk:
-                    break
-                response += chunk
-    if scope.cancelled_caught:
-        raise WebhookError(f"no answer within {timeout_s}s")
-    status_line = response.split(b"\r\n", 1)[0].split()
-    if len(status_line) < 2 or not status_line[1].isdigit():
-        raise WebhookError("not an HTTP response")
-    return int(status_line[1])
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise WebhookError(f"unsupported webhook url {url!r} (http[s]://host:port/path)")
+    headers = {"Content-Type": "application/json", "X-Imnode-Event-Id": event_id}
+    verify: ssl.SSLContext | bool = False  # plain http: nothing to check, and no trust store to load
+    if parts.scheme == "https":
+        verify = ssl_context if ssl_context is not None else ssl.create_default_context()
+    with trio.move_on_after(timeout_s):
+        try:
+            async with (
+                httpx.AsyncClient(
+                    verify=verify,
+                    timeout=timeout_s,
+                    # A new connection per POST: a receiver may close after each answer, and a POST sent
+                    # on a connection it is closing would count as a failed attempt.
+                    limits=httpx.Limits(max_keepalive_connections=0),
+                    # Behaviour from the config file alone, not from proxy or CA variables of whoever
+                    # started the node.
+                    trust_env=False,
+                ) as client,
+                client.stream("POST", url, params={"event": event}, content=body, headers=headers) as answer,
+            ):
+                return answer.status_code
+        except httpx.HTTPError as exc:
+            raise WebhookError(_reason(exc)) from None
+    raise WebhookError(f"no answer within {timeout_s}s")
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost message of an exception chain: on trio, httpx reports an untrusted certificate as
+    ConnectError('') around BrokenResourceError() around the ssl error that says what is wrong."""
+    reason = type(exc).__name__
+    seen = 0
+    found: BaseException | None = exc
+    while found is not None and seen < 10:  # bounded: a chain is never long, but guard against a loop
+        reason = str(found) or reason
+        found = found.__cause__ or found.__context__
+        seen += 1
+    return reason
 
 
 class Webhooks:
-    """Every node runs one; only the leader's delivers (`is_leader` is asked before every batch)."""
+    """Every node runs one; only the leader's delivers (`is_leader` is asked before every batch).
+
+    `ssl_context`: what an https receiver's certificate is checked against (built once by the caller:
+    loading a trust store per POST costs more than the POST); None for http.
+    """
 
     def __init__(
-        self, settings: WebhookSettings, store: Store, proposer: Proposer, is_leader: Callable[[], bool]
+        self,
+        settings: WebhookSettings,
+        store: Store,
+        proposer: Proposer,
+        is_leader: Callable[[], bool],
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.settings = settings
         self._store = store
         self._proposer = proposer
         self._is_leader = is_leader
+        self.ssl_context = ssl_context
         self.streams = {name: StreamState() for name in WEBHOOK_STREAMS}
 
     async def run(self) -> None:
@@ -142,6 +180,7 @@ class Webhooks:
                     body,
                     f"{stream}:{start + 1}-{end}",
                     self.settings.timeout_s,
+                    self.ssl_context,
                 )
                 error = "" if status == 200 else f"HTTP {status}"
             except (OSError, WebhookError) as exc:
@@ -218,6 +257,7 @@ class Webhooks:
                     body,
                     f"{stream}:{seq}-{seq}",
                     self.settings.timeout_s,
+                    self.ssl_context,
                 )
             except (OSError, WebhookError) as exc:
                 status, last_error = 0, str(exc)

@@ -3,8 +3,9 @@
 The connection object never touches a socket itself. A transport (TCP or WebSocket, transports.py) runs two
 tasks per connection: a reader that decodes frames into events for the user pool, and a writer that drains
 `outbound`. Everything else (pools, handlers) only calls `send_packet` / `send_frame`, which never block:
-a connection whose queue is full is a client that stopped reading, and it is disconnected rather than
-allowed to grow the node (its messages stay stored for sync).
+a connection whose queue is full (in frames or in bytes) is a client that stopped reading, and it is
+disconnected rather than allowed to grow the node (its messages stay stored for sync). The RECVs kept for
+resending are bounded in count and in bytes too.
 """
 
 from __future__ import annotations
@@ -32,7 +33,16 @@ class InflightRecv:
 class Connection:
     """State of one client connection, owned by the trio thread."""
 
-    def __init__(self, conn_id: int, transport: str, remote: str, *, outbound_frames: int) -> None:
+    def __init__(
+        self,
+        conn_id: int,
+        transport: str,
+        remote: str,
+        *,
+        outbound_frames: int,
+        outbound_bytes: int,
+        inflight_bytes: int,
+    ) -> None:
         self.id = conn_id
         self.transport = transport
         self.remote = remote
@@ -56,6 +66,12 @@ class Connection:
         self.rate_tokens = 0.0
         self.rate_stamp = self.connected_at
         self._outbound_send, self.outbound = trio.open_memory_channel[bytes](outbound_frames)
+        # Frames of a few hundred KB make a bound in frames alone worth hundreds of MB per connection.
+        # Invariant: pending_bytes = bytes queued in `outbound` or being written by the writer.
+        self.outbound_bytes_max = outbound_bytes
+        self.pending_bytes = 0
+        self.inflight_bytes_max = inflight_bytes
+        self.inflight_bytes = 0  # Invariant: the sum of len(frame) over `inflight`
         self.cancel_scope: trio.CancelScope | None = None
 
     def __repr__(self) -> str:
@@ -68,6 +84,9 @@ class Connection:
     def send_frame(self, frame: bytes) -> bool:
         if self.closed.is_set():
             return False
+        if self.pending_bytes + len(frame) > self.outbound_bytes_max:
+            self.abort(f"outbound queue over {self.outbound_bytes_max} bytes: the client is not reading")
+            return False
         try:
             self._outbound_send.send_nowait(frame)
         except trio.WouldBlock:
@@ -75,24 +94,52 @@ class Connection:
             return False
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             return False
+        self.pending_bytes += len(frame)
         self.sent_frames += 1
         return True
 
+    def written(self, nbytes: int) -> None:
+        """The writer has handed `nbytes` of queued frames to the transport: they no longer count."""
+        self.pending_bytes -= nbytes
+
     def track_recv(self, message_id: int, frame: bytes, due: float, max_inflight: int) -> None:
-        if len(self.inflight) >= max_inflight:
+        self.untrack_recv(message_id)
+        dup = bytes((frame[0] | FLAG_DUP,)) + frame[1:]
+        while self.inflight and (
+            len(self.inflight) >= max_inflight or self.inflight_bytes + len(dup) > self.inflight_bytes_max
+        ):
             # Bounded: the oldest unacknowledged RECV stops being resent; it stays stored for sync.
-            oldest = next(iter(self.inflight))
-            del self.inflight[oldest]
+            self.untrack_recv(next(iter(self.inflight)))
             self.dropped_recvs += 1
-        self.inflight[message_id] = InflightRecv(bytes((frame[0] | FLAG_DUP,)) + frame[1:], 0, due)
+        self.inflight[message_id] = InflightRecv(dup, 0, due)
+        self.inflight_bytes += len(dup)
+
+    def untrack_recv(self, message_id: int) -> None:
+        """Stop resending a RECV (acknowledged, given up, or replaced)."""
+        item = self.inflight.pop(message_id, None)
+        if item is not None:
+            self.inflight_bytes -= len(item.frame)
+
+    def release(self) -> None:
+        """Drop what a finished connection still holds: queued frames and RECVs awaiting RECVACK.
+
+        Events in flight (a SEND awaiting its commit) may keep this object alive a while; what it buffered
+        must not live that long.
+        """
+        self.outbound.close()  # the last receive side closed: trio drops the buffered frames
+        self.pending_bytes = 0
+        self.inflight.clear()
+        self.inflight_bytes = 0
 
     def close(self, reason_code: int | None = None, reason: str = "") -> None:
         """Close gracefully: queue a DISCONNECT (if a reason is given), then let the writer drain and stop."""
         if self.closed.is_set():
             return
         if reason_code is not None:
+            frame = encode(Disconnect(reason_code, reason), self.version)
             try:
-                self._outbound_send.send_nowait(encode(Disconnect(reason_code, reason), self.version))
+                self._outbound_send.send_nowait(frame)
+                self.pending_bytes += len(frame)
             except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
                 pass
         self.close_reason = reason or self.close_reason or "closed"

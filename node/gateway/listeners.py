@@ -12,6 +12,7 @@ A client must send CONNECT within `connect_timeout_s` and then something (a PING
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -58,15 +59,29 @@ class Gateway:
 
     # -- listeners ---------------------------------------------------------------------------------------
     async def serve_tcp(
-        self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+        self,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        """The binary protocol on TCP, or on TLS over TCP with `ssl_context`.
+
+        The TLS handshake runs on the connection's first read, so `connect_timeout_s` bounds it together
+        with the CONNECT that follows.
+        """
         listeners = await trio.open_tcp_listeners(port, host=host)
         bound = listeners[0].socket.getsockname()[1]
+        kind = "tcp" if ssl_context is None else "tls"
 
         async def handler(stream: trio.SocketStream) -> None:
             try:
                 peer = stream.socket.getpeername()
-                await self.serve(TcpTransport(stream), "tcp", f"{peer[0]}:{peer[1]}")
+                wrapped: trio.abc.Stream = stream
+                if ssl_context is not None:
+                    wrapped = trio.SSLStream(stream, ssl_context, server_side=True)
+                await self.serve(TcpTransport(wrapped), kind, f"{peer[0]}:{peer[1]}")
             except OSError:
                 pass  # the peer went away before we looked (ENOTCONN): nothing to serve
             except Exception:
@@ -78,22 +93,32 @@ class Gateway:
             await trio.serve_listeners(handler, listeners, handler_nursery=nursery)
 
     async def serve_ws(
-        self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+        self,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """WebSocket on plain TCP listeners: every connection, its handshake included, in its own nursery.
 
         (trio-websocket's own server lets a failed handshake escape into the server's nursery, which would
-        stop the node when a client sends a bad upgrade and resets.)
+        stop the node when a client sends a bad upgrade and resets.) With `ssl_context` it is wss: the TLS
+        handshake runs inside the same `connect_timeout_s` as the WebSocket upgrade.
         """
         listeners = await trio.open_tcp_listeners(port, host=host)
         bound = listeners[0].socket.getsockname()[1]
+        kind = "ws" if ssl_context is None else "wss"
 
         async def handler(stream: trio.SocketStream) -> None:
+            wrapped: trio.abc.Stream = stream
+            if ssl_context is not None:
+                wrapped = trio.SSLStream(stream, ssl_context, server_side=True)
             try:
                 async with trio.open_nursery() as nursery:
                     with trio.move_on_after(self.tuning.connect_timeout_s) as handshake:
                         request = await trio_websocket.wrap_server_stream(
-                            nursery, stream, max_message_size=self.tuning.max_frame_bytes + 16
+                            nursery, wrapped, max_message_size=self.tuning.max_frame_bytes + 16
                         )
                         ws = await request.accept()
                     if handshake.cancelled_caught:
@@ -101,7 +126,7 @@ class Gateway:
                         nursery.cancel_scope.cancel()
                         return
                     remote = getattr(stream.socket, "getpeername", lambda: ("?", 0))()
-                    await self.serve(WebSocketTransport(ws), "ws", f"{remote[0]}:{remote[1]}")
+                    await self.serve(WebSocketTransport(ws), kind, f"{remote[0]}:{remote[1]}")
                     nursery.cancel_scope.cancel()
             except (
                 trio_websocket.ConnectionClosed,
@@ -116,7 +141,10 @@ class Gateway:
             finally:
                 with trio.move_on_after(1) as scope:
                     scope.shield = True
-                    await stream.aclose()
+                    try:
+                        await wrapped.aclose()
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        pass  # TLS: the peer broke the connection; the socket is closed all the same
 
         async with trio.open_nursery() as nursery:
             task_status.started(bound)
@@ -125,7 +153,12 @@ class Gateway:
     # -- one connection ----------------------------------------------------------------------------------
     async def serve(self, transport: Transport, kind: str, remote: str) -> None:
         conn = Connection(
-            self.registry.next_id(), kind, remote, outbound_frames=self.tuning.outbound_queue_frames
+            self.registry.next_id(),
+            kind,
+            remote,
+            outbound_frames=self.tuning.outbound_queue_frames,
+            outbound_bytes=self.tuning.outbound_queue_bytes,
+            inflight_bytes=self.tuning.recv_inflight_bytes,
         )
         self.registry.add(conn)
         self.accepted += 1
@@ -140,6 +173,7 @@ class Gateway:
         finally:
             conn.closed.set()
             self.registry.remove(conn)
+            conn.release()
             if conn.authenticated:
                 # Ordered after this uid's other events in its shard; try_submit so a full pool can't
                 # keep a dead connection's task alive (the registry entry is already gone).
@@ -163,6 +197,7 @@ class Gateway:
                     frames.append(more)
                     size += len(more)
                 await transport.send(frames)
+                conn.written(size)
         except TRANSPORT_ERRORS:
             pass
         finally:

@@ -37,7 +37,9 @@ class Transport(Protocol):
 
 
 class TcpTransport:
-    def __init__(self, stream: trio.SocketStream) -> None:
+    """TCP, or TLS over TCP (a trio.SSLStream)."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
 
     async def receive(self) -> bytes:

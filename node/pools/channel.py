@@ -28,6 +28,7 @@ from raft.commands import (
     Op,
     person_channel_id,
     send_op,
+    valid_uid,
 )
 from raft.permissions import send_permission
 from storage.keys import channel_key
@@ -92,8 +93,8 @@ def open_send(
     if not channel_id or not client_msg_no:
         return Reason.CHANNEL_ID_ERROR
     if channel_type == CHANNEL_PERSON:
-        if channel_id == sender:
-            return Reason.CHANNEL_ID_ERROR  # WuKongIM has no channel with oneself
+        if channel_id == sender or not valid_uid(channel_id):
+            return Reason.CHANNEL_ID_ERROR  # no channel with oneself (WuKongIM), nor with a uid none can have
         stored, peer = person_channel_id(sender, channel_id), channel_id
     else:
         stored, peer = channel_id, ""

@@ -122,7 +122,7 @@ def resend_due(ctx: PushContext, now: float) -> None:
             if item.due > now:
                 continue
             if item.attempts >= tuning.recv_resend_attempts:
-                del conn.inflight[message_id]
+                conn.untrack_recv(message_id)
                 ctx.expired += 1
                 continue
             item.attempts += 1

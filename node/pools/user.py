@@ -1,4 +1,4 @@
-"""The user event pool: connect (auth, kick, CONNACK), send, recvack, ping, close.
+"""The user event pool: connect (auth, then kick and CONNACK), send, recvack, ping, close.
 
 Sharded by uid, so one user's connects, sends and closes are handled in order. A send leaves this pool as
 soon as it is decrypted, verified and rate-checked: the channel pool takes it from there, and the SENDACK
@@ -15,6 +15,7 @@ import trio
 
 from node.cluster.presence import Presence
 from node.config import Config
+from node.gateway.connection import Connection
 from node.gateway.events import (
     CLOSE,
     CONNECT,
@@ -32,14 +33,17 @@ from node.pools.channel import open_send
 from node.pools.eventbus import EventPool
 from node.wire.crypto import CryptoError, Session, generate_keypair, msg_key_matches, random_salt
 from node.wire.protocol import (
+    I64_MAX,
+    I64_MIN,
     SETTING_NO_ENCRYPT,
     Connack,
     Pong,
     Reason,
     Sendack,
+    encode,
     negotiate_version,
 )
-from raft.commands import MAX_UID_BYTES
+from raft.commands import MAX_UID_BYTES, valid_uid
 from storage.store import Store
 
 
@@ -56,7 +60,7 @@ class UserContext:
 # -- connect ---------------------------------------------------------------------------------------------
 async def auth(ctx: UserContext, ev: ConnectEvent) -> int | None:
     packet = ev.packet
-    if not packet.uid or len(packet.uid.encode()) > MAX_UID_BYTES:
+    if not packet.uid or len(packet.uid.encode()) > MAX_UID_BYTES or not valid_uid(packet.uid):
         return Reason.AUTH_FAIL
     if ctx.config.encryption and not packet.client_key:
         return Reason.CLIENT_KEY_IS_EMPTY
@@ -71,43 +75,55 @@ async def auth(ctx: UserContext, ev: ConnectEvent) -> int | None:
     return None
 
 
-async def kick_older(ctx: UserContext, ev: ConnectEvent) -> int | None:
+def kick_older(registry: Registry, conn: Connection) -> None:
     """A second login of the same uid and device flag replaces the first (WuKongIM's rule)."""
-    for older in list(ctx.registry.of_uid(ev.packet.uid)):
-        if older.device_flag == ev.packet.device_flag and older is not ev.conn:
+    for older in list(registry.of_uid(conn.uid)):
+        if older.device_flag == conn.device_flag and older is not conn:
             older.close(Reason.CONNECT_KICK, "logged in elsewhere")
-            ctx.registry.remove(older)
-    return None
+            registry.remove(older)
 
 
 async def connack(ctx: UserContext, ev: ConnectEvent) -> int | None:
+    """The last step of the chain: the only one that changes sessions, once every check has passed.
+
+    Whatever can still refuse the login (the key exchange) or fail (encoding the CONNACK) comes first:
+    a refused CONNECT must never have kicked the live session of its uid and device flag.
+    """
     conn, packet = ev.conn, ev.packet
-    server_key = salt = ""
+    session, server_key, salt = None, "", ""
     if ctx.config.encryption:
         private_key, server_key = generate_keypair()
         salt = random_salt()
         try:
-            conn.session = Session.from_keys(private_key, packet.client_key, salt)
+            session = Session.from_keys(private_key, packet.client_key, salt)
         except CryptoError:
             return Reason.CLIENT_KEY_IS_EMPTY
-    conn.uid = packet.uid
-    conn.device_flag = packet.device_flag
-    conn.device_id = packet.device_id
-    conn.version = negotiate_version(packet.version)
-    conn.authenticated = True
-    conn.rate_tokens = float(ctx.config.tuning.send_burst)
-    ctx.registry.bind(conn)
-    ctx.presence.online(conn)  # replicated in the background: the CONNACK does not wait for it
-    conn.send_packet(
+    # Any i64 is a valid client_timestamp (the Go SDK even sends seconds), so the difference can leave
+    # CONNACK's i64: clamp it rather than fail the login over a clock.
+    time_diff = min(max(int(time.time() * 1000) - packet.client_timestamp, I64_MIN), I64_MAX)
+    version = negotiate_version(packet.version)
+    frame = encode(
         Connack(
-            time_diff=int(time.time() * 1000) - packet.client_timestamp,
+            time_diff=time_diff,
             reason_code=Reason.SUCCESS,
             server_key=server_key,
             salt=salt,
-            server_version=conn.version,
+            server_version=version,
             node_id=ctx.node_numeric_id,
-        )
+        ),
+        version,
     )
+    conn.session = session
+    conn.uid = packet.uid
+    conn.device_flag = packet.device_flag
+    conn.device_id = packet.device_id
+    conn.version = version
+    conn.authenticated = True
+    conn.rate_tokens = float(ctx.config.tuning.send_burst)
+    kick_older(ctx.registry, conn)
+    ctx.registry.bind(conn)
+    ctx.presence.online(conn)  # replicated in the background: the CONNACK does not wait for it
+    conn.send_frame(frame)
     conn.auth_done.set()
     return None
 
@@ -178,7 +194,7 @@ async def reject_send(ctx: UserContext, ev: SendEvent, reason: int) -> None:
 
 # -- recvack, ping, close --------------------------------------------------------------------------------
 async def recvack(ctx: UserContext, ev: RecvackEvent) -> int | None:
-    ev.conn.inflight.pop(ev.packet.message_id, None)
+    ev.conn.untrack_recv(ev.packet.message_id)
     return None
 
 
@@ -207,7 +223,6 @@ def build_user_pool(ctx: UserContext) -> EventPool[UserContext]:
     )
     pool.event_type(CONNECT, on_reject=reject_connect)
     pool.register(CONNECT, "auth", auth, retries=0, timeout_s=None)
-    pool.register(CONNECT, "kick", kick_older, retries=0, timeout_s=None)
     pool.register(CONNECT, "connack", connack, retries=0, timeout_s=None)
     pool.event_type(SEND, on_reject=reject_send)
     pool.register(SEND, "decrypt", decrypt, retries=0, timeout_s=None)

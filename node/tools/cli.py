@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from node.config import DEFAULT_NODE_ID, Config, ConfigError, load
+from node.config import DEFAULT_NODE_ID, Config, ConfigError, Listening, load
 from node.tools import bench
 from node.tools import operator as op
 
@@ -39,8 +39,6 @@ def _configure_logging(level: str) -> None:
 # -- node ------------------------------------------------------------------------------------------------
 async def _serve_until_signal(node: Node) -> None:
     import trio
-
-    from node.server import Listening
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
@@ -97,7 +95,11 @@ def _check_ports_free(config: Config, node_id: str) -> None:
         ("tcp", spec.tcp),
         ("ws", spec.ws),
         ("http", spec.http),
+        ("tcp_tls", spec.tcp_tls),
+        ("wss", spec.wss),
     ):
+        if not address:
+            continue
         host, _, port = address.rpartition(":")
         if int(port) == 0:
             continue
@@ -151,9 +153,10 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
             time.sleep(0.2)
         for node_id in config.initial_members:
             spec = config.node(node_id)
-            op.say(
-                f"  {node_id}: tcp {spec.tcp}  ws ws://{spec.ws}  http http://{spec.http}  raft {spec.raft}"
+            listening = Listening(
+                node_id, spec.tcp, spec.ws, spec.http, spec.raft, spec.tcp_tls, spec.wss, config.tls.http
             )
+            op.say(f"  {listening.describe().removeprefix('node ')}")
         op.say(f"cluster {config.cluster_name} is up: leader {status['leader']}. Ctrl-C stops it.")
         running = {p.node_id for p in procs}
         while True:

@@ -19,6 +19,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
+from node import tls
 from node.config import Config
 
 STATUS_TIMEOUT_S = 2.0
@@ -36,12 +37,15 @@ def request(
     """One admin call to a node; OperatorError with the node's own message on a refusal."""
     spec = config.node(node_id)
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(f"http://{spec.http}{path}", data=data, method=method)
+    scheme, context = "http", None
+    if config.tls.http:
+        scheme, context = "https", tls.client_context(config.source, "tls.ca_file", config.tls.ca_file)
+    req = urllib.request.Request(f"{scheme}://{spec.http}{path}", data=data, method=method)
     req.add_header("Content-Type", "application/json")
     if config.manager_token:
         req.add_header("token", config.manager_token)
     try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as response:
+        with urllib.request.urlopen(req, timeout=timeout_s, context=context) as response:
             return json.loads(response.read() or b"null")
     except urllib.error.HTTPError as exc:
         try:
@@ -50,7 +54,7 @@ def request(
             message = ""
         raise OperatorError(f"{node_id}: {message or exc.reason} (HTTP {exc.code})") from None
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
-        raise OperatorError(f"{node_id} is not reachable at http://{spec.http}: {exc}") from None
+        raise OperatorError(f"{node_id} is not reachable at {scheme}://{spec.http}: {exc}") from None
 
 
 def node_status(config: Config, node_id: str) -> dict[str, Any] | None:
@@ -117,6 +121,8 @@ def spawn(
 ) -> NodeProcess:
     """Start `imnode node start` for one node, logging to <data_dir>/node.log; writes a pid file."""
     spec = config.node(node_id)
+    # The node would stop on a bad certificate with this same error, in its log: say it here instead.
+    tls.server_context(config)
     os.makedirs(spec.data_dir, exist_ok=True)
     log_path = os.path.join(spec.data_dir, LOG_FILE)
     command = [

@@ -26,6 +26,8 @@ MAX_TEXT_BYTES: Final = 4096  # DISCONNECT reason and SUB param: free text, but 
 MAX_VARINT_BYTES: Final = 4
 MAX_REMAINING_LENGTH: Final = (1 << (7 * MAX_VARINT_BYTES)) - 1
 DEFAULT_MAX_REMAINING: Final = 1 << 20
+I64_MIN: Final = -(1 << 63)
+I64_MAX: Final = (1 << 63) - 1
 
 # Header flags (low nibble of byte 0). For CONNACK bit0 means "a server_version byte follows".
 FLAG_DUP: Final = 0x08

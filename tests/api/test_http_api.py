@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -794,7 +796,8 @@ async def test_metrics_include_webhook_delivery(node: RunningNode) -> None:
 
 
 # -- the OpenAPI document and malformed input ------------------------------------------------------------
-KIND_TYPES = {"str": "string", "b64": "string", "int": "integer", "flag": "integer", "uids": "array"}
+KIND_TYPES = {"str": "string", "uid": "string", "b64": "string", "int": "integer", "flag": "integer"}
+KIND_TYPES["uids"] = "array"
 KIND_TYPES |= {"ints": "array", "obj": "object"}
 
 
@@ -802,12 +805,15 @@ def _check_field_schema(where: str, f: F, schema: dict[str, Any]) -> None:
     assert schema["type"] == KIND_TYPES[f.kind], where
     if f.kind in ("int", "flag"):
         assert (schema["minimum"], schema["maximum"]) == (f.low, 1 if f.kind == "flag" else f.high), where
-    if f.kind in ("str", "b64"):
+    if f.kind in ("str", "uid", "b64"):
         assert schema["maxLength"] == f.max_bytes, where
+    if f.kind == "uid":
+        assert schema["pattern"] == "^[^@]*$", where
     if f.kind == "b64":
         assert schema["format"] == "byte", where
     if f.kind == "uids":
         assert schema["maxItems"] == MAX_UIDS_PER_OP and schema["items"]["type"] == "string", where
+        assert schema["items"]["pattern"] == "^[^@]*$", where
 
 
 async def test_openapi_lists_every_route_with_its_fields(node: RunningNode, api: Api) -> None:
@@ -855,7 +861,7 @@ def schema_accepts(schema: dict[str, Any], value: Any) -> bool:
                 base64.b64decode(value, validate=True)
             except ValueError:
                 return False
-        return True
+        return "pattern" not in schema or re.search(schema["pattern"], value) is not None
     if kind == "integer":
         if not isinstance(value, int) or isinstance(value, bool):
             return False
@@ -913,6 +919,8 @@ def _bad_values(schema: dict[str, Any]) -> Iterator[tuple[str, Any]]:
         yield "minLength", ""
     if schema.get("format") == "byte":
         yield "format byte", "%%%"
+    if schema.get("pattern") == "^[^@]*$":
+        yield "pattern", "eve@mail.com"
 
 
 def schema_violations(doc: dict[str, Any]) -> Iterator[tuple[str, str, bytes]]:
@@ -1063,3 +1071,57 @@ async def test_cluster_http_send_and_conversation_state_are_the_same_on_every_no
     assert len(expected) == 1 and expected[0]["last_msg_seq"] == 4
     for api in (n2, n3):  # the same state, byte for byte, on every node
         await eventually(functools.partial(api.conversations, "bob"), lambda rows: rows == expected, "same")
+
+
+# -- hostile bodies ---------------------------------------------------------------------------------------
+async def test_a_body_the_json_parser_cannot_take_gets_400_and_logs_no_traceback(
+    node: RunningNode, api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = await settled(node)
+    deep = [b"[" * 100_000, b'{"a":' * 100_000, b"[" * 100_000 + b"]" * 100_000, b"[" * (MAX_BODY_BYTES - 1)]
+    for path in ("/user/token", "/user/onlinestatus", "/channel/messagesync"):
+        for raw in deep:
+            status, answer = await api.call("POST", path, raw=raw)
+            assert (status, answer["status"]) == (400, 400), (path, len(raw), answer)
+            assert "nested too deeply" in answer["msg"], answer
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert proposed(node) == before
+    assert await api.post("/user/systemuids_add", {"uids": ["still-serving"]}) == {"status": 200}
+
+
+async def test_a_body_dribbled_past_the_time_limit_gets_408_and_a_close(tmp_path: Path) -> None:
+    config = single_node_config(tmp_path / "n1", manager_token=TOKEN, http_body_timeout_s=1.0)
+    async with running_node(config) as node:
+        host, port = node.http.removeprefix("http://").rsplit(":", 1)
+        body = json.dumps({"uids": ["dribbler"]}).encode()
+        head = (
+            f"POST /user/systemuids_add HTTP/1.1\r\nHost: {host}\r\ntoken: {TOKEN}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        stream = await trio.open_tcp_stream(host, int(port))
+        started = trio.current_time()
+        response = b""
+        async with stream, trio.open_nursery() as nursery:
+            await stream.send_all(head.encode())
+
+            async def dribble() -> None:
+                # One byte at a time, the last one never: the body stays incomplete as long as it likes.
+                for byte in body[:-1]:
+                    await trio.sleep(0.2)
+                    try:
+                        await stream.send_all(bytes((byte,)))
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        return
+
+            nursery.start_soon(dribble)
+            with trio.fail_after(10):  # the dribbler alone would take over 4 s, and then wait forever
+                while chunk := await stream.receive_some(65536):
+                    response += chunk
+            nursery.cancel_scope.cancel()
+        assert response.startswith(b"HTTP/1.1 408 "), response
+        assert b"request body" in response, response
+        assert trio.current_time() - started < 4
+        status, _ = await http_json(node.http, "GET", "/health")
+        assert status == 200
+        with node.node.store.read() as txn:
+            assert "dribbler" not in (txn.meta("system_uids") or [])

@@ -342,6 +342,26 @@ BAD_OPS: dict[str, tuple[Any, str]] = {
     "subs not a list": (channel("g", subs="u1"), "subs"),
     "token not a string": ({"t": c.OP_TOKEN, "uid": "u", "flag": 0, "level": 0, "token": b"x"}, "token"),
     "delete without type": ({"t": c.OP_CHANNEL_DELETE, "cid": "g"}, "ct"),
+    # `@` joins the two uids of a person channel's stored id: no uid may hold one.
+    "sender with @": (person_send("eve@mail.com", "bob", "m"), "from"),
+    "receiver with @": (person_send("eve", "mail.com@bob", "m"), "to"),
+    "token uid with @": ({"t": c.OP_TOKEN, "uid": "a@b", "flag": 0, "level": 0, "token": "t"}, "uid"),
+    "member with @": (members("g", "subscribers", "add", ["u1", "a@b"]), "uids"),
+    "subscriber with @": (channel("g", subs=["a@b"]), "subs"),
+    "device quit uid with @": ({"t": c.OP_DEVICE_QUIT, "uid": "a@b", "flag": 0}, "uid"),
+    "conversation uid with @": (
+        {"t": c.OP_CONVERSATION, "action": "clear", "uid": "a@b", "cid": "g", "ct": GROUP},
+        "uid",
+    ),
+    "presence uid with @": (
+        {
+            "t": c.OP_PRESENCE,
+            "node": 1,
+            "epoch": 1,
+            "changes": [{"uid": "a@b", "conn": 1, "flag": 0, "level": 0, "online": True}],
+        },
+        "uid",
+    ),
 }
 
 
@@ -484,6 +504,24 @@ def test_person_channel_id_is_the_same_whoever_sends(a: str, b: str) -> None:
     assert fake == c.person_channel_id(b, a)
     first = (zlib.crc32(a.encode()), a.encode()) > (zlib.crc32(b.encode()), b.encode())
     assert fake == (f"{a}@{b}" if first else f"{b}@{a}")
+
+
+_valid_uid = st.text(min_size=1, max_size=8).filter(c.valid_uid)
+
+
+@given(pair=st.tuples(_valid_uid, _valid_uid), other=st.tuples(_valid_uid, _valid_uid))
+def test_person_channel_ids_of_valid_uids_never_collide(
+    pair: tuple[str, str], other: tuple[str, str]
+) -> None:
+    # Without `@` in uids, the stored id names exactly one unordered pair.
+    same_pair = sorted(pair) == sorted(other)
+    assert (c.person_channel_id(*pair) == c.person_channel_id(*other)) == same_pair
+
+
+def test_person_channel_ids_collide_once_a_uid_holds_the_separator() -> None:
+    # Why valid_uid exists: these two pairs would share one stored channel.
+    assert c.person_channel_id("eve", "mail.com@bob") == c.person_channel_id("eve@mail.com", "bob")
+    assert not c.valid_uid("mail.com@bob") and c.valid_uid("eve")
 
 
 def test_reason_constants_match_the_protocol() -> None:

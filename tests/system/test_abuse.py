@@ -1,12 +1,16 @@
-"""Abuse: a SEND flood gets reason 22; no Raft port runs a pickle it is sent; nodes listen where told only."""
+"""Abuse: a SEND flood gets reason 22; no Raft port runs a pickle it is sent; nodes listen where told
+only; hostile logins and uids (a uid with `@`, an extreme timestamp, a refused CONNECT) change nothing else.
+"""
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import os
 import pickle
 import socket
 import struct
+import time
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -15,13 +19,21 @@ from pathlib import Path
 import pytest
 import trio
 
-from node.client import open_client
-from node.wire.protocol import Reason
+from node.client import ConnectRefused, open_client
+from node.wire.crypto import generate_keypair
+from node.wire.protocol import LATEST_VERSION, Connack, Connect, FrameDecoder, Reason, encode
 from raft.commands import person_channel_id
 from raft.secret import SECRET_FILE
 from storage.keys import channel_key
 from tests.cluster_harness import Cluster, write_cluster_toml
-from tests.conftest import NodeProcess, running_node, single_node_config, write_single_node_toml
+from tests.conftest import (
+    NodeProcess,
+    http_json,
+    running_node,
+    single_node_config,
+    wait_for,
+    write_single_node_toml,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
@@ -153,3 +165,178 @@ def test_importing_raft_leaves_socket_inet_ntop_working() -> None:
     import raft.machine  # noqa: F401
 
     assert socket.inet_ntop(socket.AF_INET, b"\x7f\x00\x00\x01") == "127.0.0.1"
+
+
+# -- what a hostile client sends at login and as a uid ----------------------------------------------------
+async def raw_connect(
+    address: tuple[str, int],
+    uid: str,
+    *,
+    client_timestamp: int | None = None,
+    client_key: str | None = None,
+    token: str = "",
+) -> tuple[trio.SocketStream, Connack]:
+    """A CONNECT with any field values (the client library only sends sane ones), and its CONNACK."""
+    stream = await trio.open_tcp_stream(*address)
+    stamp = int(time.time() * 1000) if client_timestamp is None else client_timestamp
+    key = generate_keypair()[1] if client_key is None else client_key
+    await stream.send_all(
+        encode(Connect(LATEST_VERSION, 0, f"dev-{uid}", uid, token, stamp, key), LATEST_VERSION)
+    )
+    decoder = FrameDecoder(version=LATEST_VERSION)
+    with trio.fail_after(10):
+        while (connack := decoder.next_packet()) is None:
+            data = await stream.receive_some(65536)
+            assert data, "the node closed the connection before CONNACK"
+            decoder.feed(data)
+    assert isinstance(connack, Connack), connack
+    return stream, connack
+
+
+async def test_a_uid_with_at_cannot_write_into_another_pairs_person_conversation(tmp_path: Path) -> None:
+    # Person channels are stored as `a@b`: with `@` allowed in uids, `eve` writing to `mail.com@bob` and
+    # `eve@mail.com` writing to `bob` name the same stored channel.
+    shared = person_channel_id("eve@mail.com", "bob")
+    assert shared == person_channel_id("eve", "mail.com@bob")
+    payload = base64.b64encode(b'{"content":"hi","type":1}').decode()
+    async with running_node(single_node_config(tmp_path / "n1")) as node:
+        async with open_client(*node.tcp, "eve") as eve:
+            assert (await eve.send("mail.com@bob", 1, b"forged")).reason_code == Reason.CHANNEL_ID_ERROR
+            assert (await eve.send("bob", 1, b"fine")).reason_code == Reason.SUCCESS
+        with pytest.raises(ConnectRefused) as refused:
+            async with open_client(*node.tcp, "eve@mail.com"):
+                pass
+        assert refused.value.reason_code == Reason.AUTH_FAIL
+        # Every HTTP field that takes a uid refuses one with `@`, naming the field.
+        refusals = [
+            ("/user/token", {"uid": "eve@mail.com", "token": "t"}, "uid"),
+            ("/user/device_quit", {"uid": "eve@mail.com"}, "uid"),
+            ("/user/onlinestatus", ["eve@mail.com"], "uids"),
+            ("/user/systemuids_add", {"uids": ["eve@mail.com"]}, "uids"),
+            (
+                "/channel",
+                {"channel_id": "g", "channel_type": 2, "subscribers": ["eve@mail.com"]},
+                "subscribers",
+            ),
+            (
+                "/channel/subscriber_add",
+                {"channel_id": "g", "channel_type": 2, "subscribers": ["eve@mail.com"]},
+                "subscribers",
+            ),
+            (
+                "/channel/blacklist_add",
+                {"channel_id": "g", "channel_type": 2, "uids": ["eve@mail.com"]},
+                "uids",
+            ),
+            (
+                "/channel/whitelist_set",
+                {"channel_id": "g", "channel_type": 2, "uids": ["eve@mail.com"]},
+                "uids",
+            ),
+            # A person channel's lists belong to the uid named as channel_id.
+            (
+                "/channel/blacklist_add",
+                {"channel_id": "mail.com@bob", "channel_type": 1, "uids": ["x"]},
+                "channel_id",
+            ),
+            (
+                "/message/send",
+                {"from_uid": "eve@mail.com", "channel_id": "bob", "channel_type": 1, "payload": payload},
+                "from_uid",
+            ),
+            (
+                "/message/send",
+                {"from_uid": "eve", "channel_id": "mail.com@bob", "channel_type": 1, "payload": payload},
+                "channel_id",
+            ),
+            (
+                "/message/sendbatch",
+                {"from_uid": "eve", "subscribers": ["mail.com@bob"], "payload": payload},
+                "subscribers",
+            ),
+            (
+                "/channel/messagesync",
+                {"login_uid": "eve@mail.com", "channel_id": "bob", "channel_type": 1},
+                "login_uid",
+            ),
+            ("/conversation/sync", {"uid": "eve@mail.com"}, "uid"),
+            (
+                "/conversations/clearUnread",
+                {"uid": "eve@mail.com", "channel_id": "bob", "channel_type": 1},
+                "uid",
+            ),
+        ]
+        for path, body, field in refusals:
+            status, answer = await http_json(node.http, "POST", path, body)
+            assert status == 400 and answer["msg"].startswith(f"{field} "), (path, body, status, answer)
+            assert "@" in answer["msg"], answer
+        status, answer = await http_json(node.http, "GET", "/connz?uid=eve%40mail.com")
+        assert status == 400 and answer["msg"].startswith("uid "), answer
+        # Apply checks again, deterministically: hand-made ops carrying such uids become error results.
+        forged = {
+            "t": "send",
+            "cid": shared,
+            "ct": 1,
+            "from": "eve",
+            "to": "mail.com@bob",
+            "cmn": "forged-by-hand",
+            "mid": 1,
+            "ts": 1,
+            "setting": 0,
+            "payload": b"forged",
+        }
+        token = {"t": "token", "uid": "eve@mail.com", "flag": 0, "level": 0, "token": "t"}
+        members = {
+            "t": "members",
+            "list": "subscribers",
+            "action": "add",
+            "cid": "g",
+            "ct": 2,
+            "uids": ["a@b"],
+        }
+        results = await node.node.proposer.call([forged, token, members])
+        assert [r["r"] for r in results] == [Reason.SYSTEM_ERROR] * 3, results
+        assert all("@" in r["err"] for r in results), results
+        with node.node.store.read() as txn:
+            assert txn.channel(channel_key(shared, 1)) is None
+            assert txn.user("eve@mail.com") is None
+            assert txn.channel(channel_key(person_channel_id("eve", "bob"), 1)) is not None
+
+
+async def test_a_connect_is_never_refused_for_its_timestamp(tmp_path: Path) -> None:
+    i64_min, i64_max = -(1 << 63), (1 << 63) - 1
+    async with running_node(single_node_config(tmp_path / "n1")) as node:
+        for n, stamp in enumerate((i64_min, i64_max, 0, -1)):
+            stream, connack = await raw_connect(node.tcp, f"clock-{n}", client_timestamp=stamp)
+            async with stream:
+                assert connack.reason_code == Reason.SUCCESS, (stamp, connack)
+                # time_diff = server ms - client ms, clamped to the field's range.
+                if stamp == i64_min:
+                    assert connack.time_diff == i64_max
+                else:
+                    assert connack.time_diff == pytest.approx(int(time.time() * 1000) - stamp, abs=60_000)
+        assert node.node.user_pool.statistics()["dead_letters"] == 0
+
+
+async def test_a_refused_connect_leaves_the_live_session_alone(tmp_path: Path) -> None:
+    config = single_node_config(tmp_path / "n1", token_auth=True)
+    async with running_node(config) as node:
+        for uid in ("alice", "bob"):
+            status, _ = await http_json(node.http, "POST", "/user/token", {"uid": uid, "token": f"{uid}-t"})
+            assert status == 200
+        async with open_client(*node.tcp, "alice", token="alice-t") as alice:
+            live = list(node.node.registry.of_uid("alice"))
+            assert len(live) == 1
+            # The same uid and device flag with the right token but a client key that is no X25519 key.
+            stream, connack = await raw_connect(node.tcp, "alice", token="alice-t", client_key="bm90LWEta2V5")
+            async with stream:
+                assert connack.reason_code == Reason.CLIENT_KEY_IS_EMPTY
+            # The live session was not kicked: it is still registered, open and served.
+            assert node.node.registry.of_uid("alice") == live and not live[0].closed.is_set()
+            await alice.ping()
+            async with open_client(*node.tcp, "bob", token="bob-t") as bob:
+                assert (await alice.send("bob", 1, b"still here")).reason_code == Reason.SUCCESS
+                assert (await bob.recv()).payload == b"still here"
+            # A CONNECT that passes every check does replace it (reason 12).
+            async with open_client(*node.tcp, "alice", token="alice-t"):
+                await wait_for(lambda: live[0].closed.is_set(), 10, "the older session kicked")
