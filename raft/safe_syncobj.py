@@ -25,9 +25,16 @@ Only name-mangled hooks of PySyncObj are overridden (`_SyncObj__...`); the rest 
 
 from __future__ import annotations
 
+import _socket
+import socket
 from typing import Any
 
 from pysyncobj import SyncObj
+
+# PySyncObj's tcp_connection imports its Windows shim, which replaces `socket.inet_ntop` process-wide with a
+# function that raises TypeError on every other platform. Every use of PySyncObj in imnode comes through
+# this module, which puts the C function back.
+socket.inet_ntop = _socket.inet_ntop
 
 Message = dict[str, Any]
 

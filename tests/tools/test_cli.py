@@ -8,9 +8,7 @@ from pathlib import Path
 
 from tests.conftest import REPO
 
-# Not pysyncobj: node.config names the webhook events from raft.commands, and importing anything of raft/
-# runs raft/__init__.py, which imports PySyncObj to undo its process-wide inet_ntop patch (~15 ms).
-HEAVY = ("node.server", "trio", "hypercorn", "node.client", "node.tools.loadgen")
+HEAVY = ("node.server", "trio", "hypercorn", "pysyncobj", "node.client", "node.tools.loadgen")
 
 
 def _loaded_after(code: str) -> set[str]:
