@@ -44,6 +44,7 @@ from node.pools.committed import CommittedStream, sync_handler_states
 from node.pools.eventbus import EventPool
 from node.pools.pusher import PushContext, build_pusher_pool, resend_due
 from node.pools.user import UserContext, build_user_pool
+from node.trace import Tracer
 from node.wire.protocol import Reason
 from raft import outbox
 from raft.bridge import RaftNode
@@ -118,7 +119,8 @@ class Node:
             config, numeric_id, self.store, self.registry, self.channel_pool, self.presence
         )
         self.user_pool = build_user_pool(self.user_ctx)
-        self.gateway = Gateway(tuning, self.registry, self.user_pool)
+        self.tracer = Tracer(tuning.trace_sample_every)
+        self.gateway = Gateway(tuning, self.registry, self.user_pool, self.tracer)
         self.pools: dict[str, EventPool[Any]] = {
             "user": self.user_pool,
             "channel": self.channel_pool,
@@ -129,7 +131,12 @@ class Node:
         self._sync_handler_states()
         self.raft.on_snapshot_installed = self._on_snapshot_installed
         self.committed = CommittedStream(
-            self.raft.committed, self.channel_pool, self.presence, self.registry, self._sync_handler_states
+            self.raft.committed,
+            self.channel_pool,
+            self.presence,
+            self.registry,
+            self._sync_handler_states,
+            self.tracer,
         )
         webhook_tls = None
         if config.webhook.url.startswith("https://"):
@@ -169,6 +176,7 @@ class Node:
                 plugin_names=self.plugin_names,
                 webhooks=self.webhooks,
                 is_leader=self.raft.is_leader,
+                trace=self.tracer.summary,
             ),
         }
 

@@ -14,6 +14,7 @@ import collections
 import itertools
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -66,6 +67,17 @@ class _Waiter:
     done: trio.Event
     result: list[Result] | None = None
     error: int = SUCCESS
+    called_back: float = 0.0
+    apply_started: float = 0.0
+
+
+@dataclass
+class ProposeTiming:
+    """time.perf_counter() stamps of one proposal, for the node's latency trace (node/trace.py)."""
+
+    proposed: float = 0.0  # handed to PySyncObj
+    apply_started: float = 0.0  # committed: this node's apply of the entry began (tick thread)
+    applied: float = 0.0  # apply done, completion posted to trio (tick thread)
 
 
 class RaftNode:
@@ -105,7 +117,7 @@ class RaftNode:
                     self._inbox.clear()
                 for item in items:
                     if item[0] == "result":
-                        self._resolve(item[1], item[2], item[3])
+                        self._resolve(*item[1:])
                     elif item[0] == "installed":
                         self.on_snapshot_installed()
                     else:
@@ -147,18 +159,23 @@ class RaftNode:
         self._post(("commit", committed))
 
     # -- trio side ---------------------------------------------------------------------------------------
-    def _resolve(self, token: int, result: Any, error: int) -> None:
+    def _resolve(self, token: int, result: Any, error: int, called_back: float, apply_started: float) -> None:
         waiter = self._waiters.pop(token, None)
         if waiter is not None:
             waiter.result = result
             waiter.error = error
+            waiter.called_back = called_back
+            waiter.apply_started = apply_started
             waiter.done.set()
 
-    async def propose(self, entry: bytes, *, timeout_s: float) -> list[Result]:
+    async def propose(
+        self, entry: bytes, *, timeout_s: float, timing: ProposeTiming | None = None
+    ) -> list[Result]:
         """Commit one entry and return its per-op results once this node has applied it.
 
         Raises ProposeFailed: `definite` when the entry was certainly not committed; otherwise its outcome
-        is unknown (it may still commit) and a retry must be one that dedup makes safe.
+        is unknown (it may still commit) and a retry must be one that dedup makes safe. `timing`, when
+        given, receives the stamps of a successful proposal.
         """
         async with self._in_flight:
 
@@ -167,7 +184,7 @@ class RaftNode:
                 self.machine.execute(entry, callback=callback)
 
             try:
-                result = await self._call(execute, timeout_s)
+                result = await self._call(execute, timeout_s, timing)
             except ProposeFailed as exc:
                 if exc.reason != STOPPED:
                     self.failed[exc.reason] += 1
@@ -177,7 +194,12 @@ class RaftNode:
                 raise ProposeFailed("no result", definite=False)
             return list(result)
 
-    async def _call(self, start: Callable[[Callable[[Any, int], None]], None], timeout_s: float) -> Any:
+    async def _call(
+        self,
+        start: Callable[[Callable[[Any, int], None]], None],
+        timeout_s: float,
+        timing: ProposeTiming | None = None,
+    ) -> Any:
         """Run `start(callback)` on PySyncObj and wait for the callback: the one way this node waits on
         Raft (proposals and membership changes alike). Raises ProposeFailed."""
         if self._machine is None:  # stopping: the tick thread is gone
@@ -186,10 +208,15 @@ class RaftNode:
         waiter = _Waiter(trio.Event())
         self._waiters[token] = waiter
 
+        machine = self._machine
+
         def callback(result: Any, error: int) -> None:
-            self._post(("result", token, result, error))
+            # On the tick thread, right after this node applied the entry (when it succeeded).
+            self._post(("result", token, result, error, time.perf_counter(), machine.apply_started))
 
         try:
+            if timing is not None:
+                timing.proposed = time.perf_counter()
             start(callback)
             with trio.move_on_after(timeout_s):
                 await waiter.done.wait()
@@ -197,6 +224,8 @@ class RaftNode:
             self._waiters.pop(token, None)
         if not waiter.done.is_set():
             raise ProposeFailed("timeout", definite=False)
+        if timing is not None:
+            timing.apply_started, timing.applied = waiter.apply_started, waiter.called_back
         if waiter.error != SUCCESS:
             name = FAIL_NAMES.get(waiter.error, str(waiter.error))
             raise ProposeFailed(name, definite=waiter.error in DEFINITE_FAILURES)

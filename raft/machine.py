@@ -14,6 +14,7 @@ import logging
 import os
 import struct
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -41,6 +42,7 @@ class Committed(NamedTuple):
     raft_index: int
     ops: list[Any]
     results: list[Result]
+    applied_at: float = 0.0  # time.perf_counter() when the apply finished (the node's latency trace)
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ class Machine(SafeSyncObj):
         self._store = store
         self._on_commit = on_commit
         self._on_install = on_install
+        self.apply_started = 0.0
         os.makedirs(settings.data_dir, exist_ok=True)
         conf = SyncObjConf(
             password=settings.password,
@@ -115,6 +118,8 @@ class Machine(SafeSyncObj):
     def execute(self, entry: bytes) -> list[Result] | None:
         """Apply one entry. Returns None for an entry the store already holds (journal replay)."""
         index = self.raftLastApplied + 1
+        # Read by the bridge's completion callback, which PySyncObj runs on this thread right after.
+        self.apply_started = time.perf_counter()
         try:
             ops = decode_entry(entry)
         except BadCommand as exc:
@@ -137,7 +142,7 @@ class Machine(SafeSyncObj):
                 log.exception("apply failed at index %d", index)
                 results = self._record_failure(index, ops, f"apply failed: {exc!r}")
                 break
-        committed = Committed(index, ops, results)
+        committed = Committed(index, ops, results, time.perf_counter())
         try:
             self._on_commit(committed)
         except Exception:  # the node's hand-off must not turn into an apply that raises

@@ -28,11 +28,16 @@ def routes(
     plugin_names: Sequence[str],
     webhooks: Webhooks,
     is_leader: Callable[[], bool],
+    trace: Callable[[], Json],
 ) -> dict[str, Route]:
     """`status`: this node's view, as `imnode admin status --json` prints it per node."""
 
     async def admin_status(body: Json, query: Any) -> Json:
         return status()
+
+    async def admin_trace(body: Json, query: Any) -> Json:
+        """Where the time of a sampled message goes, stage by stage (node/trace.py)."""
+        return trace()
 
     async def admin_pools(body: Json, query: Any) -> Json:
         return {pool.name: pool.statistics() for pool in pools.values()}
@@ -106,6 +111,7 @@ def routes(
     return {
         "/admin/status": Route("GET", admin_status, body="none", admin=True),
         "/admin/pools": Route("GET", admin_pools, body="none", admin=True),
+        "/admin/trace": Route("GET", admin_trace, body="none", admin=True),
         "/admin/members": Route(
             "POST", admin_members, (F("action", required=True), F("node", required=True)), admin=True
         ),

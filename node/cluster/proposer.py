@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import trio
 import trio.lowlevel
 
+from node.trace import Trace
 from raft.apply import Result
-from raft.bridge import ProposeFailed, RaftNode
+from raft.bridge import ProposeFailed, ProposeTiming, RaftNode
 from raft.commands import R_SYSTEM_ERROR, Op, encode_entry
 from storage.store import StoreFull
 
@@ -37,6 +38,7 @@ class _Work:
     ops: list[Op]
     done: Done
     size: int
+    traces: Sequence[Trace] = ()  # the sampled sends among `ops` (node/trace.py)
 
 
 def _failed(count: int, text: str) -> list[Result]:
@@ -64,13 +66,13 @@ class Proposer:
         self.timeouts = 0
         self._committing = 0
 
-    def submit(self, ops: list[Op], done: Done) -> None:
+    def submit(self, ops: list[Op], done: Done, traces: Sequence[Trace] = ()) -> None:
         """Queue ops for the next entry; `done` gets one result per op (never raises, never blocks).
 
         The caller bounds how much it queues (one batch in flight per channel, a bounded pending list).
         """
         size = sum(len(op.get("payload", b"")) + OP_OVERHEAD_BYTES for op in ops)
-        self._queue.append(_Work(ops, done, size))
+        self._queue.append(_Work(ops, done, size, traces))
         self._ready.set()
 
     async def call(self, ops: list[Op]) -> list[Result]:
@@ -108,11 +110,22 @@ class Proposer:
 
     async def _commit(self, batch: list[_Work]) -> None:
         ops = [op for work in batch for op in work.ops]
+        traces = [trace for work in batch for trace in work.traces]
+        timing = None
+        if traces:
+            timing = ProposeTiming()
+            for trace in traces:
+                trace.mark("proposal_wait")
         self._committing += 1
         try:
-            results = await self._propose_until_deadline(ops)
+            results = await self._propose_until_deadline(ops, timing)
         finally:
             self._committing -= 1
+        if timing is not None and timing.applied:
+            for trace in traces:
+                trace.mark("raft_commit", timing.apply_started)
+                trace.mark("apply", timing.applied)
+                trace.mark("back_to_trio")
         self.entries += 1
         self.ops += len(ops)
         start = 0
@@ -124,7 +137,7 @@ class Proposer:
             except Exception:
                 log.exception("a proposer completion failed")
 
-    async def _propose_until_deadline(self, ops: list[Op]) -> list[Result]:
+    async def _propose_until_deadline(self, ops: list[Op], timing: ProposeTiming | None) -> list[Result]:
         try:
             self._raft.store.check_room()
         except StoreFull as exc:
@@ -138,7 +151,7 @@ class Proposer:
                 self.timeouts += 1
                 return _failed(len(ops), "commit timed out")
             try:
-                results = await self._raft.propose(entry, timeout_s=remaining)
+                results = await self._raft.propose(entry, timeout_s=remaining, timing=timing)
             except ProposeFailed as exc:
                 self.retries += 1
                 log.debug("proposal failed (%s); proposing again", exc.reason)

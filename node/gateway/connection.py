@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import trio
 
+from node.trace import Trace
 from node.wire.crypto import Session
 from node.wire.protocol import FLAG_DUP, LATEST_VERSION, Disconnect, Packet, encode
 
@@ -73,6 +74,9 @@ class Connection:
         self.inflight_bytes_max = inflight_bytes
         self.inflight_bytes = 0  # Invariant: the sum of len(frame) over `inflight`
         self.cancel_scope: trio.CancelScope | None = None
+        # Sampled latency traces waiting for the frames queued before them to reach the socket.
+        self.write_traces: list[tuple[Trace, str]] = []
+        self.read_at = 0.0  # time.perf_counter() of the last read from the socket
 
     def __repr__(self) -> str:
         return f"<Connection {self.id} {self.transport} uid={self.uid!r} flag={self.device_flag}>"
@@ -97,6 +101,10 @@ class Connection:
         self.pending_bytes += len(frame)
         self.sent_frames += 1
         return True
+
+    def trace_next_write(self, trace: Trace, stage: str) -> None:
+        """End `stage` of `trace` once everything queued so far has been handed to the socket."""
+        self.write_traces.append((trace, stage))
 
     def written(self, nbytes: int) -> None:
         """The writer has handed `nbytes` of queued frames to the transport: they no longer count."""

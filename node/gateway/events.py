@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from node.gateway.connection import Connection
+from node.trace import Trace
 from node.wire.protocol import Connect, Recvack, Send
 
 CONNECT = "connect"
@@ -30,6 +31,7 @@ class SendEvent:
     conn: Connection
     packet: Send
     payload: bytes = b""  # plaintext, once the decrypt step has run
+    trace: Trace | None = None  # a sampled send's latency trace (node/trace.py)
 
 
 @dataclass(slots=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -24,6 +25,7 @@ from node.gateway import events as ev
 from node.gateway.connection import Connection
 from node.gateway.registry import Registry
 from node.gateway.transports import TRANSPORT_ERRORS, TcpTransport, Transport, WebSocketTransport
+from node.trace import Trace, Tracer
 from node.wire.protocol import (
     Connect,
     Disconnect,
@@ -48,8 +50,11 @@ class _Closed(Exception):
 
 
 class Gateway:
-    def __init__(self, tuning: Tuning, registry: Registry, user_events: ev.EventSink) -> None:
+    def __init__(
+        self, tuning: Tuning, registry: Registry, user_events: ev.EventSink, tracer: Tracer | None = None
+    ) -> None:
         self.tuning = tuning
+        self.tracer = tracer or Tracer(0)
         self.registry = registry
         self.user_events = user_events
         self.accepted = 0
@@ -189,15 +194,23 @@ class Gateway:
         try:
             async for frame in conn.outbound:
                 frames, size = [frame], len(frame)
+                drained = False
                 while size < WRITE_COALESCE_BYTES:
                     try:
                         more = conn.outbound.receive_nowait()
                     except (trio.WouldBlock, trio.EndOfChannel):
+                        drained = True
                         break
                     frames.append(more)
                     size += len(more)
+                traces: list[tuple[Trace, str]] = []
+                if drained and conn.write_traces:
+                    # Every traced frame is in this write (frames were queued before their traces).
+                    traces, conn.write_traces = conn.write_traces, []
                 await transport.send(frames)
                 conn.written(size)
+                for trace, stage in traces:
+                    trace.finish(stage)
         except TRANSPORT_ERRORS:
             pass
         finally:
@@ -215,6 +228,7 @@ class Gateway:
                 data = await transport.receive()
                 if not data:
                     raise _Closed
+                conn.read_at = time.perf_counter()  # the latency trace starts from the read
                 decoder.feed(data)
 
         try:
@@ -250,7 +264,10 @@ class Gateway:
                 packet = await next_packet()
                 conn.last_activity = trio.current_time()
                 if isinstance(packet, Send):
-                    await pool.submit(conn.uid, ev.SEND, ev.SendEvent(conn, packet))
+                    trace = self.tracer.start("send", conn.read_at)
+                    if trace is not None:
+                        trace.mark("decode")
+                    await pool.submit(conn.uid, ev.SEND, ev.SendEvent(conn, packet, trace=trace))
                 elif isinstance(packet, Recvack):
                     await pool.submit(conn.uid, ev.RECVACK, ev.RecvackEvent(conn, packet))
                 elif isinstance(packet, Ping):

@@ -19,6 +19,7 @@ from node.config import Tuning
 from node.gateway.connection import Connection
 from node.pools.eventbus import EventPool
 from node.pools.pusher import PushEvent
+from node.trace import Trace
 from node.wire.protocol import Reason, Sendack
 from raft.apply import Result
 from raft.commands import (
@@ -56,6 +57,7 @@ class ChannelSend:
     payload: bytes
     api: bool = False  # sent by the business server over HTTP: channel-level checks only
     reply: Callable[[Result], None] | None = None  # for sends without a connection (HTTP)
+    trace: Trace | None = None  # a sampled send's latency trace (node/trace.py)
 
     @property
     def route_key(self) -> str:
@@ -68,6 +70,7 @@ class Delivery:
 
     op: dict[str, Any]
     result: Result
+    trace: Trace | None = None
 
 
 def open_send(
@@ -82,6 +85,7 @@ def open_send(
     client_seq: int = 0,
     api: bool = False,
     reply: Callable[[Result], None] | None = None,
+    trace: Trace | None = None,
 ) -> ChannelSend | int:
     """The one way a message enters the channel pool, from a client (SEND) or the business server (HTTP).
 
@@ -99,7 +103,18 @@ def open_send(
     else:
         stored, peer = channel_id, ""
     return ChannelSend(
-        conn, client_seq, client_msg_no, stored, channel_type, peer, sender, setting, payload, api, reply
+        conn,
+        client_seq,
+        client_msg_no,
+        stored,
+        channel_type,
+        peer,
+        sender,
+        setting,
+        payload,
+        api,
+        reply,
+        trace,
     )
 
 
@@ -130,11 +145,16 @@ def _sendack(send: ChannelSend, result: Result) -> None:
         send.conn.send_packet(
             Sendack(int(result.get("mid", 0)), send.client_seq, int(result.get("seq", 0)), int(result["r"]))
         )
+        if send.trace is not None:
+            send.trace.mark("completion")
+            send.conn.trace_next_write(send.trace, "sendack_write")
 
 
 # -- send ------------------------------------------------------------------------------------------------
 async def permission(ctx: ChannelContext, send: ChannelSend) -> int | None:
     """Fast path only: apply checks again against the replicated state and decides."""
+    if send.trace is not None:
+        send.trace.mark("channel_pool_wait")
     with ctx.store.read() as txn:
         reason = send_permission(
             txn, send.channel_id, send.channel_type, send.sender, send.peer, api=send.api
@@ -167,6 +187,8 @@ async def store(ctx: ChannelContext, send: ChannelSend) -> int | None:
         del ctx.origins[next(iter(ctx.origins))]  # the oldest: a commit this node never saw
     ctx.origins[op["mid"]] = send.conn.id if send.conn is not None else 0
     batch.pending.append((send, op))
+    if send.trace is not None:
+        send.trace.mark("channel_pool")
     if not batch.in_flight:
         _flush(ctx, send.route_key, batch)
     return None
@@ -188,7 +210,8 @@ def _flush(ctx: ChannelContext, key: str, batch: ChannelBatch) -> None:
         elif ctx.batches.get(key) is batch:
             del ctx.batches[key]
 
-    ctx.proposer.submit([op for _send, op in items], done)
+    traces = [send.trace for send, _op in items if send.trace is not None]
+    ctx.proposer.submit([op for _send, op in items], done, traces)
 
 
 async def reject_send(ctx: ChannelContext, send: ChannelSend, reason: int) -> None:
@@ -198,7 +221,9 @@ async def reject_send(ctx: ChannelContext, send: ChannelSend, reason: int) -> No
 # -- distribute ------------------------------------------------------------------------------------------
 async def distribute(ctx: ChannelContext, delivery: Delivery) -> int | None:
     """Find the recipients of a committed message and hand them to the pusher pool, one event per shard."""
-    op = delivery.op
+    op, trace = delivery.op, delivery.trace
+    if trace is not None:
+        trace.mark("distribute_wait")
     origin = ctx.origins.pop(delivery.result["mid"], None)
     if op["ct"] == CHANNEL_PERSON:
         recipients = [op["from"], op["to"]] if op.get("to") else [op["from"]]
@@ -208,8 +233,13 @@ async def distribute(ctx: ChannelContext, delivery: Delivery) -> int | None:
     by_shard: dict[int, list[str]] = {}
     for uid in recipients:
         by_shard.setdefault(ctx.pusher_pool.shard_of(uid), []).append(uid)
+    if trace is not None:
+        trace.mark("distribute")
     for uids in by_shard.values():
-        await ctx.pusher_pool.submit(uids[0], "push", PushEvent(op, delivery.result, uids, origin))
+        # A traced delivery's shards share its trace: the first RECV queued on this node claims it.
+        await ctx.pusher_pool.submit(
+            uids[0], "push", PushEvent(op, delivery.result, uids, origin, trace=trace)
+        )
     return None
 
 

@@ -15,6 +15,7 @@ from node.cluster.presence import Presence
 from node.gateway.registry import Registry
 from node.pools.channel import DISTRIBUTE, Delivery
 from node.pools.eventbus import EventPool
+from node.trace import Tracer
 from node.wire.protocol import Reason
 from raft.commands import (
     OP_DEVICE_QUIT,
@@ -47,8 +48,10 @@ class CommittedStream:
         presence: Presence,
         registry: Registry,
         on_handler_states: Callable[[], None],
+        tracer: Tracer,
     ) -> None:
         self._entries = entries
+        self._tracer = tracer
         self._channel_pool = channel_pool
         self._presence = presence
         self._registry = registry
@@ -72,8 +75,11 @@ class CommittedStream:
                         self._kick_after_user_change(op)
                 elif kind == OP_SEND and ok and not result.get("dup"):
                     self.committed_messages += 1
+                    trace = self._tracer.start("deliver", committed.applied_at or None)
+                    if trace is not None:
+                        trace.mark("to_trio")
                     await self._channel_pool.submit(
-                        f"{op['ct']}:{op['cid']}", DISTRIBUTE, Delivery(op, result)
+                        f"{op['ct']}:{op['cid']}", DISTRIBUTE, Delivery(op, result, trace)
                     )
 
     def _kick_after_user_change(self, op: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ connection has its own key), and a RECV that is not acknowledged is resent with 
 from __future__ import annotations
 
 import collections
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,7 @@ from node.config import Tuning
 from node.gateway.connection import Connection
 from node.gateway.registry import Registry
 from node.pools.eventbus import EventPool
+from node.trace import Trace
 from node.wire.protocol import SETTING_NO_ENCRYPT, Recv, encode
 from raft.apply import Result
 from raft.commands import CHANNEL_PERSON, person_peer
@@ -33,6 +35,7 @@ class PushEvent:
     # The connection that sent the message, when this node took the send (0: over HTTP); None elsewhere.
     origin_conn: int | None = None
     offline: list[str] = field(default_factory=list)
+    trace: Trace | None = None  # a sampled delivery's latency trace (node/trace.py)
 
 
 @dataclass
@@ -81,6 +84,9 @@ def recv_frame(conn: Connection, op: dict[str, Any], result: Result, recipient: 
 async def push_online(ctx: PushContext, ev: PushEvent) -> int | None:
     tuning = ctx.tuning
     due = trio.current_time() + tuning.recv_resend_interval_s
+    # A traced delivery's events (one per shard) share one trace: the first RECV queued claims it.
+    trace, ev.trace = ev.trace, None
+    taken = time.perf_counter() if trace is not None else 0.0
     for uid in ev.uids:
         conns = ctx.registry.of_uid(uid)
         if not conns:
@@ -93,6 +99,13 @@ async def push_online(ctx: PushContext, ev: PushEvent) -> int | None:
             if conn.send_frame(frame):
                 conn.track_recv(ev.result["mid"], frame, due, tuning.recv_inflight_max)
                 ctx.delivered += 1
+                if trace is not None:
+                    if not trace.claimed:
+                        trace.claimed = True
+                        trace.mark("push_wait", taken)
+                        trace.mark("push")
+                        conn.trace_next_write(trace, "recv_write")
+                    trace = None
     return None
 
 

@@ -139,6 +139,8 @@ async def reject_connect(ctx: UserContext, ev: ConnectEvent, reason: int) -> Non
 # -- send ------------------------------------------------------------------------------------------------
 async def decrypt(ctx: UserContext, ev: SendEvent) -> int | None:
     packet, session = ev.packet, ev.conn.session
+    if ev.trace is not None:
+        ev.trace.mark("user_pool_wait")
     if session is None or packet.setting & SETTING_NO_ENCRYPT:
         ev.payload = packet.payload
         return None
@@ -181,9 +183,12 @@ async def forward(ctx: UserContext, ev: SendEvent) -> int | None:
         setting=packet.setting,
         conn=ev.conn,
         client_seq=packet.client_seq,
+        trace=ev.trace,
     )
     if isinstance(send, int):
         return send
+    if ev.trace is not None:
+        ev.trace.mark("user_pool")
     await ctx.channel_pool.submit(send.route_key, CHANNEL_SEND, send)
     return None
 

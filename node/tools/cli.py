@@ -354,6 +354,30 @@ def cmd_admin_handlers(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_admin_trace(args: argparse.Namespace) -> int:
+    """Each node's sampled per-stage latencies: where the time of one message goes."""
+    config = load(args.config)
+    _, current = op.members(config)
+    reports = {}
+    for node_id in [args.node] if args.node else current:
+        try:
+            reports[node_id] = op.request(config, node_id, "GET", "/admin/trace")
+        except op.OperatorError as exc:
+            op.say(f"{node_id}: {exc}")
+    if args.json:
+        print(json.dumps(reports, indent=2))
+        return 0 if reports else EXIT_FAILED
+    for node_id, report in reports.items():
+        print(f"{node_id} (every {report['sample_every']}th message traced)")
+        for kind, title in (("send", "SEND -> SENDACK written"), ("deliver", "applied -> RECV written")):
+            part = report[kind]
+            total = part["total"]
+            print(f"  {title}: {total['count']} traces, p50 {total['p50_ms']} ms, p99 {total['p99_ms']} ms")
+            for stage, row in part["stages"].items():
+                print(f"    {stage:18} p50 {row['p50_ms']:>9.3f} ms   p99 {row['p99_ms']:>9.3f} ms")
+    return 0 if reports else EXIT_FAILED
+
+
 def cmd_admin_deadletters(args: argparse.Namespace) -> int:
     config = load(args.config)
     leader = op.cluster_status(config)["leader"]
@@ -481,6 +505,18 @@ def build_parser() -> argparse.ArgumentParser:
     deadletters.add_argument("--replay", action="store_true")
     deadletters.add_argument("--json", action="store_true")
     deadletters.set_defaults(func=cmd_admin_deadletters)
+    trace = admin_commands.add_parser(
+        "trace",
+        help="where the time of a message goes: per-stage p50/p99 of sampled messages, per node",
+        description="Every tuning.trace_sample_every-th SEND a node decodes is timed stage by stage "
+        "(decode, user pool, channel pool, proposal wait, Raft commit, apply, back to trio, completion, "
+        "SENDACK write), and so is every n-th committed message on its way to a RECV write. Shows the "
+        "p50 and p99 of each stage over the last 1,000 traces of each node.",
+    )
+    trace.add_argument("--config", required=True, help="the cluster's config file")
+    trace.add_argument("--node", help="only this node (default: every member)")
+    trace.add_argument("--json", action="store_true")
+    trace.set_defaults(func=cmd_admin_trace)
     return parser
 
 
