@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,44 @@ from node.server import Node
 
 logging.getLogger("pysyncobj").setLevel(logging.CRITICAL)
 REPO = Path(__file__).resolve().parent.parent
+
+
+# -- Ctrl-C stops the run ---------------------------------------------------------------------------------
+# trio delivers SIGINT as a KeyboardInterrupt into the test's main task, and the nurseries it crosses (the
+# test's own, pytest-trio's fixture nursery) wrap it in a BaseExceptionGroup. pytest stops a session only on
+# a bare KeyboardInterrupt: a group is just a failure, so the run went on to the next test. Unwrapped here,
+# in every phase, pytest stops at once and tears the fixtures down (their finalizers stop the child nodes).
+def _reraise_interrupt(group: BaseExceptionGroup[BaseException]) -> None:
+    interrupts, _rest = group.split(KeyboardInterrupt)
+    if interrupts is not None:
+        raise KeyboardInterrupt from group
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
+    try:
+        return (yield)
+    except BaseExceptionGroup as group:
+        _reraise_interrupt(group)
+        raise
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    try:
+        return (yield)
+    except BaseExceptionGroup as group:
+        _reraise_interrupt(group)
+        raise
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, None, None]:
+    try:
+        return (yield)
+    except BaseExceptionGroup as group:
+        _reraise_interrupt(group)
+        raise
 
 
 def _ephemeral_range() -> range:

@@ -4,13 +4,27 @@ Clients (imnode's own, encryption on as the SDKs use it) are spread over every m
 In `person` mode client i sends to client i+1 (a ring, every recipient online); in `group` mode every client
 is a member of one group of `--group-size` and sends to it. Each payload carries (run, sender, counter,
 send time): a message counts as delivered only when a recipient decrypted it, its msg_key verified (the
-client drops it otherwise) and its payload names this run. At the end:
+client drops it otherwise) and its payload names this run.
 
-- `lost`: acknowledged sends never delivered to an online recipient (after a drain period),
+The default, 200 sends/s in total, stays below what the example 3-node cluster takes on a 2-core machine,
+so latencies are those of a cluster keeping up; `--rate max` (every sender keeps --window sends in flight)
+measures throughput. A run connects (`connect_s`), sends for --duration (`send_s`), then drains
+(`drain_s`: waits for the SENDACKs in flight and for deliveries until none is missing, or none came for
+10 s). At the end:
+
+- `acked_per_s`, `delivered_per_s`: the count divided by the seconds from the first send to the last
+  SENDACK (delivery) counted; the live lines use the same definition, so the last one matches the summary,
+- `lost`: acknowledged sends never delivered to an online recipient (after the drain),
 - `duplicates`: one send delivered to one recipient under two message ids or seqs (a DUP resend of the
   same message id is not one),
 - latencies: send→SENDACK and send→RECV (e2e), percentiles over every message,
-- per node: peak RSS and CPU seconds, from the nodes' admin status.
+- `errors` by name: a SENDACK's reason as the protocol names it (RATE_LIMIT, SYSTEM_ERROR, ...),
+  `sendack_timeout` (none within 30 s), `sender_disconnected` / `recipient_disconnected` (with the
+  node's DISCONNECT reason, e.g. `:CONNECT_KICK`, if it sent one),
+- CPU per acked message in µs: `node_cpu_us_per_msg` summed over the nodes (and `_by_node`), from each
+  node's process CPU seconds in its admin status read just before connecting and again after the drain;
+  `bench_cpu_us_per_msg` of this load generator over the same span, to show how much of the machine it took,
+- per node: peak RSS and CPU seconds (since it started, and in this run).
 """
 
 from __future__ import annotations
@@ -22,14 +36,23 @@ from typing import Any
 from node.config import load
 from node.tools import operator as op
 
+DEFAULT_RATE = "200"
+
 
 def print_table(report: dict[str, Any]) -> None:
-    rows = [(k, v) for k, v in report.items() if k != "nodes"]
-    for key, value in rows:
-        print(f"{key:16} {value}")
+    for key, value in report.items():
+        if key in ("nodes", "node_cpu_us_per_msg_by_node"):
+            continue  # on the node lines below
+        if key == "errors":
+            value = ", ".join(f"{name} {count}" for name, count in value.items()) or "none"
+        print(f"{key:20} {value}")
+    by_node = report.get("node_cpu_us_per_msg_by_node", {})
     for node_id, stats in report["nodes"].items():
         conns = f"{stats['connections']} connections, " if "connections" in stats else ""
-        print(f"node {node_id:11} {conns}peak RSS {stats['peak_rss_mb']} MB, CPU {stats['cpu_s']} s")
+        run = ""
+        if "run_cpu_s" in stats:
+            run = f" ({stats['run_cpu_s']} s in this run: {by_node.get(node_id)} us per acked message)"
+        print(f"node {node_id:15} {conns}peak RSS {stats['peak_rss_mb']} MB, CPU {stats['cpu_s']} s{run}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--senders", type=int, default=0, help="how many of the clients send (default: all)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of sending (default 10)")
-    parser.add_argument("--rate", default="max", help="total sends/s across clients, or 'max' (default)")
+    parser.add_argument(
+        "--rate",
+        default=DEFAULT_RATE,
+        help=f"sends/s in total over all senders (default {DEFAULT_RATE}: below the example cluster's "
+        "saturation on 2 cores); 'max' for throughput: every sender keeps --window sends in flight",
+    )
     parser.add_argument("--payload", type=int, default=200, help="payload bytes (default 200)")
     parser.add_argument(
         "--mode", choices=["person", "group", "idle"], default="person", help="idle: only hold connections"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import resource
 import sys
 import time
 import uuid
@@ -26,6 +27,34 @@ from node.wire.protocol import Reason
 DRAIN_IDLE_S = 10.0  # after sending stops, wait for deliveries until none arrived for this long
 DRAIN_MAX_S = 300.0
 PROGRESS_EVERY_S = 1.0
+SENDACK_TIMEOUT_S = 30.0
+
+
+def reason_name(code: int) -> str:
+    """The protocol's name of a reason code (`Reason` in node/wire/protocol.py), as errors are reported."""
+    try:
+        return Reason(code).name
+    except ValueError:
+        return f"REASON_{code}"
+
+
+def disconnected_error(who: str, client: Client) -> str:
+    """`sender_disconnected` or `recipient_disconnected`, with the node's DISCONNECT reason if it sent one."""
+    reason = client.disconnect_reason
+    return who + "_disconnected" + ("" if reason is None else f":{reason_name(reason)}")
+
+
+def own_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def difference(before: float | None, after: float | None) -> float | None:
+    return None if before is None or after is None else after - before
+
+
+def per_message_us(cpu_s: float | None, acked: int) -> float | None:
+    return None if cpu_s is None or acked == 0 else round(cpu_s / acked * 1e6, 1)
 
 
 @dataclass
@@ -37,6 +66,9 @@ class Tally:
     errors: collections.Counter[str] = field(default_factory=collections.Counter)
     ack_ms: list[float] = field(default_factory=list)
     e2e_ms: list[float] = field(default_factory=list)
+    # perf_counter of the last SENDACK and of the last first delivery: where a rate's time span ends
+    last_ack_at: float = 0.0
+    last_delivery_at: float = 0.0
     # (sender, counter) -> recipients that must get it; filled when acked
     expected: dict[tuple[int, int], set[int]] = field(default_factory=dict)
     # (recipient, sender, counter) -> (message_id, seq) first seen
@@ -56,6 +88,7 @@ class Bench:
         self.run_id = uuid.uuid4().hex[:8]
         self.tally = Tally()
         self.stop_sending = trio.Event()
+        self.drained = trio.Event()
         self.group = f"bench-{self.run_id}"
         self.stop_receiving = False
 
@@ -87,6 +120,10 @@ class Bench:
                 },
                 timeout_s=30,
             )
+        # Counted from just before the first connect to after the drain, as ../shared/anchors counts CPU:
+        # connecting, sending and draining all cost the machine the cluster runs on.
+        before = self._node_cpu_s(self._statuses(nodes))
+        own_before = own_cpu_s()
         started = time.perf_counter()
         async with trio.open_nursery() as nursery:
             clients: list[Client] = [None] * self.args.clients  # type: ignore[list-item]
@@ -106,24 +143,51 @@ class Bench:
                 for _ in range(self.args.clients):
                     await ready.acquire()
             began = time.perf_counter()
-            async with trio.open_nursery() as senders:
-                senders.start_soon(self._progress, began)
-                for index, client in enumerate(clients[: self.args.senders or len(clients)]):
-                    senders.start_soon(self._send, client, index, began + self.args.duration)
-                await trio.sleep(self.args.duration)
-                self.stop_sending.set()
-            send_end = time.perf_counter()
-            # Drain: an overloaded cluster still delivers its backlog; only what never arrives is lost.
-            with trio.move_on_after(DRAIN_MAX_S):
-                last_count, last_change = self.tally.delivered, time.perf_counter()
-                while self._missing() and time.perf_counter() - last_change < DRAIN_IDLE_S:
-                    await trio.sleep(0.1)
-                    if self.tally.delivered != last_count:
-                        last_count, last_change = self.tally.delivered, time.perf_counter()
+            async with trio.open_nursery() as watching:
+                watching.start_soon(self._progress, began)
+                async with trio.open_nursery() as senders:
+                    for index, client in enumerate(clients[: self.args.senders or len(clients)]):
+                        senders.start_soon(self._send, client, index, began + self.args.duration)
+                    await trio.sleep(self.args.duration)
+                    self.stop_sending.set()
+                    sending_stopped = time.perf_counter()
+                # Every send in flight has its SENDACK (or its timeout) here; deliveries may still be due.
+                await self._drain()
+                self.drained.set()
+            drained = time.perf_counter()
             self.stop_receiving = True
             nursery.cancel_scope.cancel()
-        elapsed = max(send_end - began, 1e-9)
-        return self._report(elapsed, nodes, time.perf_counter() - started)
+        own_cpu = own_cpu_s() - own_before
+        statuses = self._statuses(nodes)
+        after = self._node_cpu_s(statuses)
+        node_cpu = {n: difference(before[n], after[n]) for n in nodes}
+        phases = {
+            "connect_s": began - started,
+            "send_s": sending_stopped - began,
+            "drain_s": drained - sending_stopped,
+            "wall_s": time.perf_counter() - started,
+        }
+        return self._report(began, phases, statuses, node_cpu, own_cpu)
+
+    async def _drain(self) -> None:
+        """Wait for what is still due: an overloaded cluster still delivers its backlog; only what never
+        arrives is lost. Ends when nothing is missing, or nothing arrived for DRAIN_IDLE_S."""
+        with trio.move_on_after(DRAIN_MAX_S):
+            last_count, last_change = self.tally.delivered, time.perf_counter()
+            while self._missing() and time.perf_counter() - last_change < DRAIN_IDLE_S:
+                await trio.sleep(0.1)
+                if self.tally.delivered != last_count:
+                    last_count, last_change = self.tally.delivered, time.perf_counter()
+
+    def _statuses(self, nodes: list[str]) -> dict[str, dict[str, Any]]:
+        return {n: op.node_status(self.config, n) or {} for n in nodes}
+
+    @staticmethod
+    def _node_cpu_s(statuses: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+        """Each node's process CPU seconds (utime + stime of every thread), None if it did not answer.
+
+        The status rounds to 10 ms: a run of a few thousand messages carries a few µs of error per node."""
+        return {n: s.get("process", {}).get("cpu_s") for n, s in statuses.items()}
 
     async def run_idle(self) -> dict[str, Any]:
         """Hold --clients connections open (with heartbeats) for --duration; report the nodes' memory."""
@@ -225,17 +289,20 @@ class Bench:
             seq = await client.submit(
                 target, channel_type, make_payload(self.run_id, index, counter, self.args.payload)
             )
-            ack = await client.wait_ack(seq, timeout_s=30)
-        except ClientError as exc:
-            tally.errors["timeout" if "SENDACK" in str(exc) else "disconnected"] += 1
+            ack = await client.wait_ack(seq, timeout_s=SENDACK_TIMEOUT_S)
+        except ClientError:
+            # A closed connection fails every send in flight on it at once; an open one did not answer.
+            closed = client.disconnected.is_set()
+            tally.errors[disconnected_error("sender", client) if closed else "sendack_timeout"] += 1
             return
         finally:
             window.release()
         if ack.reason_code != Reason.SUCCESS:
-            tally.errors[Reason(ack.reason_code).name.lower()] += 1
+            tally.errors[reason_name(ack.reason_code)] += 1
             return
         tally.acked += 1
-        tally.ack_ms.append((time.perf_counter() - started) * 1000)
+        tally.last_ack_at = time.perf_counter()
+        tally.ack_ms.append((tally.last_ack_at - started) * 1000)
         tally.expected[(index, counter)] = self.recipients(index)
 
     async def _receive(self, client: Client, index: int) -> None:
@@ -247,7 +314,7 @@ class Bench:
                 if not self.stop_receiving:
                     # Counted, because what this recipient then misses is reported as lost: a bench client
                     # too slow to read is disconnected by the node like any other (bounded buffers).
-                    tally.errors[f"recipient_disconnected_{client.disconnect_reason}"] += 1
+                    tally.errors[disconnected_error("recipient", client)] += 1
                 return
             try:
                 body = json.loads(recv.payload)
@@ -261,60 +328,84 @@ class Bench:
             if first is None:
                 tally.seen[key] = ids
                 tally.delivered += 1
+                tally.last_delivery_at = time.perf_counter()
                 tally.e2e_ms.append((time.time_ns() - int(body["t"])) / 1e6)
             elif first != ids:
                 tally.duplicates += 1  # the same send under another id or seq (a DUP resend keeps its id)
 
+    @staticmethod
+    def rate(count: int, last_at: float, began: float) -> int:
+        """Per second, from the first send to the last event counted: the one definition of acked/s and
+        delivered/s, in the live lines and the summary alike. A backlog delivered while draining counts,
+        and so does the time it took; waiting after the last delivery does not."""
+        return round(count / max(last_at - began, 1e-9)) if count else 0
+
     async def _progress(self, began: float) -> None:
         if self.args.json:
             return
-        while not self.stop_sending.is_set():
+        while not self.drained.is_set():
             with trio.move_on_after(PROGRESS_EVERY_S):
-                await self.stop_sending.wait()
+                await self.drained.wait()
             t = self.tally
-            elapsed = max(time.perf_counter() - began, 1e-9)
-            errors = sum(t.errors.values())
+            phase = "draining" if self.stop_sending.is_set() else "sending"
             print(
-                f"\r{elapsed:5.1f}s  sent {t.sent}  acked {t.acked} ({t.acked / elapsed:,.0f}/s)  "
-                f"delivered {t.delivered} ({t.delivered / elapsed:,.0f}/s)  errors {errors}   ",
+                f"\r{time.perf_counter() - began:5.1f}s {phase:8}  sent {t.sent}  "
+                f"acked {t.acked} ({self.rate(t.acked, t.last_ack_at, began):,}/s)  "
+                f"delivered {t.delivered} ({self.rate(t.delivered, t.last_delivery_at, began):,}/s)  "
+                f"errors {sum(t.errors.values())}   ",
                 end="",
                 file=sys.stderr,
                 flush=True,
             )
-        if not self.args.json:
-            print(file=sys.stderr)
+        print(file=sys.stderr)
 
-    def _report(self, elapsed: float, nodes: list[str], wall: float) -> dict[str, Any]:
+    def _report(
+        self,
+        began: float,
+        phases: dict[str, float],
+        statuses: dict[str, dict[str, Any]],
+        node_cpu: dict[str, float | None],
+        own_cpu: float,
+    ) -> dict[str, Any]:
         t = self.tally
         lost = self._missing()
         node_stats = {}
-        for node_id in nodes:
-            status = op.node_status(self.config, node_id) or {}
+        for node_id, status in statuses.items():
             process = status.get("process", {})
+            run_cpu = node_cpu[node_id]
             node_stats[node_id] = {
                 "peak_rss_mb": process.get("peak_rss_mb"),
                 "cpu_s": process.get("cpu_s"),
+                "run_cpu_s": None if run_cpu is None else round(run_cpu, 2),
             }
+        # The sum only when every node answered both times: a partial sum would look like a cheaper node.
+        known = [cpu for cpu in node_cpu.values() if cpu is not None]
+        node_cpu_s = sum(known) if len(known) == len(node_cpu) else None
         return {
             "mode": self.args.mode,
             "clients": self.args.clients,
             "senders": self.args.senders or self.args.clients,
             "window": self.args.window,
-            "duration_s": round(elapsed, 2),
             "rate": self.args.rate,
             "payload_bytes": self.args.payload,
+            **{name: round(seconds, 2) for name, seconds in phases.items() if name != "wall_s"},
             "sent": t.sent,
             "acked": t.acked,
-            "acked_per_s": round(t.acked / elapsed),
+            "acked_per_s": self.rate(t.acked, t.last_ack_at, began),
             "delivered": t.delivered,
-            "delivered_per_s": round(t.delivered / elapsed),
+            "delivered_per_s": self.rate(t.delivered, t.last_delivery_at, began),
             "ack_p50_ms": round(percentile(t.ack_ms, 0.50), 2),
             "ack_p99_ms": round(percentile(t.ack_ms, 0.99), 2),
             "e2e_p50_ms": round(percentile(t.e2e_ms, 0.50), 2),
             "e2e_p99_ms": round(percentile(t.e2e_ms, 0.99), 2),
-            "errors": dict(t.errors),
+            "errors": dict(t.errors.most_common()),
             "lost": lost,
             "duplicates": t.duplicates,
+            "node_cpu_s": None if node_cpu_s is None else round(node_cpu_s, 2),
+            "node_cpu_us_per_msg": per_message_us(node_cpu_s, t.acked),
+            "node_cpu_us_per_msg_by_node": {n: per_message_us(cpu, t.acked) for n, cpu in node_cpu.items()},
+            "bench_cpu_s": round(own_cpu, 2),
+            "bench_cpu_us_per_msg": per_message_us(own_cpu, t.acked),
             "nodes": node_stats,
-            "wall_s": round(wall, 2),
+            "wall_s": round(phases["wall_s"], 2),
         }

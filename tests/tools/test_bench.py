@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from node.wire.protocol import Reason
 from tests.cluster_harness import Cluster, write_cluster_toml
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
@@ -26,17 +31,40 @@ FIELDS = {
     "lost",
     "duplicates",
     "nodes",
+    "connect_s",
+    "send_s",
+    "drain_s",
+    "node_cpu_s",
+    "node_cpu_us_per_msg",
+    "node_cpu_us_per_msg_by_node",
+    "bench_cpu_s",
+    "bench_cpu_us_per_msg",
 }
 
 
-@pytest.fixture
-def single(tmp_path: Path) -> Iterator[Cluster]:
-    cluster = Cluster(write_cluster_toml(tmp_path / "cluster.toml", nodes=1, initial=1))
+def _started(config: Path) -> Iterator[Cluster]:
+    cluster = Cluster(config)
     try:
         cluster.start_all()
         yield cluster
     finally:
         cluster.stop_all()
+
+
+@pytest.fixture
+def single(tmp_path: Path) -> Iterator[Cluster]:
+    yield from _started(write_cluster_toml(tmp_path / "cluster.toml", nodes=1, initial=1))
+
+
+@pytest.fixture
+def three(tmp_path: Path) -> Iterator[Cluster]:
+    yield from _started(write_cluster_toml(tmp_path / "cluster.toml", nodes=3, initial=3))
+
+
+@pytest.fixture
+def rate_limited(tmp_path: Path) -> Iterator[Cluster]:
+    tuning = {"send_rate_per_s": 5.0, "send_burst": 5}  # per connection: most of a pipelined run is refused
+    yield from _started(write_cluster_toml(tmp_path / "cluster.toml", nodes=1, initial=1, tuning=tuning))
 
 
 @pytest.mark.parametrize("mode", ["person", "group"])
@@ -65,14 +93,74 @@ def test_bench_accounts_for_every_message(single: Cluster, mode: str) -> None:
     assert report["lost"] == 0 and report["duplicates"] == 0
     assert 0 < report["ack_p50_ms"] <= report["ack_p99_ms"]
     stats = report["nodes"]["n1"]
-    assert stats["peak_rss_mb"] > 10 and stats["cpu_s"] > 0
+    assert stats["peak_rss_mb"] > 10 and stats["cpu_s"] >= stats["run_cpu_s"] > 0
+    assert report["rate"] == "200"  # the default: paced, not saturating
+    assert report["send_s"] == pytest.approx(1.5, abs=0.3) and report["drain_s"] >= 0
+    # CPU per acked message over connect, send and drain: one node, so its own figure is the sum.
+    assert report["node_cpu_us_per_msg"] > 0 and report["bench_cpu_us_per_msg"] > 0
+    assert report["node_cpu_us_per_msg_by_node"] == {"n1": report["node_cpu_us_per_msg"]}
+    assert report["node_cpu_us_per_msg"] == pytest.approx(
+        report["node_cpu_s"] / report["acked"] * 1e6, abs=0.1
+    )
+
+
+def test_bench_counts_node_cpu_per_message_on_every_node(three: Cluster) -> None:
+    run = three.cli("bench", "--clients", "6", "--duration", "1.5", "--json", timeout_s=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads(run.stdout)
+    assert report["acked"] > 0 and report["lost"] == 0
+    by_node = report["node_cpu_us_per_msg_by_node"]
+    assert set(by_node) == set(report["nodes"]) == {"n1", "n2", "n3"}
+    assert all(us > 0 for us in by_node.values())  # every node applies every message
+    assert report["node_cpu_us_per_msg"] == pytest.approx(sum(by_node.values()), abs=0.5)
+    assert all(stats["run_cpu_s"] > 0 for stats in report["nodes"].values())
+    assert report["bench_cpu_us_per_msg"] > 0
 
 
 def test_bench_table_and_progress(single: Cluster) -> None:
     run = single.cli("bench", "--clients", "2", "--duration", "1", "--rate", "50", timeout_s=120)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "acked_per_s" in run.stdout and "lost             0" in run.stdout
+    assert "acked_per_s" in run.stdout and "lost                 0" in run.stdout
+    assert "errors               none" in run.stdout
+    assert re.search(r"^node n1 +peak RSS .* us per acked message\)$", run.stdout, re.M), run.stdout
     assert "sent" in run.stderr  # the live progress line
+
+
+def test_bench_live_lines_and_summary_share_one_rate(single: Cluster) -> None:
+    """The last live line (printed after the drain) shows the summary's acked/s and delivered/s."""
+    run = single.cli("bench", "--clients", "4", "--duration", "1.5", "--rate", "max", "--window", "8")
+    assert run.returncode == 0, run.stdout + run.stderr
+    table = dict(line.split(None, 1) for line in run.stdout.splitlines() if not line.startswith("node "))
+    last = run.stderr.replace("\r", "\n").strip().splitlines()[-1]
+    live = re.search(r"draining +sent \d+ +acked (\d+) \(([\d,]+)/s\) +delivered (\d+) \(([\d,]+)/s\)", last)
+    assert live is not None, run.stderr
+    acked, acked_per_s, delivered, delivered_per_s = (int(g.replace(",", "")) for g in live.groups())
+    assert (acked, delivered) == (int(table["acked"]), int(table["delivered"]))
+    assert (acked_per_s, delivered_per_s) == (int(table["acked_per_s"]), int(table["delivered_per_s"]))
+    assert float(table["send_s"]) == pytest.approx(1.5, abs=0.3) and float(table["drain_s"]) >= 0
+
+
+def test_bench_names_errors_by_reason(rate_limited: Cluster) -> None:
+    run = rate_limited.cli(
+        "bench", "--clients", "2", "--duration", "1", "--rate", "max", "--window", "4", "--json"
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads(run.stdout)
+    assert set(report["errors"]) == {Reason.RATE_LIMIT.name}, report["errors"]
+    assert report["sent"] == report["acked"] + report["errors"]["RATE_LIMIT"]
+
+
+def test_bench_help_says_how_to_measure_throughput() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "node.tools.cli", "bench", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    text = " ".join(run.stdout.split())
+    assert "default 200" in text and "'max' for throughput" in text and "`--rate max`" in text
+    assert "from the first send to the last" in text  # the one definition of the rates
 
 
 @pytest.mark.parametrize(
