@@ -629,7 +629,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Each configured node's status, asked over HTTP. " + STATUS_EPILOG,
     )
     status.add_argument("--config", required=True, help=config_help)
-    status.add_argument("--json", action="store_true", help="one JSON object: {leader, nodes: [...]}")
+    status.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object: {leader, members, members_known, down, nodes: [...]}",
+    )
     status.set_defaults(func=cmd_admin_status)
     verify = admin_commands.add_parser(
         "verify",
