@@ -7,8 +7,10 @@ by nodes.n1.tcp``) and stops the start; nothing is guessed.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -171,6 +173,14 @@ class Config:
         return tuple(self.nodes[n].raft for n in self.initial_members if n != node_id)
 
 
+def _unknown(source: str, key: str, known: Iterable[str], what: str = "key") -> ConfigError:
+    """An unknown key: name it, the known ones, and the one probably meant (a typo is the usual cause)."""
+    name = key.rpartition(".")[2]
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"{source}: {key}: unknown {what}{hint} (known: {', '.join(sorted(known))})")
+
+
 def _check_type(source: str, key: str, value: Any, expected: type) -> Any:
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -188,7 +198,10 @@ def _fields(cls: type) -> dict[str, type]:
     return {f.name: hints[str(f.type)] for f in dataclasses.fields(cls) if str(f.type) in hints}
 
 
-def _table(source: str, prefix: str, table: Any, cls: type, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+def _table(
+    source: str, prefix: str, table: Any, cls: type, skip: tuple[str, ...] = (), also: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Check a table's keys and types against a dataclass; `also` names keys the caller reads itself."""
     if not isinstance(table, dict):
         raise ConfigError(f"{source}: {prefix}: expected a table")
     known = _fields(cls)
@@ -197,7 +210,7 @@ def _table(source: str, prefix: str, table: Any, cls: type, skip: tuple[str, ...
         if key in skip:
             continue
         if key not in known:
-            raise ConfigError(f"{source}: {prefix}.{key}: unknown key (known: {', '.join(sorted(known))})")
+            raise _unknown(source, f"{prefix}.{key}", [*known, *also])
         values[key] = _check_type(source, f"{prefix}.{key}", value, known[key])
     return values
 
@@ -252,7 +265,7 @@ def load(path: str | None) -> Config:
     allowed = {"cluster", "nodes", "tuning", "plugins", "webhook", "tls"}
     for key in doc:
         if key not in allowed:
-            raise ConfigError(f"{source}: {key}: unknown section (known: {', '.join(sorted(allowed))})")
+            raise _unknown(source, key, allowed, "section")
 
     cluster = doc.get("cluster", {})
     if not isinstance(cluster, dict):
@@ -268,9 +281,7 @@ def load(path: str | None) -> Config:
     }
     for key, value in cluster.items():
         if key not in cluster_keys:
-            raise ConfigError(
-                f"{source}: cluster.{key}: unknown key (known: {', '.join(sorted(cluster_keys))})"
-            )
+            raise _unknown(source, f"cluster.{key}", cluster_keys)
         _check_type(source, f"cluster.{key}", value, cluster_keys[key])
 
     raw_nodes = doc.get("nodes")
@@ -378,7 +389,7 @@ def _tls(source: str, raw: Any, base_dir: str, nodes: dict[str, NodeSpec]) -> Tl
 def _webhook(source: str, raw: Any, base_dir: str) -> WebhookSettings:
     raw = dict(raw) if isinstance(raw, dict) else raw
     events = raw.pop("events", None) if isinstance(raw, dict) else None
-    values = _table(source, "webhook", raw, WebhookSettings)
+    values = _table(source, "webhook", raw, WebhookSettings, also=("events",))
     if events is not None:
         known = WEBHOOK_EVENTS
         if not isinstance(events, list) or any(e not in known for e in events):
@@ -407,7 +418,7 @@ def _plugins(source: str, raw: Any) -> tuple[tuple[str, dict[str, Any]], ...]:
             raise ConfigError(f"{source}: {key}: expected a table")
         for name in table:
             if name not in ("handler", "options"):
-                raise ConfigError(f"{source}: {key}.{name}: unknown key (known: handler, options)")
+                raise _unknown(source, f"{key}.{name}", ("handler", "options"))
         ref = table.get("handler")
         if not isinstance(ref, str) or ":" not in ref:
             raise ConfigError(f"{source}: {key}.handler: expected 'module:object', got {ref!r}")

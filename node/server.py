@@ -213,6 +213,7 @@ class Node:
                 nursery.start_soon(self._resend_loop)
                 nursery.start_soon(self._sync_loop)
                 nursery.start_soon(self.presence.watch_nodes, self.raft)
+                nursery.start_soon(self.membership.log_changes)
                 nursery.start_soon(self.webhooks.run)
                 # Accept clients once a leader is known (bounded: a node of a cluster whose other members
                 # are still down starts listening anyway, and its sends wait for the commit timeout).
@@ -287,7 +288,11 @@ class Node:
         Entries that arrive inside a snapshot produce no apply call here, so no push: a connected client
         would silently miss them. Disconnecting makes it reconnect and sync what it missed.
         """
-        log.info("store replaced by a snapshot: re-reading settings, asking clients to resync")
+        log.info(
+            "store replaced by a snapshot (applied index %d): settings re-read, %d clients asked to resync",
+            self.store.applied_index(),
+            len(self.registry),
+        )
         self._sync_handler_states()
         for conn in list(self.registry):
             conn.close(Reason.UNKNOWN, "state replaced by a snapshot: reconnect and sync")
@@ -312,6 +317,8 @@ class Node:
         commit, applied = raft.get("commit_index") or 0, raft.get("applied_index") or 0
         return {
             "id": self.spec.id,
+            # Which process answers: `cluster up` reports only a cluster of the processes it started.
+            "pid": os.getpid(),
             "role": raft["role"],
             "leader": name_of(raft["leader"]),
             "term": raft["term"],

@@ -181,6 +181,32 @@ def test_errors_name_the_file_and_the_key(tmp_path: Path, text: str, key: str, w
     assert words in message, message
 
 
+@pytest.mark.parametrize(
+    ("text", "key", "meant"),
+    [
+        ("[clusterr]\nname = 'x'\n" + NODE_1, "clusterr", "cluster"),
+        ("[cluster]\nnmae = 'x'\n" + NODE_1, "cluster.nmae", "name"),
+        (NODE_1.replace("tcp =", "tpc ="), "nodes.n1.tpc", "tcp"),
+        ("[tuning]\nuser_pool_shard = 2\n" + NODE_1, "tuning.user_pool_shard", "user_pool_shards"),
+        ("[webhook]\nurll = 'http://x'\n" + NODE_1, "webhook.urll", "url"),
+        ("[webhook]\nevent = ['msg.notify']\n" + NODE_1, "webhook.event", "events"),
+        ("[tls]\ncertfile = 'x'\n" + NODE_1, "tls.certfile", "cert_file"),
+        ("[[plugins]]\nhandlr = 'a:b'\n" + NODE_1, "plugins[0].handlr", "handler"),
+    ],
+)
+def test_an_unknown_key_lists_the_known_ones_and_the_one_probably_meant(
+    tmp_path: Path, text: str, key: str, meant: str
+) -> None:
+    message = load_error(tmp_path, text)
+    assert message.startswith(f"{FILE}: {key}: unknown"), message
+    assert f"did you mean {meant!r}?" in message and "(known: " in message, message
+
+
+def test_an_unknown_key_like_no_known_one_suggests_nothing(tmp_path: Path) -> None:
+    message = load_error(tmp_path, "[tuning]\nzzz = 1\n" + NODE_1)
+    assert "did you mean" not in message and "known: " in message, message
+
+
 def test_initial_members_entries_must_be_strings(tmp_path: Path) -> None:
     message = load_error(tmp_path, "[cluster]\ninitial_members = [['n1']]\n" + NODE_1)
     assert "cluster.initial_members" in message

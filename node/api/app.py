@@ -101,6 +101,7 @@ class HttpApi:
             }
         )
         await send({"type": "http.response.body", "body": body})
+        log.debug("%s %s -> %d", scope["method"], scope["path"], status)
 
     async def _handle(self, scope: dict[str, Any], receive: Receive) -> Any:
         route = self.routes.get(scope["path"])

@@ -7,8 +7,11 @@ cannot remove itself, and a leader is asked to hand over before it is removed.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Coroutine, Mapping
 from typing import Any
+
+import trio
 
 from node.config import NodeSpec
 from raft.bridge import ProposeFailed, RaftNode
@@ -16,6 +19,10 @@ from raft.bridge import ProposeFailed, RaftNode
 MEMBERSHIP_TIMEOUT_S = 15.0
 TRANSFER_TIMEOUT_S = 5.0
 CATCH_UP_SLACK_ENTRIES = 1000
+# How often the node looks at Raft's view for changes to log: PySyncObj offers no callback for either.
+WATCH_INTERVAL_S = 0.2
+
+log = logging.getLogger("imnode.cluster")
 
 
 class AdminRefused(Exception):
@@ -99,3 +106,34 @@ class Membership:
         except ProposeFailed as exc:
             raise AdminRefused(f"leadership transfer refused: {exc.reason}") from None
         return {"requested": True}
+
+    async def log_changes(self, interval_s: float = WATCH_INTERVAL_S) -> None:
+        """Log each membership and leader change this node observes, until cancelled.
+
+        Polled: PySyncObj's state lives on its own thread and calls nothing back on either change. A change
+        shorter than `interval_s` can go unlogged; what is logged is what this node saw.
+        """
+        members: list[str] | None = None
+        leader: str | None = None
+        first = True
+        while True:
+            status = self._raft.status()
+            now = [str(self.name_of(m)) for m in status["members"]]
+            if members is None:
+                log.info("members: %s", ", ".join(now))
+            elif sorted(now) != sorted(members):
+                added = sorted(set(now) - set(members))
+                removed = sorted(set(members) - set(now))
+                change = [f"added {', '.join(added)}"] if added else []
+                change += [f"removed {', '.join(removed)}"] if removed else []
+                log.info("members now: %s (%s)", ", ".join(now), "; ".join(change))
+            members = now
+            name = self.name_of(status["leader"])
+            if name != leader or first:
+                if name is None:
+                    log.info("no leader (term %s)", status["term"])
+                else:
+                    me = "this node, " if name == self._self_id else ""
+                    log.info("leader is now %s (%sterm %s)", name, me, status["term"])
+                leader, first = name, False
+            await trio.sleep(interval_s)

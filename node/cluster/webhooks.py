@@ -192,6 +192,7 @@ class Webhooks:
                 await self._proposer.call([webhook_advance_op(stream, start, end)])
                 continue
             state.failures += 1
+            log.warning("webhook %s: attempt %d failed: %s", stream, state.failures, error)
             state.last_error = error
             if state.failures >= self.settings.attempts:
                 log.warning(

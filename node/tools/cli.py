@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -23,8 +24,25 @@ from node.tools import operator as op
 if TYPE_CHECKING:
     from node.server import Node
 
-EXIT_CONFIG = 2
 EXIT_FAILED = 1
+EXIT_CONFIG = 2
+# `admin status`: distinct codes so a script can tell "nothing can commit" from "running degraded".
+EXIT_NO_LEADER = 3
+EXIT_MEMBER_DOWN = 4
+SUPERVISE_POLL_S = 0.2  # how soon `cluster up` notices a member's exit
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_LOG_LEVEL = "info"
+STATUS_EPILOG = (
+    "exit codes: 0 healthy (a leader, every member answers); 3 no leader; 4 a leader but a member is down; "
+    "1 another failure; 2 a config error. Configured nodes that are not members are shown as "
+    "'not a member' and do not count against health."
+)
+
+
+def _log_level(args: argparse.Namespace) -> str:
+    # Not set by argparse when absent (default SUPPRESS), so a subcommand's parser cannot reset a value
+    # given before the subcommand.
+    return str(getattr(args, "log_level", DEFAULT_LOG_LEVEL))
 
 
 def _configure_logging(level: str) -> None:
@@ -36,31 +54,52 @@ def _configure_logging(level: str) -> None:
     logging.getLogger("pysyncobj").setLevel(logging.ERROR)
 
 
+class _NodeName(logging.Filter):
+    """Puts the node id on every record, PySyncObj's and hypercorn's included: node logs get collected
+    together (one terminal, one log shipper), and a line must say which node wrote it."""
+
+    def __init__(self, node_id: str) -> None:
+        super().__init__()
+        self.node_id = node_id
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.node = self.node_id
+        return True
+
+
+def _name_every_line(node_id: str) -> None:
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_NodeName(node_id))
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(node)s] %(name)s: %(message)s"))
+
+
 # -- node ------------------------------------------------------------------------------------------------
 async def _serve_until_signal(node: Node) -> None:
     import trio
 
+    node_id = node.spec.id
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
 
             async def stop_on_signal() -> None:
                 # Watching from the start: a signal during start-up stops the node too.
                 async for signum in signals:
-                    print(f"received {signal.Signals(signum).name}: stopping", flush=True)
+                    print(f"imnode {node_id}: received {signal.Signals(signum).name}: stopping", flush=True)
                     nursery.cancel_scope.cancel()
                     return
 
             nursery.start_soon(stop_on_signal)
             listening: Listening = await nursery.start(node.run)
             print(f"imnode {listening.describe()}", flush=True)
-            print(f"data in {node.spec.data_dir}; Ctrl-C stops", flush=True)
-    print("imnode stopped cleanly", flush=True)
+            print(f"imnode {node_id}: data in {node.spec.data_dir}; Ctrl-C stops", flush=True)
+    print(f"imnode {node_id}: stopped cleanly", flush=True)
 
 
 def cmd_node_start(args: argparse.Namespace) -> int:
     config: Config = load(args.config)
     node_id = args.node or (DEFAULT_NODE_ID if args.config is None else config.initial_members[0])
     spec = config.node(node_id)
+    _name_every_line(node_id)
     if args.data_dir is not None:
         spec = dataclasses.replace(spec, data_dir=args.data_dir)
         config = dataclasses.replace(config, nodes={**config.nodes, node_id: spec})
@@ -79,7 +118,7 @@ def cmd_node_start(args: argparse.Namespace) -> int:
     try:
         node = Node(config, node_id)
     except PluginError as exc:
-        print(f"imnode: plugin error: {exc}", file=sys.stderr)
+        print(f"imnode {node_id}: plugin error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     trio.run(_serve_until_signal, node)
     return 0
@@ -125,72 +164,141 @@ def _raise_stop(signum: int, frame: Any) -> None:
 
 def cmd_cluster_up(args: argparse.Namespace) -> int:
     config = load(args.config)
+    # Every port of every member before anything starts: a second `cluster up` (or any other process on a
+    # port) is named here, instead of nodes dying on their ports while the first cluster answers.
+    for node_id in config.initial_members:
+        _check_ports_free(config, node_id)
     # Both set explicitly: a shell starts background jobs with SIGINT ignored, and Python then keeps it so.
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
     procs: list[op.NodeProcess] = []
     try:
         for node_id in config.initial_members:
-            procs.append(op.spawn(args.config, config, node_id))
+            procs.append(op.spawn(args.config, config, node_id, log_level=_log_level(args)))
             op.say(f"started {node_id} (pid {procs[-1].proc.pid}), log {procs[-1].log_path}")
         op.say(f"waiting for a leader (at most {args.timeout:.0f}s)...")
-        deadline = time.monotonic() + args.timeout
-        while True:
-            for p in procs:
-                if p.proc.poll() is not None:
-                    raise op.OperatorError(
-                        f"{p.node_id} exited with code {p.proc.returncode}; see {p.log_path}"
-                    )
-            status = op.cluster_status(config)
-            answering = {n["id"] for n in status["nodes"] if n["role"] != "down"}
-            if status["leader"] is not None and answering >= set(config.initial_members):
-                break
-            if time.monotonic() > deadline:
-                raise op.OperatorError(
-                    f"the cluster did not come up within {args.timeout:.0f}s (leader: {status['leader']}, "
-                    f"answering: {', '.join(sorted(answering)) or 'none'}); see the log files above"
-                )
-            time.sleep(0.2)
+        leader = _wait_for_own_cluster(config, procs, args.timeout)
         for node_id in config.initial_members:
             spec = config.node(node_id)
             listening = Listening(
                 node_id, spec.tcp, spec.ws, spec.http, spec.raft, spec.tcp_tls, spec.wss, config.tls.http
             )
             op.say(f"  {listening.describe().removeprefix('node ')}")
-        op.say(f"cluster {config.cluster_name} is up: leader {status['leader']}. Ctrl-C stops it.")
-        running = {p.node_id for p in procs}
-        while True:
-            time.sleep(0.5)
-            for p in procs:
-                if p.node_id in running and p.proc.poll() is not None:
-                    running.discard(p.node_id)
-                    op.say(f"{p.node_id} exited with code {p.proc.returncode}; see {p.log_path}")
+        op.say(f"cluster {config.cluster_name} is up: leader {leader}. Ctrl-C stops it.")
+        _supervise(config, args.config, procs)
+        raise op.OperatorError("every node of the cluster has exited")
     except (KeyboardInterrupt, _Stop):
         op.say("stopping the cluster...")
-        return _stop_all(procs)
+        return _stop_all(config, procs)
     except op.OperatorError as exc:
         print(f"imnode: {exc}", file=sys.stderr)
-        _stop_all(procs)
+        _stop_all(config, procs)
         return EXIT_FAILED
 
 
-def _stop_all(procs: list[op.NodeProcess]) -> int:
+def _supervise(config: Config, config_path: str, procs: list[op.NodeProcess]) -> None:
+    """Report each member that exits, and each one `cluster start` brings back (its pid file names the
+    new process); return once no member's process is left."""
+    watched: dict[str, int | None] = {p.node_id: p.proc.pid for p in procs}
+    while any(pid is not None for pid in watched.values()):
+        time.sleep(SUPERVISE_POLL_S)
+        for p in procs:
+            pid = watched[p.node_id]
+            if pid is None:
+                again = op.pid_from_file(config, p.node_id)
+                if again is not None and again != p.proc.pid and op.pid_alive(again):
+                    watched[p.node_id] = again
+                    op.say(f"{p.node_id} is running again (pid {again})")
+                continue
+            if pid == p.proc.pid and p.proc.poll() is not None:
+                how = f"exited with code {p.proc.returncode}"
+            elif pid != p.proc.pid and not op.pid_alive(pid):
+                how = f"(pid {pid}) exited"
+            else:
+                continue
+            watched[p.node_id] = None
+            op.say(
+                f"{p.node_id} {how}; see {p.log_path}; "
+                f"`imnode cluster start --config {config_path} --node {p.node_id}` starts it again"
+            )
+
+
+def _wait_for_own_cluster(config: Config, procs: list[op.NodeProcess], timeout_s: float) -> str:
+    """Until every child answers as itself and one of them leads; the leader's id."""
+    deadline = time.monotonic() + timeout_s
+    pids = {p.node_id: p.proc.pid for p in procs}
+    while True:
+        for p in procs:
+            if p.proc.poll() is not None:
+                raise op.OperatorError(f"{p.node_id} exited with code {p.proc.returncode}; see {p.log_path}")
+        status = op.cluster_status(config)
+        # Only our own children count: an answer from another process on a member's address is not
+        # this cluster (the port check above makes that rare; a port taken since is still caught here).
+        ours = op.started_by(status, pids)
+        if status["leader"] in ours and ours >= set(config.initial_members):
+            return str(status["leader"])
+        if time.monotonic() > deadline:
+            raise op.OperatorError(
+                f"the cluster did not come up within {timeout_s:.0f}s (leader: {status['leader']}, "
+                f"answering as started here: {', '.join(sorted(ours)) or 'none'}); see the log files above"
+            )
+        time.sleep(SUPERVISE_POLL_S)
+
+
+def _stop_all(config: Config, procs: list[op.NodeProcess]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave orphans
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    for p in procs:
-        if p.proc.poll() is None:
-            p.proc.send_signal(signal.SIGTERM)
+    # The exit code says whether this stop was clean: a member that had died before was reported then.
+    running = [p for p in procs if p.proc.poll() is None]
+    for p in running:
+        p.proc.send_signal(signal.SIGTERM)
     failed = 0
     for p in procs:
-        try:
-            code = p.proc.wait(timeout=20)
-        except Exception:
-            p.proc.kill()
-            code = p.proc.wait()
-        op.say(f"  {p.node_id} stopped (exit code {code})")
-        failed += code != 0
+        if p not in running:
+            op.say(f"  {p.node_id} had exited (exit code {p.proc.returncode})")
+        else:
+            try:
+                code = p.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.proc.kill()
+                code = p.proc.wait()
+            op.say(f"  {p.node_id} stopped (exit code {code})")
+            failed += code != 0
+        # A member that died and was brought back by `cluster start` belongs to this cluster too: stopping
+        # the cluster stops it (its pid file names the new process).
+        restarted = op.pid_from_file(config, p.node_id)
+        if restarted not in (None, p.proc.pid) and op.stop_by_pid_file(config, p.node_id):
+            op.say(f"  {p.node_id} (pid {restarted}, started again by `cluster start`) stopped")
     op.say("cluster stopped")
     return 0 if not failed else EXIT_FAILED
+
+
+def _wait_caught_up(
+    config: Config, node_id: str, started: op.NodeProcess, goal: int | None, timeout_s: float
+) -> int:
+    """Until the started node serves (follower or leader) and has applied `goal` (None: the leader's
+    commit index when the node first reports a leader); its applied index."""
+    deadline = time.monotonic() + timeout_s
+    last_report = 0.0
+    applied = 0
+    while time.monotonic() < deadline:
+        if started.proc.poll() is not None:
+            raise op.OperatorError(
+                f"{node_id} exited with code {started.proc.returncode}; see {started.log_path}"
+            )
+        status = op.node_status(config, node_id)
+        applied = int((status or {}).get("applied_index") or 0)
+        if status is not None and status["role"] in ("follower", "leader") and status.get("leader"):
+            if goal is None:
+                leader_status = op.node_status(config, status["leader"])
+                goal = None if leader_status is None else int(leader_status.get("commit_index") or 0)
+            if goal is not None and applied >= goal:
+                return applied
+        if time.monotonic() - last_report > 2:
+            op.say(f"  {node_id}: applied {applied} of {goal if goal is not None else '?'}")
+            last_report = time.monotonic()
+        time.sleep(SUPERVISE_POLL_S)
+    raise op.OperatorError(f"{node_id} did not catch up within {timeout_s:.0f}s; see {started.log_path}")
 
 
 def cmd_cluster_join(args: argparse.Namespace) -> int:
@@ -203,28 +311,45 @@ def cmd_cluster_join(args: argparse.Namespace) -> int:
     op.say(f"adding {node_id} through leader {leader} (members now: {', '.join(current)})")
     op.request(config, leader, "POST", "/admin/members", {"action": "add", "node": node_id}, timeout_s=30)
     spec = config.node(node_id)
-    started = op.spawn(args.config, config, node_id, detach=True, partners=current)
-    proc, log_path = started.proc, started.log_path
-    op.say(f"started {node_id} (pid {proc.pid}), log {log_path}; catching up...")
+    started = op.spawn(
+        args.config, config, node_id, detach=True, partners=current, log_level=_log_level(args)
+    )
+    op.say(f"started {node_id} (pid {started.proc.pid}), log {started.log_path}; catching up...")
     target = op.node_status(config, leader)
     goal = int((target or {}).get("commit_index") or 0)
-    deadline = time.monotonic() + args.timeout
-    last_report = 0.0
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise op.OperatorError(f"{node_id} exited with code {proc.returncode}; see {log_path}")
-        status = op.node_status(config, node_id)
-        applied = int((status or {}).get("applied_index") or 0)
-        if status is not None and status["role"] in ("follower", "leader") and applied >= goal:
-            op.say(
-                f"{node_id} joined and caught up (applied index {applied}); it serves clients at {spec.tcp}"
-            )
-            return 0
-        if time.monotonic() - last_report > 2:
-            op.say(f"  {node_id}: applied {applied} of {goal}")
-            last_report = time.monotonic()
-        time.sleep(0.2)
-    raise op.OperatorError(f"{node_id} did not catch up within {args.timeout:.0f}s; see {log_path}")
+    applied = _wait_caught_up(config, node_id, started, goal, args.timeout)
+    op.say(f"{node_id} joined and caught up (applied index {applied}); it serves clients at {spec.tcp}")
+    return 0
+
+
+def cmd_cluster_start(args: argparse.Namespace) -> int:
+    """Start a configured member again (after it died or was stopped), in the background."""
+    config = load(args.config)
+    node_id = args.node
+    spec = config.node(node_id)
+    _check_ports_free(config, node_id)  # still running, or something else on its ports: say so first
+    status = op.cluster_status(config)
+    members = list(status["members"])
+    if node_id not in members:
+        how = "the current members" if status["members_known"] else "the config's initial members"
+        raise op.OperatorError(
+            f"{node_id} is not a member ({how}: {', '.join(members)}); "
+            f"add it with `imnode cluster join --config {args.config} --node {node_id}`"
+        )
+    # The current members as partners (a member that joined later is not in the config's initial list);
+    # with nobody answering, the config's own list is all there is.
+    partners = members if status["members_known"] else None
+    started = op.spawn(
+        args.config, config, node_id, detach=True, partners=partners, log_level=_log_level(args)
+    )
+    op.say(f"started {node_id} (pid {started.proc.pid}), log {started.log_path}; catching up...")
+    leader = status["leader"]
+    goal = None
+    if leader is not None:
+        goal = int(next(n for n in status["nodes"] if n["id"] == leader).get("commit_index") or 0)
+    applied = _wait_caught_up(config, node_id, started, goal, args.timeout)
+    op.say(f"{node_id} is back and caught up (applied index {applied}); it serves clients at {spec.tcp}")
+    return 0
 
 
 def cmd_cluster_remove(args: argparse.Namespace) -> int:
@@ -260,26 +385,44 @@ def cmd_cluster_remove(args: argparse.Namespace) -> int:
 def cmd_admin_status(args: argparse.Namespace) -> int:
     config = load(args.config)
     status = op.cluster_status(config)
+    code = _health(status)
     if args.json:
         print(json.dumps(status, indent=2))
-        return 0
+        return code
     header = (
-        f"{'node':6} {'role':10} {'term':>5} {'commit':>9} {'applied':>9} {'lag':>6} {'conns':>6} "
+        f"{'node':6} {'role':12} {'term':>5} {'commit':>9} {'applied':>9} {'lag':>6} {'conns':>6} "
         f"{'queues u/c/p':>14} {'dead':>5}"
     )
     print(f"cluster {config.cluster_name}: leader {status['leader'] or '(none)'}")
     print(header)
     for node in status["nodes"]:
-        if node["role"] == "down":
-            print(f"{node['id']:6} {'down':10}")
+        if node["role"] in ("down", op.NOT_A_MEMBER):
+            print(f"{node['id']:6} {node['role']}")
             continue
+        # A node that answers but is not a member (removed, still running) is shown as such.
+        role = node["role"] if node["member"] else op.NOT_A_MEMBER
         pools = node["pools"]
         queues = "/".join(str(pools[p]["queue_depth"]) for p in ("user", "channel", "pusher"))
         print(
-            f"{node['id']:6} {node['role']:10} {node['term']:>5} {node['commit_index']:>9} "
+            f"{node['id']:6} {role:12} {node['term']:>5} {node['commit_index']:>9} "
             f"{node['applied_index']:>9} {node['lag']:>6} {node['connections']:>6} {queues:>14} "
             f"{node['dead_letters']:>5}"
         )
+    if code == EXIT_NO_LEADER:
+        print("not healthy: no leader (nothing can be committed)")
+    elif code == EXIT_MEMBER_DOWN:
+        print(f"not healthy: members down: {', '.join(status['down'])}")
+    else:
+        print(f"healthy: {len(status['members'])} members up")
+    return code
+
+
+def _health(status: dict[str, Any]) -> int:
+    """`admin status`'s exit code: no leader first (the worse state), then any member down."""
+    if status["leader"] is None:
+        return EXIT_NO_LEADER
+    if status["down"]:
+        return EXIT_MEMBER_DOWN
     return 0
 
 
@@ -403,24 +546,35 @@ def cmd_admin_deadletters(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Global options, accepted before or after any subcommand: every parser gets them, with no default
+    # (SUPPRESS), so a value given at one level is never reset by the next parser's default.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--log-level",
+        default=argparse.SUPPRESS,
+        choices=LOG_LEVELS,
+        help=f"log level of this command and of the nodes it starts (default {DEFAULT_LOG_LEVEL})",
+    )
     parser = argparse.ArgumentParser(
         prog="imnode",
         description="A clustered IM node speaking the WuKongIM protocol (trio, PySyncObj, LMDB).",
+        parents=[common],
     )
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     commands = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
+    config_help = "the cluster TOML file (see cluster.example.toml)"
 
-    node = commands.add_parser("node", help="run a node")
+    node = commands.add_parser("node", help="run a node", parents=[common])
     node_commands = node.add_subparsers(dest="action", required=True, metavar="ACTION")
     start = node_commands.add_parser(
         "start",
+        parents=[common],
         help="run one node in the foreground",
         description=(
             "Run one node in the foreground. Without --config: a single node on embedded defaults "
             "(data in ./imnode-data; TCP 5100, WebSocket 5200, HTTP 5001, Raft 5300, all on 127.0.0.1)."
         ),
     )
-    start.add_argument("--config", help="cluster TOML file (see cluster.example.toml)")
+    start.add_argument("--config", help=f"{config_help}; without it, a single node on embedded defaults")
     start.add_argument("--node", help="which node of the config to run (default: the first initial member)")
     start.add_argument("--data-dir", help="override the node's data directory")
     start.add_argument(
@@ -428,39 +582,61 @@ def build_parser() -> argparse.ArgumentParser:
     )
     start.set_defaults(func=cmd_node_start)
 
-    cluster = commands.add_parser("cluster", help="run a cluster, add and remove nodes")
+    cluster = commands.add_parser(
+        "cluster", help="run a cluster, start a member again, add and remove nodes", parents=[common]
+    )
     cluster_commands = cluster.add_subparsers(dest="action", required=True, metavar="ACTION")
     up = cluster_commands.add_parser(
         "up",
+        parents=[common],
         help="start every initial member as its own process; Ctrl-C stops them all",
-        description="Start each initial member of the config as its own process (log: <data_dir>/node.log), "
-        "wait for a leader, print where each node listens. Ctrl-C or SIGTERM stops them all cleanly.",
+        description="Check that every member's ports are free, then start each initial member of the config "
+        "as its own process (log: <data_dir>/node.log), wait until each answers as the process started here "
+        "and one of them leads, and print where each node listens. A member that exits is reported (start "
+        "it again with `imnode cluster start`); the command exits 1 once no member's process is left. "
+        "Ctrl-C or SIGTERM stops them all cleanly, members brought back by `cluster start` included.",
     )
-    up.add_argument("--config", required=True)
+    up.add_argument("--config", required=True, help=config_help)
     up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for a leader (default 60)")
     up.set_defaults(func=cmd_cluster_up)
+    again = cluster_commands.add_parser(
+        "start",
+        parents=[common],
+        help="start a member again (after it died or was stopped) and wait until it has caught up",
+        description="Start a configured node that is a member of the running cluster (refused for a node "
+        "that is not: use `cluster join`; and for one whose ports are in use) in the background (log and pid "
+        "file in its data dir), with the current members as partners, and wait until it serves and has "
+        "caught up. A running `cluster up` reports it back and stops it with the others.",
+    )
+    again.add_argument("--config", required=True, help=config_help)
+    again.add_argument("--node", required=True, help="the member to start")
+    again.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the catch-up")
+    again.set_defaults(func=cmd_cluster_start)
     join = cluster_commands.add_parser(
         "join",
+        parents=[common],
         help="add a configured node to the running cluster and start it",
         description="Add the node through the leader (refused unless every member is up and caught up), "
         "start it in the background (log and pid file in its data dir) and wait until it has caught up.",
     )
-    join.add_argument("--config", required=True)
-    join.add_argument("--node", required=True)
+    join.add_argument("--config", required=True, help=config_help)
+    join.add_argument("--node", required=True, help="the configured node to add")
     join.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the catch-up")
     join.set_defaults(func=cmd_cluster_join)
     remove = cluster_commands.add_parser(
         "remove",
+        parents=[common],
         help="remove a node from the cluster (and stop it if this machine started it)",
         description="Remove a member through the leader (a leader hands over first), then stop its process "
         "if its pid file is in its data dir.",
     )
-    remove.add_argument("--config", required=True)
-    remove.add_argument("--node", required=True)
+    remove.add_argument("--config", required=True, help=config_help)
+    remove.add_argument("--node", required=True, help="the member to remove")
     remove.set_defaults(func=cmd_cluster_remove)
 
     bench_parser = commands.add_parser(
         "bench",
+        parents=[common],
         help="drive a running cluster with load and report throughput, latency, loss and duplicates",
         description=bench.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -468,27 +644,37 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_arguments(bench_parser)
     bench_parser.set_defaults(func=bench.cmd_bench)
 
-    admin = commands.add_parser("admin", help="inspect and verify a running cluster")
+    admin = commands.add_parser("admin", help="inspect and verify a running cluster", parents=[common])
     admin_commands = admin.add_subparsers(dest="action", required=True, metavar="ACTION")
     status = admin_commands.add_parser(
-        "status", help="role, term, commit/applied index, lag, connections, queues and dead letters per node"
+        "status",
+        parents=[common],
+        help="role, term, commit/applied index, lag, connections, queues and dead letters per node",
+        description="Each configured node's status, asked over HTTP. " + STATUS_EPILOG,
     )
-    status.add_argument("--config", required=True)
-    status.add_argument("--json", action="store_true", help="one JSON object: {leader, nodes: [...]}")
+    status.add_argument("--config", required=True, help=config_help)
+    status.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object: {leader, members, members_known, down, nodes: [...]}",
+    )
     status.set_defaults(func=cmd_admin_status)
     verify = admin_commands.add_parser(
-        "verify", help="compare per-channel digests across the members; exit 1 on any difference"
+        "verify",
+        parents=[common],
+        help="compare per-channel digests across the members; exit 1 on any difference",
     )
-    verify.add_argument("--config", required=True)
+    verify.add_argument("--config", required=True, help=config_help)
     verify.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for nodes to converge")
     verify.set_defaults(func=cmd_admin_verify)
     handlers = admin_commands.add_parser(
         "handlers",
+        parents=[common],
         help="list every handler chain with counts; switch a handler on or off on every node",
         description="Without --disable/--enable: each pool's chains with calls, rejects, errors and p99 "
         "time. --disable NAME / --enable NAME switch a handler on every node at run time, through Raft.",
     )
-    handlers.add_argument("--config", required=True)
+    handlers.add_argument("--config", required=True, help=config_help)
     handlers.add_argument("--node", help="which node to ask (default: the leader)")
     switch = handlers.add_mutually_exclusive_group()
     switch.add_argument("--disable", metavar="NAME")
@@ -497,11 +683,12 @@ def build_parser() -> argparse.ArgumentParser:
     handlers.set_defaults(func=cmd_admin_handlers)
     deadletters = admin_commands.add_parser(
         "deadletters",
+        parents=[common],
         help="list webhook events that failed every attempt; --replay sends them again",
         description="Webhook events the leader could not deliver after the configured attempts. "
         "--replay posts them again, oldest first; the delivered ones leave the list.",
     )
-    deadletters.add_argument("--config", required=True)
+    deadletters.add_argument("--config", required=True, help=config_help)
     deadletters.add_argument("--replay", action="store_true")
     deadletters.add_argument("--json", action="store_true")
     deadletters.set_defaults(func=cmd_admin_deadletters)
@@ -523,7 +710,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _configure_logging(args.log_level)
+    _configure_logging(_log_level(args))
     try:
         return int(args.func(args))
     except ConfigError as exc:

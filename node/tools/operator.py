@@ -25,6 +25,7 @@ from node.config import Config
 STATUS_TIMEOUT_S = 2.0
 PID_FILE = "node.pid"
 LOG_FILE = "node.log"
+NOT_A_MEMBER = "not a member"
 
 
 class OperatorError(Exception):
@@ -67,9 +68,14 @@ def node_status(config: Config, node_id: str) -> dict[str, Any] | None:
 
 
 def cluster_status(config: Config) -> dict[str, Any]:
-    """Every configured node's status (`role: down` when it does not answer) and the leader."""
+    """Every configured node's status and the leader, each node marked a member or not.
+
+    Roles: a member that does not answer is `down`; a configured node that is not a member and does not
+    answer is `not a member` (a node ready to join is not missing). Members are the leader's list, else
+    any answering node's (the highest term's), else the config's initial members (`members_known` false).
+    """
     nodes: list[dict[str, Any]] = []
-    leaders: set[str] = set()
+    answers: dict[str, dict[str, Any]] = {}
     for node_id in config.nodes:
         status = node_status(config, node_id)
         if status is None:
@@ -78,12 +84,35 @@ def cluster_status(config: Config) -> dict[str, Any]:
             )
             continue
         nodes.append(status)
-        if status.get("role") == "leader":
-            leaders.add(node_id)
+        answers[node_id] = status
+    leaders = [n for n, s in answers.items() if s.get("role") == "leader"]
     # Two nodes can call themselves leader for a moment (an old one not yet stepped down): take the
     # one of the highest term.
-    leader = max(leaders, key=lambda n: next(s["term"] for s in nodes if s["id"] == n)) if leaders else None
-    return {"leader": leader, "nodes": nodes}
+    leader = max(leaders, key=lambda n: answers[n]["term"] or 0) if leaders else None
+    source = leader or max(answers, key=lambda n: answers[n].get("term") or 0, default=None)
+    members_known = source is not None
+    member_ids = list(answers[source]["members"]) if source is not None else list(config.initial_members)
+    for node in nodes:
+        node["member"] = node["id"] in member_ids
+        if not node["member"] and node["role"] == "down":
+            node["role"] = NOT_A_MEMBER
+    down = [n["id"] for n in nodes if n["member"] and n["role"] == "down"]
+    return {
+        "leader": leader,
+        "members": member_ids,
+        "members_known": members_known,
+        "down": down,
+        "nodes": nodes,
+    }
+
+
+def started_by(status: dict[str, Any], pids: dict[str, int]) -> set[str]:
+    """The node ids whose answering process is the one we started (its reported pid is our child's).
+
+    A node id answering from another process (a cluster started earlier, on the same ports) is not ours,
+    so `cluster up` never reports a cluster it did not start.
+    """
+    return {n["id"] for n in status["nodes"] if n.get("pid") is not None and pids.get(n["id"]) == n["pid"]}
 
 
 def wait_for_leader(config: Config, timeout_s: float) -> dict[str, Any]:
@@ -117,7 +146,13 @@ class NodeProcess:
 
 
 def spawn(
-    config_path: str, config: Config, node_id: str, *, detach: bool = False, partners: list[str] | None = None
+    config_path: str,
+    config: Config,
+    node_id: str,
+    *,
+    detach: bool = False,
+    partners: list[str] | None = None,
+    log_level: str | None = None,
 ) -> NodeProcess:
     """Start `imnode node start` for one node, logging to <data_dir>/node.log; writes a pid file."""
     spec = config.node(node_id)
@@ -138,6 +173,8 @@ def spawn(
     ]
     if partners is not None:
         command += ["--partners", ",".join(partners)]
+    if log_level is not None:
+        command += ["--log-level", log_level]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             command,
@@ -149,6 +186,28 @@ def spawn(
     with open(os.path.join(spec.data_dir, PID_FILE), "w") as pid_file:
         pid_file.write(str(proc.pid))
     return NodeProcess(node_id, proc, log_path)
+
+
+def pid_from_file(config: Config, node_id: str) -> int | None:
+    """The pid in the node's pid file (the last process `cluster up/start/join` started for it)."""
+    try:
+        with open(os.path.join(config.node(node_id).data_dir, PID_FILE)) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    """A process with this pid exists (zombies of our own children are reaped first)."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def stop_by_pid_file(config: Config, node_id: str, timeout_s: float = 15.0) -> bool:

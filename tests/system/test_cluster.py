@@ -79,6 +79,16 @@ async def test_any_node_serves_any_client_with_cluster_wide_seqs(cluster: Cluste
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
+async def wait_logged(cluster: Cluster, node_id: str, *words: str, timeout_s: float = 15.0) -> str:
+    """The first line of the node's node.log holding every word, tagged with the node's name."""
+    with trio.fail_after(timeout_s):
+        while True:
+            for line in cluster.log(node_id).splitlines():
+                if f"[{node_id}]" in line and all(word in line for word in words):
+                    return line
+            await trio.sleep(0.1)
+
+
 async def test_join_catches_up_and_serves_then_remove(cluster: Cluster) -> None:
     await trio.to_thread.run_sync(cluster.start_all)
     async with open_client(*cluster.tcp("n1"), "alice") as alice:
@@ -90,6 +100,7 @@ async def test_join_catches_up_and_serves_then_remove(cluster: Cluster) -> None:
     assert "caught up" in joined.stdout
     again = await trio.to_thread.run_sync(lambda: cluster.cli("cluster", "join", "--node", "n4"))
     assert again.returncode == 1 and "already a member" in again.stderr
+    await wait_logged(cluster, "n1", "members now:", "(added n4)")
 
     stored = await sync_person(cluster, "n4", "alice", "bob")
     assert [m["message_seq"] for m in stored] == list(range(1, 501))
@@ -108,9 +119,12 @@ async def test_join_catches_up_and_serves_then_remove(cluster: Cluster) -> None:
     report = json.loads(status.stdout)
     leader = next(n for n in report["nodes"] if n["id"] == report["leader"])
     assert sorted(leader["members"]) == ["n1", "n2", "n3"]
-    assert next(n for n in report["nodes"] if n["id"] == "n4")["role"] == "down"
+    # Configured but no longer a member: shown as such, not as down, and not counted against health.
+    assert next(n for n in report["nodes"] if n["id"] == "n4")["role"] == "not a member"
+    assert status.returncode == 0 and report["down"] == []
     gone = await trio.to_thread.run_sync(lambda: cluster.cli("cluster", "remove", "--node", "n4"))
     assert gone.returncode == 1 and "not a member" in gone.stderr
+    await wait_logged(cluster, "n1", "members now:", "(removed n4)")
 
 
 async def test_leader_kill_9_under_pipelined_load_loses_and_duplicates_nothing(cluster: Cluster) -> None:
@@ -218,6 +232,8 @@ async def test_follower_restarted_after_a_snapshot_catches_up_identical(tmp_path
         assert "1500 messages" in verify.stdout
         installed = "installed snapshot" in cluster.log(behind)
         assert installed, "the restarted follower caught up without a snapshot: the test did not test that"
+        await wait_logged(cluster, behind, "installed snapshot at applied index")
+        await wait_logged(cluster, behind, "store replaced by a snapshot", "clients asked to resync")
     finally:
         cluster.stop_all()
 

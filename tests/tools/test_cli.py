@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
+from node.tools import cli
+from tests.cluster_harness import write_cluster_toml
 from tests.conftest import REPO
 
 HEAVY = ("node.server", "trio", "hypercorn", "pysyncobj", "node.client", "node.tools.loadgen")
@@ -24,12 +30,61 @@ def test_the_command_line_imports_no_server_until_node_start() -> None:
 
 
 def test_admin_status_against_nodes_that_are_down_runs_without_the_server(tmp_path: Path) -> None:
-    code = (
-        "from node.tools import cli\n"
-        f"assert cli.main(['admin', 'status', '--config', {str(REPO / 'cluster.example.toml')!r}]) == 0"
-    )
+    # Ports picked now, nothing started on them (the example's fixed ports may be in use on this machine).
+    config = write_cluster_toml(tmp_path / "cluster.toml")
+    argv = ["admin", "status", "--config", str(config)]
+    code = f"from node.tools import cli\nassert cli.main({argv!r}) == 3"
     assert _loaded_after(code) == set()
 
 
 def test_node_start_still_finds_the_server() -> None:
     assert {"node.server", "trio"} <= _loaded_after("import node.server")
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    subcommands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subcommands:
+        yield path
+    for action in subcommands:
+        for name, sub in action.choices.items():
+            yield from _leaf_parsers(sub, (*path, name))
+
+
+def test_every_command_has_a_help_text_for_config() -> None:
+    commands = list(_leaf_parsers(cli.build_parser()))
+    assert ("cluster", "start") in commands and len(commands) >= 10
+    for command in commands:
+        shown = subprocess.run(
+            [sys.executable, "-m", "node.tools.cli", *command, "--help"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        # argparse prints "--config CONFIG" and then the help text, on the same line or the next.
+        after = shown.split("--config CONFIG", 1)[1].lstrip(" ").split("\n", 2)
+        assert (after[0] or after[1]).strip(), f"imnode {' '.join(command)} --help:\n{shown}"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--log-level", "error", "admin", "status"),
+        ("admin", "--log-level", "error", "status"),
+        ("admin", "status", "--log-level", "error"),
+    ],
+)
+def test_global_options_are_accepted_before_or_after_the_subcommand(
+    tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    config = write_cluster_toml(tmp_path / "cluster.toml")
+    done = subprocess.run(
+        [sys.executable, "-m", "node.tools.cli", *args, "--config", str(config)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    # Nothing runs at those addresses: no leader (3), not a usage error (2).
+    assert done.returncode == cli.EXIT_NO_LEADER, done.stdout + done.stderr
