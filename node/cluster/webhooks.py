@@ -1,9 +1,10 @@
 """Webhook delivery: the leader posts the replicated outbox, in order, at least once.
 
-Three streams, each with its own task so a failing one never holds up the others: `msg.notify` (a JSON array
-of up to `batch_max` messages per POST), `msg.offline` (one message per POST, with `to_uids`: subscribers
-with no device online anywhere in the cluster, computed when it is sent), and `user.onlinestatus` (an array
-of "uid-deviceFlag-online-connId-deviceOnlineCount-totalOnlineCount" strings). Only HTTP 200 counts as
+Three streams, each with its own task so a failing one never holds up the others: `msg.notify` (a JSON
+array of up to `batch_max` messages per POST), `msg.offline` (one message per POST, with `to_uids`: the
+subscribers with no device online anywhere in the cluster when the message was applied, see
+`offline_uids`), and `user.onlinestatus` (an array of
+"uid-deviceFlag-online-connId-deviceOnlineCount-totalOnlineCount" strings). Only HTTP 200 counts as
 delivered. A failed POST is retried with exponential backoff; after `attempts` failures the events move to
 the replicated dead-letter list. An https receiver's certificate and host name are checked against the
 system's trust store, or only against `webhook.ca_file` when it is set; a failed check is a failed attempt.
@@ -111,6 +112,22 @@ def _reason(exc: BaseException) -> str:
         found = found.__cause__ or found.__context__
         seen += 1
     return reason
+
+
+def offline_uids(txn: Txn, recipients: list[str], sender: str, index: int) -> list[str]:
+    """The recipients that were offline when the message at log `index` was applied, and still are.
+
+    Presence is replicated, so "online at index" is known exactly for a recipient whose rows have not
+    changed since: a recipient with a row now is online (even if its row landed after the message: its
+    CONNECT raced the send, and it received the message live or syncs it), and one whose connection went
+    away at or after `index` was online when the message was applied (it received it live). Events written
+    before `index` was recorded (0) fall back to "no row now".
+    """
+    return [
+        uid
+        for uid in recipients
+        if uid != sender and not txn.presence_of(uid) and not (index and txn.presence_left(uid) >= index)
+    ]
 
 
 class Webhooks:
@@ -227,9 +244,7 @@ class Webhooks:
                     recipients = [event.get("to") or message["channel_id"]]
                 else:
                     recipients = txn.members("subscribers", event["ck"])
-                message["to_uids"] = [
-                    uid for uid in recipients if uid != row["from"] and not txn.presence_of(uid)
-                ]
+                message["to_uids"] = offline_uids(txn, recipients, row["from"], int(event.get("i", 0)))
                 return json.dumps(message).encode()
             messages.append(message)
         return json.dumps(messages).encode()

@@ -213,3 +213,61 @@ async def test_undeliverable_events_become_dead_letters_and_replay_delivers_them
             nursery.cancel_scope.cancel()
     finally:
         await trio.to_thread.run_sync(cluster.stop_all)
+
+
+async def online_uids(cluster: Cluster, node_id: str, uids: list[str]) -> set[str]:
+    """The uids among `uids` that `node_id`'s replicated presence shows online."""
+    status, body = await http_json(
+        cluster.http(node_id), "POST", "/user/onlinestatus", uids, headers={"token": MANAGER_TOKEN}
+    )
+    assert status == 200, body
+    return {row["uid"] for row in body}
+
+
+async def wait_online(cluster: Cluster, node_id: str, uids: list[str], wanted: set[str]) -> None:
+    with trio.fail_after(15):
+        while await online_uids(cluster, node_id, uids) != wanted:  # noqa: ASYNC110 - other processes
+            await trio.sleep(0.02)
+
+
+async def test_msg_offline_never_lists_a_recipient_that_was_online_when_the_message_was_sent(
+    tmp_path: Path,
+) -> None:
+    # Issue 13: bob received a message live, yet msg.offline listed him. The POST went out later (a
+    # backlog, a receiver outage) and to_uids was computed from who was online then: bob had left.
+    receiver = Receiver()
+    config = write_cluster_toml(tmp_path / "cluster.toml")
+    hook = webhook_toml(receiver, events=["msg.offline"], attempts=1000, backoff_initial_s=0.05)
+    append(config, hook + "backoff_max_s = 0.2\n")
+    cluster = Cluster(config)
+    uids = ["alice", "bob", "carol"]
+    async with trio.open_nursery() as nursery:
+        try:
+            leader = await trio.to_thread.run_sync(cluster.start_all)
+            follower = next(n for n in ("n1", "n2", "n3") if n != leader)
+            status, body = await http_json(
+                cluster.http(leader),
+                "POST",
+                "/channel",
+                {"channel_id": "g", "channel_type": 2, "subscribers": uids},
+                headers={"token": MANAGER_TOKEN},
+            )
+            assert status == 200, body
+            async with open_client(*cluster.tcp(leader), "alice") as alice:
+                async with open_client(*cluster.tcp(follower), "bob") as bob:
+                    await wait_online(cluster, leader, uids, {"alice", "bob"})
+                    ack = await alice.send("g", 2, b"live")
+                    assert ack.reason_code == Reason.SUCCESS
+                    received = await bob.recv(timeout_s=10)
+                    assert received.message_id == ack.message_id  # bob got it live
+                await wait_online(cluster, leader, uids, {"alice"})
+                await receiver.up(nursery)  # only now can the leader post the event
+                with trio.fail_after(30):
+                    while not [b for e, b, _ in receiver.posts if e == "msg.offline"]:  # noqa: ASYNC110
+                        await trio.sleep(0.05)
+            [offline] = [body for event, body, _ in receiver.posts if event == "msg.offline"]
+            assert offline["message_id"] == ack.message_id
+            assert offline["to_uids"] == ["carol"], offline["to_uids"]
+        finally:
+            await trio.to_thread.run_sync(cluster.stop_all)
+            nursery.cancel_scope.cancel()
