@@ -219,10 +219,10 @@ class Node:
                     await self.presence.announce_epoch(self.proposer)
                 if epoch_wait.cancelled_caught:
                     nursery.start_soon(self.presence.announce_epoch, self.proposer)
-                if self.config.webhook.url:
-                    # Before clients: messages applied before the webhook settings are would have no events.
-                    with trio.move_on_after(self.config.tuning.commit_timeout_s):
-                        await self.webhooks.publish_config()
+                # Before clients: messages applied before the webhook settings are would have no events
+                # (or events for a webhook switched off). Only the leader publishes its settings.
+                with trio.move_on_after(self.config.tuning.commit_timeout_s):
+                    await self.webhooks.publish_config()
                 tcp_host, tcp_port = _split(self.spec.tcp)
                 ws_host, ws_port = _split(self.spec.ws)
                 http_host, http_port = _split(self.spec.http)

@@ -153,20 +153,34 @@ class Webhooks:
         self.streams = {name: StreamState() for name in WEBHOOK_STREAMS}
 
     async def run(self) -> None:
-        if self.settings.url:
-            await self.publish_config()
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._keep_config)
             for stream in WEBHOOK_STREAMS:
                 nursery.start_soon(self._deliver_forever, stream)
 
+    async def _keep_config(self) -> None:
+        """On the leader: the replicated settings follow this node's config, "off" included.
+
+        Checked all along, not once: a node becomes leader at any time, and a follower that started with
+        another file may have published its own settings meanwhile. The leader's file wins.
+        """
+        while True:
+            await self.publish_config()
+            await trio.sleep(IDLE_POLL_S)
+
     async def publish_config(self) -> None:
-        """Make the replicated webhook settings match this node's config (the same file on every node)."""
+        """On the leader, make the replicated webhook settings match this node's config (no url: off).
+
+        Returns at once on a follower, or when they already match. Events are written by apply only while
+        a url is replicated, so switching off stops new events; those already pending stay in the outbox
+        (posted if a webhook is switched on again).
+        """
         op = webhook_config_op(self.settings.url, list(self.settings.events), self.settings.outbox_max)
         wanted = {key: op[key] for key in ("url", "events", "outbox_max")}
-        while True:
+        while self._is_leader():
             with self._store.read() as txn:
-                current = txn.meta("webhook")
-            if current == wanted:
+                current = outbox.config(txn)
+            if current == wanted or (current is None and not self.settings.url):
                 return
             [result] = await self._proposer.call([op])
             if result.get("r") == R_SUCCESS:

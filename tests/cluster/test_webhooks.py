@@ -271,3 +271,42 @@ async def test_msg_offline_never_lists_a_recipient_that_was_online_when_the_mess
         finally:
             await trio.to_thread.run_sync(cluster.stop_all)
             nursery.cancel_scope.cancel()
+
+
+async def webhook_pending(cluster: Cluster, node_id: str) -> dict[str, int]:
+    status, body = await http_json(
+        cluster.http(node_id), "GET", "/admin/deadletters", headers={"token": MANAGER_TOKEN}
+    )
+    assert status == 200, body
+    return dict(body["pending"])
+
+
+async def test_removing_the_webhook_from_the_config_switches_it_off_after_a_restart(tmp_path: Path) -> None:
+    receiver = Receiver()
+    path = write_cluster_toml(tmp_path / "cluster.toml", nodes=1, initial=1)
+    without = path.read_text()
+    append(path, webhook_toml(receiver, events=["msg.notify"]))
+    async with trio.open_nursery() as nursery:
+        await receiver.up(nursery)
+        cluster = Cluster(path)
+        try:
+            await trio.to_thread.run_sync(cluster.start_all)
+            async with open_client(*cluster.tcp("n1"), "alice") as alice:
+                first = await alice.send("bob", 1, b"hooked")
+            await wait_until(lambda: len(receiver.notified()) == 1, 30, "the first message posted")
+        finally:
+            await trio.to_thread.run_sync(cluster.stop_all)
+        path.write_text(without)  # [webhook] removed
+        cluster = Cluster(path)
+        try:
+            await trio.to_thread.run_sync(cluster.start_all)
+            async with open_client(*cluster.tcp("n1"), "alice") as alice:
+                second = await alice.send("bob", 1, b"not hooked")
+            assert first.reason_code == second.reason_code == Reason.SUCCESS
+            # The send has committed: with the webhook off it wrote no event, so nothing is pending and
+            # nothing ever will be (on, the event is either still pending or already posted).
+            assert await webhook_pending(cluster, "n1") == {"notify": 0, "offline": 0, "online": 0}
+            assert [m["message_id"] for m in receiver.notified()] == [first.message_id]
+        finally:
+            await trio.to_thread.run_sync(cluster.stop_all)
+            nursery.cancel_scope.cancel()
