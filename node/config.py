@@ -154,6 +154,8 @@ class Config:
     # Also load the plugins installed packages publish under the `imnode.handlers` entry point group.
     entry_point_plugins: bool = True
     source: str = "<defaults>"
+    # The config file's folder: plugin modules are imported from it too ("" for the embedded defaults).
+    base_dir: str = ""
 
     def node(self, node_id: str) -> NodeSpec:
         try:
@@ -335,6 +337,7 @@ def load(path: str | None) -> Config:
         tls=tls,
         entry_point_plugins=cluster.get("entry_point_plugins", True),
         source=source,
+        base_dir=base_dir,
     )
 
 

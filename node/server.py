@@ -179,6 +179,7 @@ class Node:
     def _install_plugins(self) -> list[str]:
         """Load every configured and published plugin; a bad one stops the start (PluginError names it)."""
         host = PluginHost(self.metrics, self.spec.id)
+        plugins.add_search_dir(self.config.base_dir)
         refs = [plugins.PluginRef(ref, options) for ref, options in self.config.plugins]
         if self.config.entry_point_plugins:
             refs += plugins.entry_point_plugins()

@@ -581,3 +581,54 @@ def test_plugin_refs_to_the_examples_old_home_still_load() -> None:
     for name in ("audit", "statistics", "rollout"):
         old = plugins.resolve(f"node.examples.{name}:{name}")
         assert old is plugins.resolve(f"{EXAMPLES}.{name}:{name}")
+
+
+# -- the README's "Write a handler" ------------------------------------------------------------------------
+def readme_block(language: str, after: str) -> str:
+    """The first ```language block of README.md after the heading `after`."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index(after) :]
+    return section.split(f"```{language}\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+async def test_readme_handler_loads_from_the_config_folder_and_reads_sdk_json_payloads(
+    tmp_path: Path,
+) -> None:
+    # Issue 13: the example loaded only when `imnode` ran from the folder holding myplugins.py, and it
+    # checked raw bytes, so the SDKs' {"content":"HI","type":1} went through.
+    folder, elsewhere = tmp_path / "conf", tmp_path / "elsewhere"
+    folder.mkdir()
+    elsewhere.mkdir()
+    (folder / "myplugins.py").write_text(readme_block("python", "## Write a handler"))
+    config = folder / "node.toml"
+    plugins_toml = "\n" + readme_block("toml", "## Write a handler")
+    write_toml(config, lambda: write_single_node_toml(config, tmp_path / "data"), plugins_toml)
+    log_path = tmp_path / "node.log"
+    imnode = Path(sys.executable).parent / "imnode"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    with log_path.open("wb") as log:
+        proc = await trio.lowlevel.open_process(
+            [str(imnode), "node", "start", "--config", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=elsewhere,
+            env=env,
+        )
+    try:
+        with trio.fail_after(30):
+            while "imnode node n1:" not in log_path.read_text(errors="replace"):
+                assert proc.poll() is None, log_path.read_text()
+                await trio.sleep(0.05)
+        tcp = load(str(config)).node("n1").tcp.rsplit(":", 1)
+        async with open_client(tcp[0], int(tcp[1]), "alice") as alice:
+            shout = await alice.send("bob", 1, b'{"content":"HI","type":1}')
+            calm = await alice.send("bob", 1, b'{"content":"hi there","type":1}')
+            raw = await alice.send("bob", 1, b"LOUD")
+        assert shout.reason_code == Reason.NOT_ALLOW_SEND
+        assert calm.reason_code == Reason.SUCCESS
+        assert raw.reason_code == Reason.NOT_ALLOW_SEND
+    finally:
+        proc.terminate()
+        with trio.fail_after(15):
+            await proc.wait()
