@@ -372,16 +372,30 @@ async def test_disable_and_enable_a_plugin_on_every_node_of_a_cluster_at_run_tim
         listed = await trio.to_thread.run_sync(lambda: cluster.cli("admin", "handlers", "--json"))
         assert listed.returncode == 0, listed.stdout + listed.stderr
         report = json.loads(listed.stdout)
-        assert report["node"] in nodes and sorted(report["plugins"]) == ["audit", "word_block"]
+        assert sorted(report["nodes"]) == list(nodes) and sorted(report["plugins"]) == ["audit", "word_block"]
         assert set(report["pools"]) == {"user", "channel", "pusher"}
         chain = chain_of(report, "channel", "send")
         assert list(chain) == ["permission", "word_block", "audit", "store"]
-        # On the node asked, its own client sent two messages: word_block took both, audit the one
-        # word_block let through.
-        assert (chain["word_block"]["calls"], chain["word_block"]["rejects"]) == (2, 1)
-        assert (chain["audit"]["calls"], chain["audit"]["rejects"]) == (1, 1)
+        # Counted over every member (issue 13: the leader's own counts only): each node's client sent two
+        # messages; word_block took all six, audit the three word_block let through.
+        assert (chain["word_block"]["calls"], chain["word_block"]["rejects"]) == (6, 3)
+        assert (chain["audit"]["calls"], chain["audit"]["rejects"]) == (3, 3)
         for handler in chain.values():
             assert {"calls", "rejects", "errors", "p99_ms", "enabled", "kind"} <= set(handler)
+        # The user pool's handlers ran on every node that holds a client.
+        assert chain_of(report, "user", "send")["forward"]["calls"] == 6
+        per_node = await trio.to_thread.run_sync(
+            lambda: cluster.cli("admin", "handlers", "--json", "--per-node")
+        )
+        assert per_node.returncode == 0, per_node.stdout + per_node.stderr
+        each = json.loads(per_node.stdout)["per_node"]
+        assert sorted(each) == list(nodes)
+        for node_id in nodes:
+            mine = chain_of(each[node_id], "channel", "send")
+            assert (mine["word_block"]["calls"], mine["audit"]["calls"]) == (2, 1)
+        text = await trio.to_thread.run_sync(lambda: cluster.cli("admin", "handlers", "--per-node"))
+        assert text.returncode == 0, text.stdout + text.stderr
+        assert all(f"handler chains on {node_id}" in text.stdout for node_id in nodes), text.stdout
 
         disabled = await trio.to_thread.run_sync(
             lambda: cluster.cli("admin", "handlers", "--disable", "audit")
