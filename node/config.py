@@ -79,6 +79,9 @@ class WebhookSettings:
     backoff_max_s: float = 30.0
     timeout_s: float = 5.0
     batch_max: int = 100
+    # msg.offline as a JSON array of up to batch_max messages per POST, like msg.notify; off: one message
+    # object per POST, WuKongIM's shape (what its receivers parse). Either way one Raft commit per batch.
+    offline_array: bool = False
     outbox_max: int = 100_000
     # PEM file of the CA (or CAs) an https:// receiver's certificate must chain to, instead of the system's
     # trust store: for receivers with a certificate from a private CA. Absolute once loaded.
@@ -160,6 +163,8 @@ class Config:
     # Also load the plugins installed packages publish under the `imnode.handlers` entry point group.
     entry_point_plugins: bool = True
     source: str = "<defaults>"
+    # The config file's folder: plugin modules are imported from it too ("" for the embedded defaults).
+    base_dir: str = ""
 
     def node(self, node_id: str) -> NodeSpec:
         try:
@@ -352,6 +357,7 @@ def load(path: str | None) -> Config:
         tls=tls,
         entry_point_plugins=cluster.get("entry_point_plugins", True),
         source=source,
+        base_dir=base_dir,
     )
 
 

@@ -187,6 +187,7 @@ class Node:
     def _install_plugins(self) -> list[str]:
         """Load every configured and published plugin; a bad one stops the start (PluginError names it)."""
         host = PluginHost(self.metrics, self.spec.id)
+        plugins.add_search_dir(self.config.base_dir)
         refs = [plugins.PluginRef(ref, options) for ref, options in self.config.plugins]
         if self.config.entry_point_plugins:
             refs += plugins.entry_point_plugins()
@@ -228,10 +229,10 @@ class Node:
                     await self.presence.announce_epoch(self.proposer)
                 if epoch_wait.cancelled_caught:
                     nursery.start_soon(self.presence.announce_epoch, self.proposer)
-                if self.config.webhook.url:
-                    # Before clients: messages applied before the webhook settings are would have no events.
-                    with trio.move_on_after(self.config.tuning.commit_timeout_s):
-                        await self.webhooks.publish_config()
+                # Before clients: messages applied before the webhook settings are would have no events
+                # (or events for a webhook switched off). Only the leader publishes its settings.
+                with trio.move_on_after(self.config.tuning.commit_timeout_s):
+                    await self.webhooks.publish_config()
                 tcp_host, tcp_port = _split(self.spec.tcp)
                 ws_host, ws_port = _split(self.spec.ws)
                 http_host, http_port = _split(self.spec.http)

@@ -73,7 +73,8 @@ def apply_send(view: EntryView, op: dict[str, Any]) -> Result:
     if outbox.wants(view, "notify"):
         outbox.append(view, "notify", {"ck": chan, "seq": seq})
     if outbox.wants(view, "offline"):
-        outbox.append(view, "offline", {"ck": chan, "seq": seq, "to": op.get("to", "")})
+        # `i`: where the message sits in the log, so the leader can tell who was online at that point.
+        outbox.append(view, "offline", {"ck": chan, "seq": seq, "to": op.get("to", ""), "i": view.index})
     return {"r": c.R_SUCCESS, "mid": op["mid"], "seq": seq}
 
 
@@ -151,11 +152,19 @@ def _node_epochs(txn: Txn) -> dict[str, int]:
     return dict(txn.meta("node_epochs") or {})
 
 
-def _drop_node_rows(txn: Txn, node: int) -> int:
+def _left(view: EntryView, uid: str) -> None:
+    """Record that a connection of `uid` went away at this entry: msg.offline leaves out whoever was
+    online at the message's place in the log, even if gone by the time the leader posts the event."""
+    view.txn.put("presence_left", keys.part(uid), view.index)
+
+
+def _drop_node_rows(view: EntryView, node: int) -> int:
     """Delete every presence row of `node`; returns how many."""
+    txn = view.txn
     stale = [key for key, _row in txn.raw_items("presence") if keys.split_presence_key(key)[1] == node]
     for key in stale:
         txn.delete("presence", key)
+        _left(view, keys.split_presence_key(key)[0])
     return len(stale)
 
 
@@ -172,6 +181,7 @@ def apply_presence(view: EntryView, op: dict[str, Any]) -> Result:
             txn.put("presence", key, {"flag": change["flag"], "level": change["level"], "epoch": op["epoch"]})
         else:
             txn.delete("presence", key)
+            _left(view, change["uid"])
         if notify:
             # WuKongIM's format: uid-deviceFlag-online-connId-deviceOnlineCount-totalOnlineCount
             rows = txn.presence_of(change["uid"])
@@ -190,7 +200,7 @@ def apply_node_epoch(view: EntryView, op: dict[str, Any]) -> Result:
         return {"r": c.R_SUCCESS, "stale": True}
     epochs[str(op["node"])] = op["epoch"]
     txn.set_meta("node_epochs", epochs)
-    return {"r": c.R_SUCCESS, "cleared": _drop_node_rows(txn, op["node"])}
+    return {"r": c.R_SUCCESS, "cleared": _drop_node_rows(view, op["node"])}
 
 
 def apply_node_down(view: EntryView, op: dict[str, Any]) -> Result:
@@ -198,7 +208,7 @@ def apply_node_down(view: EntryView, op: dict[str, Any]) -> Result:
     txn = view.txn
     if op["epoch"] != _node_epochs(txn).get(str(op["node"]), 0):
         return {"r": c.R_SUCCESS, "stale": True}  # the node has restarted since the leader looked
-    return {"r": c.R_SUCCESS, "cleared": _drop_node_rows(txn, op["node"])}
+    return {"r": c.R_SUCCESS, "cleared": _drop_node_rows(view, op["node"])}
 
 
 def apply_handler_state(view: EntryView, op: dict[str, Any]) -> Result:

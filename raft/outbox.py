@@ -8,8 +8,9 @@ so a deposed leader's late advance changes nothing. After the configured attempt
 `deadletter(stream, from, to, error)`, which moves the events to the dead-letter list (also replicated).
 The outbox is capped: an event pushed past the cap goes to the dead letters instead of growing the store.
 
-Events hold references, not copies: a message event is (channel key, seq); the leader builds the JSON,
-and for msg.offline the `to_uids` (subscribers with no device online anywhere), when it sends.
+Events hold references, not copies: a message event is (channel key, seq); the leader builds the JSON
+when it sends. A msg.offline event also holds the entry's Raft index, so the leader's `to_uids` are the
+subscribers offline at that point of the log (presence rows, and `presence_left` for who left since).
 """
 
 from __future__ import annotations

@@ -34,6 +34,8 @@ DB_NAMES = (
     "dedup",
     "conversations",
     "presence",
+    # uid -> the Raft index at which one of its connections last went away (msg.offline's to_uids).
+    "presence_left",
     "outbox",
     "deadletters",
 )
@@ -193,6 +195,10 @@ class Txn:
             _uid, node, conn = keys.split_presence_key(key)
             found.append((node, conn, value))
         return found
+
+    def presence_left(self, uid: str) -> int:
+        """The Raft index at which a connection of `uid` last went away (0: never)."""
+        return int(self.get("presence_left", keys.part(uid)) or 0)
 
     def all_presence(self) -> Iterator[tuple[str, int, int, dict[str, Any]]]:
         for key, value in self.raw_items("presence"):

@@ -1,14 +1,17 @@
 """Webhook delivery: the leader posts the replicated outbox, in order, at least once.
 
-Three streams, each with its own task so a failing one never holds up the others: `msg.notify` (a JSON array
-of up to `batch_max` messages per POST), `msg.offline` (one message per POST, with `to_uids`: subscribers
-with no device online anywhere in the cluster, computed when it is sent), and `user.onlinestatus` (an array
-of "uid-deviceFlag-online-connId-deviceOnlineCount-totalOnlineCount" strings). Only HTTP 200 counts as
-delivered. A failed POST is retried with exponential backoff; after `attempts` failures the events move to
-the replicated dead-letter list. An https receiver's certificate and host name are checked against the
-system's trust store, or only against `webhook.ca_file` when it is set; a failed check is a failed attempt.
-Every POST carries `X-Imnode-Event-Id: <stream>:<first seq>-<last seq>` so a receiver can drop the repeats
-that at-least-once delivery allows (after a leader change, for example).
+Three streams, each with its own task so a failing one never holds up the others: `msg.notify` (a JSON
+array of up to `batch_max` messages per POST), `msg.offline` (a message with `to_uids`, the subscribers
+offline when it was applied, see `offline_uids`: one object per POST as in WuKongIM, or arrays with
+`offline_array`), and `user.onlinestatus` (an array of
+"uid-deviceFlag-online-connId-deviceOnlineCount-totalOnlineCount" strings). A batch of up to `batch_max`
+events is posted (in one POST, or one per msg.offline object), then the cursor advances once: one Raft
+commit per batch. Only HTTP 200 counts as delivered. A failed POST is retried with exponential backoff;
+after `attempts` failures its events move to the replicated dead-letter list. An https receiver's
+certificate and host name are checked against the system's trust store, or only against
+`webhook.ca_file` when it is set; a failed check is a failed attempt. Every POST carries
+`X-Imnode-Event-Id: <stream>:<first seq>-<last seq>` so a receiver can drop the repeats that
+at-least-once delivery allows (after a leader change, for example).
 """
 
 from __future__ import annotations
@@ -113,6 +116,55 @@ def _reason(exc: BaseException) -> str:
     return reason
 
 
+def offline_uids(txn: Txn, recipients: list[str], sender: str, index: int) -> list[str]:
+    """The recipients that were offline when the message at log `index` was applied, and still are.
+
+    Presence is replicated, so "online at index" is known exactly for a recipient whose rows have not
+    changed since: a recipient with a row now is online (even if its row landed after the message: its
+    CONNECT raced the send, and it received the message live or syncs it), and one whose connection went
+    away at or after `index` was online when the message was applied (it received it live). Events written
+    before `index` was recorded (0) fall back to "no row now".
+    """
+    return [
+        uid
+        for uid in recipients
+        if uid != sender and not txn.presence_of(uid) and not (index and txn.presence_left(uid) >= index)
+    ]
+
+
+@dataclass(frozen=True)
+class Post:
+    """One POST of a stream: its body delivers the events up to seq `last`; `first` starts its event id."""
+
+    first: int
+    last: int
+    body: bytes
+
+
+def _message(txn: Txn, event: dict[str, Any]) -> dict[str, Any] | None:
+    """The message an event refers to, as WuKongIM shows it; None once its channel was deleted."""
+    row = txn.message(event["ck"], event["seq"])
+    return None if row is None else message_json(row)
+
+
+def _offline_message(txn: Txn, event: dict[str, Any]) -> dict[str, Any] | None:
+    """A msg.offline object (the message and its `to_uids`); None when nobody is left to tell."""
+    row = txn.message(event["ck"], event["seq"])
+    if row is None:
+        return None
+    message = message_json(row)
+    _channel_id, channel_type, _used = split_channel_key(event["ck"])
+    if channel_type == CHANNEL_PERSON:
+        recipients = [event.get("to") or message["channel_id"]]
+    else:
+        recipients = txn.members("subscribers", event["ck"])
+    to_uids = offline_uids(txn, recipients, row["from"], int(event.get("i", 0)))
+    if not to_uids:
+        return None
+    message["to_uids"] = to_uids
+    return message
+
+
 class Webhooks:
     """Every node runs one; only the leader's delivers (`is_leader` is asked before every batch).
 
@@ -136,20 +188,34 @@ class Webhooks:
         self.streams = {name: StreamState() for name in WEBHOOK_STREAMS}
 
     async def run(self) -> None:
-        if self.settings.url:
-            await self.publish_config()
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._keep_config)
             for stream in WEBHOOK_STREAMS:
                 nursery.start_soon(self._deliver_forever, stream)
 
+    async def _keep_config(self) -> None:
+        """On the leader: the replicated settings follow this node's config, "off" included.
+
+        Checked all along, not once: a node becomes leader at any time, and a follower that started with
+        another file may have published its own settings meanwhile. The leader's file wins.
+        """
+        while True:
+            await self.publish_config()
+            await trio.sleep(IDLE_POLL_S)
+
     async def publish_config(self) -> None:
-        """Make the replicated webhook settings match this node's config (the same file on every node)."""
+        """On the leader, make the replicated webhook settings match this node's config (no url: off).
+
+        Returns at once on a follower, or when they already match. Events are written by apply only while
+        a url is replicated, so switching off stops new events; those already pending stay in the outbox
+        (posted if a webhook is switched on again).
+        """
         op = webhook_config_op(self.settings.url, list(self.settings.events), self.settings.outbox_max)
         wanted = {key: op[key] for key in ("url", "events", "outbox_max")}
-        while True:
+        while self._is_leader():
             with self._store.read() as txn:
-                current = txn.meta("webhook")
-            if current == wanted:
+                current = outbox.config(txn)
+            if current == wanted or (current is None and not self.settings.url):
                 return
             [result] = await self._proposer.call([op])
             if result.get("r") == R_SUCCESS:
@@ -165,31 +231,30 @@ class Webhooks:
                 continue
             with self._store.read() as txn:
                 hook = outbox.config(txn)
-                limit = self.settings.batch_max if stream != "offline" else 1
-                events = outbox.pending(txn, stream, limit) if hook else []
+                events = outbox.pending(txn, stream, self.settings.batch_max) if hook else []
                 start = outbox.cursor(txn, stream)
-                body = self._body(txn, stream, events) if events else b""
+                posts = self._posts(txn, stream, start, events) if events else []
             if hook is None or not events:
                 await trio.sleep(IDLE_POLL_S)
                 continue
             end = events[-1][0]
-            try:
-                status = await post(
-                    hook["url"],
-                    WEBHOOK_EVENT_OF_STREAM[stream],
-                    body,
-                    f"{stream}:{start + 1}-{end}",
-                    self.settings.timeout_s,
-                    self.ssl_context,
-                )
-                error = "" if status == 200 else f"HTTP {status}"
-            except (OSError, WebhookError) as exc:
-                error = str(exc) or type(exc).__name__
-            if not error:
-                state.delivered += end - start
+            done, error, failing = start, "", None
+            for item in posts:
+                error = await self._send(hook["url"], stream, item)
+                if error:
+                    failing = item
+                    done = item.first - 1  # what came before it was delivered or needed no POST
+                    break
+                done = item.last
+            else:
+                done = end  # events that needed no POST after the last one are passed too
+            if done > start:
+                # One Raft commit for the whole batch, however many POSTs (or none) it took.
+                state.delivered += done - start
                 state.failures = 0
                 delay = self.settings.backoff_initial_s
-                await self._proposer.call([webhook_advance_op(stream, start, end)])
+                await self._proposer.call([webhook_advance_op(stream, start, done)])
+            if failing is None:
                 continue
             state.failures += 1
             log.warning("webhook %s: attempt %d failed: %s", stream, state.failures, error)
@@ -200,74 +265,85 @@ class Webhooks:
                     stream,
                     state.failures,
                     error,
-                    start + 1,
-                    end,
+                    done + 1,
+                    failing.last,
                 )
                 await self._proposer.call(
-                    [webhook_deadletter_op(stream, start, end, error[:ERROR_MAX_CHARS], state.failures)]
+                    [
+                        webhook_deadletter_op(
+                            stream, done, failing.last, error[:ERROR_MAX_CHARS], state.failures
+                        )
+                    ]
                 )
-                state.dead_lettered += end - start
+                state.dead_lettered += failing.last - done
                 state.failures = 0
                 delay = self.settings.backoff_initial_s
                 continue
             await trio.sleep(delay)
             delay = min(delay * 2, self.settings.backoff_max_s)
 
-    def _body(self, txn: Txn, stream: str, events: list[tuple[int, dict[str, Any]]]) -> bytes:
-        if stream == "online":
-            return json.dumps([event["status"] for _seq, event in events]).encode()
-        messages = []
-        for _seq, event in events:
-            _channel_id, channel_type, _used = split_channel_key(event["ck"])
-            row = txn.message(event["ck"], event["seq"])
-            if row is None:
-                continue  # the channel was deleted since: nothing left to tell
-            message = message_json(row)
-            if stream == "offline":
-                if channel_type == CHANNEL_PERSON:
-                    recipients = [event.get("to") or message["channel_id"]]
-                else:
-                    recipients = txn.members("subscribers", event["ck"])
-                message["to_uids"] = [
-                    uid for uid in recipients if uid != row["from"] and not txn.presence_of(uid)
-                ]
-                return json.dumps(message).encode()
-            messages.append(message)
-        return json.dumps(messages).encode()
+    async def _send(self, url: str, stream: str, item: Post) -> str:
+        """POST one body; the error, or "" once the receiver answered 200."""
+        try:
+            status = await post(
+                url,
+                WEBHOOK_EVENT_OF_STREAM[stream],
+                item.body,
+                f"{stream}:{item.first}-{item.last}",
+                self.settings.timeout_s,
+                self.ssl_context,
+            )
+        except (OSError, WebhookError) as exc:
+            return str(exc) or type(exc).__name__
+        return "" if status == 200 else f"HTTP {status}"
 
-    def body_of(self, txn: Txn, stream: str, seq: int, event: dict[str, Any]) -> bytes:
-        return self._body(txn, stream, [(seq, event)])
+    def _posts(
+        self, txn: Txn, stream: str, start: int, events: list[tuple[int, dict[str, Any]]]
+    ) -> list[Post]:
+        """The POSTs that deliver `events` (the seqs after `start`), in order.
+
+        An event with nothing to tell needs no POST (its message was deleted since, or a msg.offline finds
+        nobody offline, as WuKongIM posts msg.offline only when someone is): the cursor passes it.
+        msg.offline is one JSON object per POST (WuKongIM's shape, what its receivers parse) unless
+        `offline_array` asks for arrays like msg.notify's.
+        """
+        end = events[-1][0]
+        if stream == "online":
+            return [Post(start + 1, end, json.dumps([event["status"] for _seq, event in events]).encode())]
+        if stream == "notify":
+            messages = [m for _seq, event in events if (m := _message(txn, event)) is not None]
+            return [Post(start + 1, end, json.dumps(messages).encode())] if messages else []
+        offline = [(seq, m) for seq, event in events if (m := _offline_message(txn, event)) is not None]
+        if not offline:
+            return []
+        if self.settings.offline_array:
+            return [Post(start + 1, end, json.dumps([m for _seq, m in offline]).encode())]
+        return [Post(seq, seq, json.dumps(m).encode()) for seq, m in offline]
 
     async def replay_deadletters(self) -> dict[str, Any]:
         """Send every dead letter again (oldest first); the delivered ones leave the list."""
         with self._store.read() as txn:
             hook = outbox.config(txn)
             letters = outbox.deadletters(txn)
-            bodies = [
-                (stream, seq, self.body_of(txn, stream, seq, value["event"]))
+            posts = [
+                (stream, seq, self._posts(txn, stream, seq - 1, [(seq, value["event"])]))
                 for stream, seq, value in letters
             ]
         if hook is None:
             return {"replayed": 0, "failed": len(letters), "error": "no webhook configured"}
         replayed, failed, last_error = 0, 0, ""
-        for stream, seq, body in bodies:
-            try:
-                status = await post(
-                    hook["url"],
-                    WEBHOOK_EVENT_OF_STREAM[stream],
-                    body,
-                    f"{stream}:{seq}-{seq}",
-                    self.settings.timeout_s,
-                    self.ssl_context,
-                )
-            except (OSError, WebhookError) as exc:
-                status, last_error = 0, str(exc)
-            if status == 200:
-                await self._proposer.call([deadletter_remove_op(stream, [seq])])
-                replayed += 1
-            else:
+        done: dict[str, list[int]] = {}
+        for stream, seq, items in posts:
+            errors = [error for item in items if (error := await self._send(hook["url"], stream, item))]
+            if errors:
                 failed += 1
-                last_error = last_error or f"HTTP {status}"
+                last_error = errors[-1]
+                continue
+            done.setdefault(stream, []).append(seq)
+            replayed += 1
+        # One Raft commit per stream for the whole replay, not one per letter.
+        if done:
+            await self._proposer.call([deadletter_remove_op(stream, seqs) for stream, seqs in done.items()])
         return {"replayed": replayed, "failed": failed, "error": last_error}
 
     def statistics(self) -> dict[str, Any]:

@@ -14,7 +14,8 @@ hands its handlers:
 | pusher  | push         | pools/pusher.PushEvent                | pusher.PushContext       |
 
 The shipped examples are in node/plugins/examples/. Plugins are named in the config
-(``[[plugins]] handler = "module:object"``) or published under the entry point group ``imnode.handlers``.
+(``[[plugins]] handler = "module:object"``; the module is found on the Python path or in the config
+file's folder) or published under the entry point group ``imnode.handlers``.
 `object` is a HandlerSpec, a list of them, or a factory
 ``(options: dict, host: PluginHost) -> HandlerSpec | list[HandlerSpec]``. A plugin that cannot be loaded
 stops the start with a message naming it. At run time a plugin step that raises or overruns its timeout is
@@ -27,6 +28,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import inspect
+import sys
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -104,6 +106,14 @@ class PluginRef:
     ref: str  # "module:object"
     options: dict[str, Any] = field(default_factory=dict)
     source: str = "config"
+
+
+def add_search_dir(path: str) -> None:
+    """Import plugin modules from `path` too (the config file's folder), so that `myplugins.py` next to
+    the config loads whichever folder the node was started from. Appended: an installed module of the
+    same name still wins, as it would without the config."""
+    if path and path not in sys.path:
+        sys.path.append(path)
 
 
 def resolve(ref: str) -> Any:

@@ -464,26 +464,40 @@ def cmd_admin_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_admin_handlers(args: argparse.Namespace) -> int:
-    config = load(args.config)
-    node_id = args.node or op.cluster_status(config)["leader"] or config.initial_members[0]
-    if args.disable or args.enable:
-        name = args.disable or args.enable
-        op.request(
-            config,
-            node_id,
-            "POST",
-            "/admin/handlers/state",
-            {"name": name, "enabled": int(bool(args.enable))},
-        )
-        op.say(f"{name} {'enabled' if args.enable else 'disabled'} on every node (through Raft)")
-        return 0
-    report = op.request(config, node_id, "GET", "/admin/handlers")
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
+def _sum_handler_reports(reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One report for the cluster: each handler's counts summed over the nodes, its p99 the worst one.
+
+    Each node counts the events it handled itself (the user pool runs where the client is connected), so
+    no single node's report tells the cluster's story."""
+    first = next(iter(reports.values()))
+    pools: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for pool, chains in first["pools"].items():
+        for event, chain in chains.items():
+            pools.setdefault(pool, {})[event] = [dict(h) for h in chain]
+    for report in list(reports.values())[1:]:
+        for pool, chains in report["pools"].items():
+            for event, chain in chains.items():
+                by_name = {h["name"]: h for h in pools.get(pool, {}).get(event, [])}
+                for h in chain:
+                    total = by_name.get(h["name"])
+                    if total is None:
+                        continue  # a plugin loaded on this node only: the nodes' configs differ
+                    for key, value in h.items():
+                        if key == "p99_ms":
+                            total[key] = max(total[key], value)
+                        elif isinstance(value, int) and not isinstance(value, bool):
+                            total[key] = total.get(key, 0) + value
+    return {
+        "nodes": list(reports),
+        "disabled": first["disabled"],
+        "plugins": first["plugins"],
+        "pools": pools,
+    }
+
+
+def _print_handlers(title: str, report: dict[str, Any]) -> None:
     disabled = ", ".join(report["disabled"]) or "none"
-    print(f"handler chains on {report['node']} (disabled cluster-wide: {disabled})")
+    print(f"handler chains on {title} (disabled cluster-wide: {disabled})")
     columns = f"{'pool.event':22} {'handler':24} {'kind':8} {'on':3} {'calls':>9} {'rejects':>8}"
     print(f"{columns} {'errors':>7} {'p99 ms':>8}")
     for pool, chains in report["pools"].items():
@@ -494,6 +508,45 @@ def cmd_admin_handlers(args: argparse.Namespace) -> int:
                     f"{pool + '.' + event:22} {h['name']:24} {h['kind']:8} {on:3} "
                     f"{h['calls']:>9} {h['rejects']:>8} {h['errors']:>7} {h['p99_ms']:>8}"
                 )
+
+
+def cmd_admin_handlers(args: argparse.Namespace) -> int:
+    config = load(args.config)
+    if args.disable or args.enable:
+        node_id = args.node or op.cluster_status(config)["leader"] or config.initial_members[0]
+        name = args.disable or args.enable
+        op.request(
+            config,
+            node_id,
+            "POST",
+            "/admin/handlers/state",
+            {"name": name, "enabled": int(bool(args.enable))},
+        )
+        op.say(f"{name} {'enabled' if args.enable else 'disabled'} on every node (through Raft)")
+        return 0
+    asked = [args.node] if args.node else op.members(config)[1]
+    reports: dict[str, dict[str, Any]] = {}
+    missing: list[str] = []
+    for node_id in asked:
+        try:
+            reports[node_id] = op.request(config, node_id, "GET", "/admin/handlers")
+        except op.OperatorError:
+            missing.append(node_id)  # a member that is down: its counts are left out, and said so
+    if not reports:
+        raise op.OperatorError(f"no member answered ({', '.join(missing)})")
+    total = _sum_handler_reports(reports)
+    total["missing"] = missing
+    if args.per_node:
+        total["per_node"] = reports
+    if args.json:
+        print(json.dumps(total, indent=2))
+        return 0
+    title = ", ".join(reports) + (f"; not answering: {', '.join(missing)}" if missing else "")
+    _print_handlers(f"{title} (summed)" if len(reports) > 1 else title, total)
+    if args.per_node:
+        for node_id, report in reports.items():
+            print()
+            _print_handlers(node_id, report)
     return 0
 
 
@@ -672,10 +725,12 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="list every handler chain with counts; switch a handler on or off on every node",
         description="Without --disable/--enable: each pool's chains with calls, rejects, errors and p99 "
-        "time. --disable NAME / --enable NAME switch a handler on every node at run time, through Raft.",
+        "time, summed over every member (--per-node: each member's too). --disable NAME / --enable "
+        "NAME switch a handler on every node at run time, through Raft.",
     )
     handlers.add_argument("--config", required=True, help=config_help)
-    handlers.add_argument("--node", help="which node to ask (default: the leader)")
+    handlers.add_argument("--node", help="ask only this node (default: every member, counts summed)")
+    handlers.add_argument("--per-node", action="store_true", help="also show each member's own counts")
     switch = handlers.add_mutually_exclusive_group()
     switch.add_argument("--disable", metavar="NAME")
     switch.add_argument("--enable", metavar="NAME")
@@ -694,13 +749,14 @@ def build_parser() -> argparse.ArgumentParser:
     deadletters.set_defaults(func=cmd_admin_deadletters)
     trace = admin_commands.add_parser(
         "trace",
+        parents=[common],
         help="where the time of a message goes: per-stage p50/p99 of sampled messages, per node",
         description="Every tuning.trace_sample_every-th SEND a node decodes is timed stage by stage "
         "(decode, user pool, channel pool, proposal wait, Raft commit, apply, back to trio, completion, "
         "SENDACK write), and so is every n-th committed message on its way to a RECV write. Shows the "
         "p50 and p99 of each stage over the last 1,000 traces of each node.",
     )
-    trace.add_argument("--config", required=True, help="the cluster's config file")
+    trace.add_argument("--config", required=True, help=config_help)
     trace.add_argument("--node", help="only this node (default: every member)")
     trace.add_argument("--json", action="store_true")
     trace.set_defaults(func=cmd_admin_trace)

@@ -213,3 +213,179 @@ async def test_undeliverable_events_become_dead_letters_and_replay_delivers_them
             nursery.cancel_scope.cancel()
     finally:
         await trio.to_thread.run_sync(cluster.stop_all)
+
+
+async def online_uids(cluster: Cluster, node_id: str, uids: list[str]) -> set[str]:
+    """The uids among `uids` that `node_id`'s replicated presence shows online."""
+    status, body = await http_json(
+        cluster.http(node_id), "POST", "/user/onlinestatus", uids, headers={"token": MANAGER_TOKEN}
+    )
+    assert status == 200, body
+    return {row["uid"] for row in body}
+
+
+async def wait_online(cluster: Cluster, node_id: str, uids: list[str], wanted: set[str]) -> None:
+    with trio.fail_after(15):
+        while await online_uids(cluster, node_id, uids) != wanted:  # noqa: ASYNC110 - other processes
+            await trio.sleep(0.02)
+
+
+async def test_msg_offline_never_lists_a_recipient_that_was_online_when_the_message_was_sent(
+    tmp_path: Path,
+) -> None:
+    # Issue 13: bob received a message live, yet msg.offline listed him. The POST went out later (a
+    # backlog, a receiver outage) and to_uids was computed from who was online then: bob had left.
+    receiver = Receiver()
+    config = write_cluster_toml(tmp_path / "cluster.toml")
+    hook = webhook_toml(receiver, events=["msg.offline"], attempts=1000, backoff_initial_s=0.05)
+    append(config, hook + "backoff_max_s = 0.2\n")
+    cluster = Cluster(config)
+    uids = ["alice", "bob", "carol"]
+    async with trio.open_nursery() as nursery:
+        try:
+            leader = await trio.to_thread.run_sync(cluster.start_all)
+            follower = next(n for n in ("n1", "n2", "n3") if n != leader)
+            status, body = await http_json(
+                cluster.http(leader),
+                "POST",
+                "/channel",
+                {"channel_id": "g", "channel_type": 2, "subscribers": uids},
+                headers={"token": MANAGER_TOKEN},
+            )
+            assert status == 200, body
+            async with open_client(*cluster.tcp(leader), "alice") as alice:
+                async with open_client(*cluster.tcp(follower), "bob") as bob:
+                    await wait_online(cluster, leader, uids, {"alice", "bob"})
+                    ack = await alice.send("g", 2, b"live")
+                    assert ack.reason_code == Reason.SUCCESS
+                    received = await bob.recv(timeout_s=10)
+                    assert received.message_id == ack.message_id  # bob got it live
+                await wait_online(cluster, leader, uids, {"alice"})
+                await receiver.up(nursery)  # only now can the leader post the event
+                with trio.fail_after(30):
+                    while not [b for e, b, _ in receiver.posts if e == "msg.offline"]:  # noqa: ASYNC110
+                        await trio.sleep(0.05)
+            [offline] = [body for event, body, _ in receiver.posts if event == "msg.offline"]
+            assert offline["message_id"] == ack.message_id
+            assert offline["to_uids"] == ["carol"], offline["to_uids"]
+        finally:
+            await trio.to_thread.run_sync(cluster.stop_all)
+            nursery.cancel_scope.cancel()
+
+
+async def webhook_pending(cluster: Cluster, node_id: str) -> dict[str, int]:
+    status, body = await http_json(
+        cluster.http(node_id), "GET", "/admin/deadletters", headers={"token": MANAGER_TOKEN}
+    )
+    assert status == 200, body
+    return dict(body["pending"])
+
+
+async def test_removing_the_webhook_from_the_config_switches_it_off_after_a_restart(tmp_path: Path) -> None:
+    receiver = Receiver()
+    path = write_cluster_toml(tmp_path / "cluster.toml", nodes=1, initial=1)
+    without = path.read_text()
+    append(path, webhook_toml(receiver, events=["msg.notify"]))
+    async with trio.open_nursery() as nursery:
+        await receiver.up(nursery)
+        cluster = Cluster(path)
+        try:
+            await trio.to_thread.run_sync(cluster.start_all)
+            async with open_client(*cluster.tcp("n1"), "alice") as alice:
+                first = await alice.send("bob", 1, b"hooked")
+            await wait_until(lambda: len(receiver.notified()) == 1, 30, "the first message posted")
+        finally:
+            await trio.to_thread.run_sync(cluster.stop_all)
+        path.write_text(without)  # [webhook] removed
+        cluster = Cluster(path)
+        try:
+            await trio.to_thread.run_sync(cluster.start_all)
+            async with open_client(*cluster.tcp("n1"), "alice") as alice:
+                second = await alice.send("bob", 1, b"not hooked")
+            assert first.reason_code == second.reason_code == Reason.SUCCESS
+            # The send has committed: with the webhook off it wrote no event, so nothing is pending and
+            # nothing ever will be (on, the event is either still pending or already posted).
+            assert await webhook_pending(cluster, "n1") == {"notify": 0, "offline": 0, "online": 0}
+            assert [m["message_id"] for m in receiver.notified()] == [first.message_id]
+        finally:
+            await trio.to_thread.run_sync(cluster.stop_all)
+            nursery.cancel_scope.cancel()
+
+
+async def applied_index(cluster: Cluster, node_id: str) -> int:
+    status, body = await http_json(
+        cluster.http(node_id), "GET", "/admin/status", headers={"token": MANAGER_TOKEN}
+    )
+    assert status == 200, body
+    return int(body["store_applied_index"])
+
+
+async def test_msg_offline_backlog_takes_one_raft_commit_per_batch_and_skips_events_with_nobody_offline(
+    tmp_path: Path,
+) -> None:
+    # Issue 13: a 5-second bench left 14,407 msg.offline POSTs, each followed by its own Raft commit.
+    receiver = Receiver()
+    config = write_cluster_toml(tmp_path / "cluster.toml", nodes=1, initial=1)
+    hook = webhook_toml(receiver, events=["msg.offline"], attempts=1000, backoff_initial_s=0.05)
+    append(config, hook + "backoff_max_s = 0.2\n")
+    cluster = Cluster(config)
+    async with trio.open_nursery() as nursery:
+        try:
+            await trio.to_thread.run_sync(cluster.start_all)
+            status, body = await http_json(
+                cluster.http("n1"),
+                "POST",
+                "/channel",
+                {"channel_id": "g", "channel_type": 2, "subscribers": ["alice", "bob", "carol"]},
+                headers={"token": MANAGER_TOKEN},
+            )
+            assert status == 200, body
+            async with (
+                open_client(*cluster.tcp("n1"), "alice") as alice,
+                open_client(*cluster.tcp("n1"), "bob"),
+            ):
+                await wait_online(cluster, "n1", ["alice", "bob"], {"alice", "bob"})
+                group = await alice.send_many([("g", 2, f"g{i}".encode()) for i in range(40)])
+                person = await alice.send_many([("bob", 1, f"p{i}".encode()) for i in range(20)])
+                assert all(a.reason_code == Reason.SUCCESS for a in group + person)
+                assert (await webhook_pending(cluster, "n1"))["offline"] == 60
+                before = await applied_index(cluster, "n1")
+                await receiver.up(nursery)
+                with trio.fail_after(30):
+                    while (await webhook_pending(cluster, "n1"))["offline"]:  # noqa: ASYNC110
+                        await trio.sleep(0.05)
+                entries = await applied_index(cluster, "n1") - before
+        finally:
+            await trio.to_thread.run_sync(cluster.stop_all)
+            nursery.cancel_scope.cancel()
+    # One advance for the batch (batch_max 100), not one per event.
+    assert entries <= 2, entries
+    offline = [(body, event_id) for event, body, event_id in receiver.posts if event == "msg.offline"]
+    # WuKongIM's shape: one message object per POST; only the messages carol missed (bob was online).
+    assert [body["message_id"] for body, _id in offline] == [a.message_id for a in group]
+    assert all(body["to_uids"] == ["carol"] for body, _id in offline)
+    assert all(event_id == f"offline:{seq}-{seq}" for seq, (_b, event_id) in enumerate(offline, start=1))
+
+
+async def test_msg_offline_as_arrays_posts_a_batch_per_post(tmp_path: Path) -> None:
+    receiver = Receiver()
+    config = write_cluster_toml(tmp_path / "cluster.toml", nodes=1, initial=1)
+    hook = webhook_toml(receiver, events=["msg.offline"], attempts=1000, backoff_initial_s=0.05)
+    append(config, hook + "backoff_max_s = 0.2\noffline_array = true\n")
+    cluster = Cluster(config)
+    async with trio.open_nursery() as nursery:
+        try:
+            await trio.to_thread.run_sync(cluster.start_all)
+            async with open_client(*cluster.tcp("n1"), "alice") as alice:
+                acks = await alice.send_many([("carol", 1, f"m{i}".encode()) for i in range(30)])
+                assert all(a.reason_code == Reason.SUCCESS for a in acks)
+                assert (await webhook_pending(cluster, "n1"))["offline"] == 30
+                await receiver.up(nursery)
+                await wait_until(lambda: receiver.posts, 30, "the batch posted")
+        finally:
+            await trio.to_thread.run_sync(cluster.stop_all)
+            nursery.cancel_scope.cancel()
+    [(event, body, event_id)] = receiver.posts
+    assert (event, event_id) == ("msg.offline", "offline:1-30")
+    assert [m["message_id"] for m in body] == [a.message_id for a in acks]
+    assert all(m["to_uids"] == ["carol"] for m in body)

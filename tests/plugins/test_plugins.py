@@ -372,16 +372,30 @@ async def test_disable_and_enable_a_plugin_on_every_node_of_a_cluster_at_run_tim
         listed = await trio.to_thread.run_sync(lambda: cluster.cli("admin", "handlers", "--json"))
         assert listed.returncode == 0, listed.stdout + listed.stderr
         report = json.loads(listed.stdout)
-        assert report["node"] in nodes and sorted(report["plugins"]) == ["audit", "word_block"]
+        assert sorted(report["nodes"]) == list(nodes) and sorted(report["plugins"]) == ["audit", "word_block"]
         assert set(report["pools"]) == {"user", "channel", "pusher"}
         chain = chain_of(report, "channel", "send")
         assert list(chain) == ["permission", "word_block", "audit", "store"]
-        # On the node asked, its own client sent two messages: word_block took both, audit the one
-        # word_block let through.
-        assert (chain["word_block"]["calls"], chain["word_block"]["rejects"]) == (2, 1)
-        assert (chain["audit"]["calls"], chain["audit"]["rejects"]) == (1, 1)
+        # Counted over every member (issue 13: the leader's own counts only): each node's client sent two
+        # messages; word_block took all six, audit the three word_block let through.
+        assert (chain["word_block"]["calls"], chain["word_block"]["rejects"]) == (6, 3)
+        assert (chain["audit"]["calls"], chain["audit"]["rejects"]) == (3, 3)
         for handler in chain.values():
             assert {"calls", "rejects", "errors", "p99_ms", "enabled", "kind"} <= set(handler)
+        # The user pool's handlers ran on every node that holds a client.
+        assert chain_of(report, "user", "send")["forward"]["calls"] == 6
+        per_node = await trio.to_thread.run_sync(
+            lambda: cluster.cli("admin", "handlers", "--json", "--per-node")
+        )
+        assert per_node.returncode == 0, per_node.stdout + per_node.stderr
+        each = json.loads(per_node.stdout)["per_node"]
+        assert sorted(each) == list(nodes)
+        for node_id in nodes:
+            mine = chain_of(each[node_id], "channel", "send")
+            assert (mine["word_block"]["calls"], mine["audit"]["calls"]) == (2, 1)
+        text = await trio.to_thread.run_sync(lambda: cluster.cli("admin", "handlers", "--per-node"))
+        assert text.returncode == 0, text.stdout + text.stderr
+        assert all(f"handler chains on {node_id}" in text.stdout for node_id in nodes), text.stdout
 
         disabled = await trio.to_thread.run_sync(
             lambda: cluster.cli("admin", "handlers", "--disable", "audit")
@@ -581,3 +595,54 @@ def test_plugin_refs_to_the_examples_old_home_still_load() -> None:
     for name in ("audit", "statistics", "rollout"):
         old = plugins.resolve(f"node.examples.{name}:{name}")
         assert old is plugins.resolve(f"{EXAMPLES}.{name}:{name}")
+
+
+# -- the README's "Write a handler" ------------------------------------------------------------------------
+def readme_block(language: str, after: str) -> str:
+    """The first ```language block of README.md after the heading `after`."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index(after) :]
+    return section.split(f"```{language}\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+async def test_readme_handler_loads_from_the_config_folder_and_reads_sdk_json_payloads(
+    tmp_path: Path,
+) -> None:
+    # Issue 13: the example loaded only when `imnode` ran from the folder holding myplugins.py, and it
+    # checked raw bytes, so the SDKs' {"content":"HI","type":1} went through.
+    folder, elsewhere = tmp_path / "conf", tmp_path / "elsewhere"
+    folder.mkdir()
+    elsewhere.mkdir()
+    (folder / "myplugins.py").write_text(readme_block("python", "## Write a handler"))
+    config = folder / "node.toml"
+    plugins_toml = "\n" + readme_block("toml", "## Write a handler")
+    write_toml(config, lambda: write_single_node_toml(config, tmp_path / "data"), plugins_toml)
+    log_path = tmp_path / "node.log"
+    imnode = Path(sys.executable).parent / "imnode"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    with log_path.open("wb") as log:
+        proc = await trio.lowlevel.open_process(
+            [str(imnode), "node", "start", "--config", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=elsewhere,
+            env=env,
+        )
+    try:
+        with trio.fail_after(30):
+            while "imnode node n1:" not in log_path.read_text(errors="replace"):
+                assert proc.poll() is None, log_path.read_text()
+                await trio.sleep(0.05)
+        tcp = load(str(config)).node("n1").tcp.rsplit(":", 1)
+        async with open_client(tcp[0], int(tcp[1]), "alice") as alice:
+            shout = await alice.send("bob", 1, b'{"content":"HI","type":1}')
+            calm = await alice.send("bob", 1, b'{"content":"hi there","type":1}')
+            raw = await alice.send("bob", 1, b"LOUD")
+        assert shout.reason_code == Reason.NOT_ALLOW_SEND
+        assert calm.reason_code == Reason.SUCCESS
+        assert raw.reason_code == Reason.NOT_ALLOW_SEND
+    finally:
+        proc.terminate()
+        with trio.fail_after(15):
+            await proc.wait()
