@@ -163,6 +163,11 @@ class Txn:
     def put_dedup(self, chan: bytes, sender: str, client_msg_no: str, record: dict[str, Any]) -> None:
         self._txn.put(keys.dedup_key(chan, sender, client_msg_no), _dump(record), db=self._dbs["dedup"])
 
+    def add_dedup(self, chan: bytes, sender: str, client_msg_no: str, record: dict[str, Any]) -> bool:
+        """Write the row only if the key is new: True when written (one LMDB call for check and write)."""
+        key = keys.dedup_key(chan, sender, client_msg_no)
+        return bool(self._txn.put(key, _dump(record), overwrite=False, db=self._dbs["dedup"]))
+
     def put_message(self, chan: bytes, seq: int, record: dict[str, Any]) -> None:
         self._txn.put(keys.message_key(chan, seq), _dump(record), db=self._dbs["messages"])
 
