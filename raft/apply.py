@@ -30,21 +30,35 @@ def _new_channel(channel_type: int) -> dict[str, Any]:
     return {"type": channel_type, "last_seq": 0, "ban": 0, "disband": 0, "send_ban": 0, "large": 0}
 
 
+def _duplicate(original: dict[str, Any]) -> Result:
+    # A retry of a send that already committed: answer with the original ids, store nothing.
+    return {"r": c.R_SUCCESS, "mid": original["mid"], "seq": original["seq"], "dup": True}
+
+
 def apply_send(view: EntryView, op: dict[str, Any]) -> Result:
+    """Store one message. Results are those of "dedup, then permission, then store" in that order.
+
+    The common path makes two LMDB calls: the dedup row is written only if its key is new (one call that
+    both checks and writes), then the message. The permission check runs first, on the entry's cached rows;
+    a refused send or a key already present takes the rare path that reads the original dedup row, so a
+    retry of a committed send is still answered as a duplicate even where it would now be refused.
+    """
     txn = view.txn
     chan = channel_key(op["cid"], op["ct"])
-    original = txn.dedup(chan, op["from"], op["cmn"])
-    if original is not None:
-        # A retry of a send that already committed: answer with the original ids, store nothing.
-        return {"r": c.R_SUCCESS, "mid": original["mid"], "seq": original["seq"], "dup": True}
-    reason = send_permission(
-        view, op["cid"], op["ct"], op["from"], op.get("to", ""), api=op.get("api", False)
-    )
+    sender, client_msg_no = op["from"], op["cmn"]
+    reason = send_permission(view, op["cid"], op["ct"], sender, op.get("to", ""), api=op.get("api", False))
     if reason != c.R_SUCCESS:
-        return {"r": reason}
+        original = txn.dedup(chan, sender, client_msg_no)
+        return {"r": reason} if original is None else _duplicate(original)
     existing = view.channel(chan)
+    seq = (int(existing["last_seq"]) if existing is not None else 0) + 1
+    record = {"mid": op["mid"], "seq": seq}
+    if not txn.add_dedup(chan, sender, client_msg_no, record):
+        original = txn.dedup(chan, sender, client_msg_no)
+        if original is not None:
+            return _duplicate(original)
+        txn.put_dedup(chan, sender, client_msg_no, record)  # an unreadable row is replaced, as it always was
     channel = existing or _new_channel(op["ct"])
-    seq = int(channel["last_seq"]) + 1
     channel["last_seq"] = seq
     channel["version"] = view.index
     txn.put_message(
@@ -53,23 +67,22 @@ def apply_send(view: EntryView, op: dict[str, Any]) -> Result:
         {
             "mid": op["mid"],
             "seq": seq,
-            "from": op["from"],
+            "from": sender,
             "cid": op["cid"],
             "ct": op["ct"],
-            "cmn": op["cmn"],
+            "cmn": client_msg_no,
             "ts": op["ts"],
             "setting": op["setting"],
             "payload": op["payload"],
         },
     )
     view.put_channel(chan, channel)
-    txn.put_dedup(chan, op["from"], op["cmn"], {"mid": op["mid"], "seq": seq})
     if op["ct"] == c.CHANNEL_PERSON and existing is None:
         # Both parties of a person channel are its subscribers, so conversation sync finds it for both.
-        txn.add_member("subscribers", chan, op["from"])
+        view.add_member("subscribers", chan, sender)
         if op.get("to"):
-            txn.add_member("subscribers", chan, op["to"])
-    conversations.on_send(view, chan, op["from"], seq)
+            view.add_member("subscribers", chan, op["to"])
+    conversations.on_send(view, chan, sender, seq)
     if outbox.wants(view, "notify"):
         outbox.append(view, "notify", {"ck": chan, "seq": seq})
     if outbox.wants(view, "offline"):

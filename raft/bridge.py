@@ -1,8 +1,17 @@
 """The one crossing between PySyncObj's tick thread and trio.
 
 Rules (../shared/RAFT_NOTES.md): the tick thread never waits on trio, and what it calls into trio can never
-raise. So the tick thread appends to a locked deque and asks trio to run `_wake` soon (idempotent, cannot
-raise); a trio task drains the deque. Flow is bounded upstream, by `max_in_flight` proposals per node.
+raise. So the tick thread appends to a locked deque and asks trio to run a drain soon (idempotent, cannot
+raise). Flow is bounded upstream, by `max_in_flight` proposals per node.
+
+Two deques, two drains:
+- proposal results are resolved by the `run_sync_soon` callback itself (`_resolve_results`): it only pops
+  waiters from a dict and sets their events, which cannot raise, so the proposer's task is the first task
+  woken after the commit (one task switch, not two through a pump task);
+- committed entries and snapshot installs go through a pump task (`run`), because handing an entry to the
+  bounded committed stream may have to wait, and a `run_sync_soon` callback must never wait or raise.
+A result may therefore reach its proposer before its entry reaches the committed stream; nothing orders
+the two (the SENDACK needs only the result, the push only the entry, and each stream keeps log order).
 
 To the node this module offers a narrow interface: `await propose(entry)` for a result, and a stream of
 `Committed` entries. If Raft and apply ever move to a process of their own, only this module changes.
@@ -89,6 +98,8 @@ class RaftNode:
         self._machine: Machine | None = None
         self._inbox: collections.deque[tuple[Any, ...]] = collections.deque()
         self._inbox_lock = threading.Lock()
+        # (token, result, error, called_back, apply_started) per finished proposal, in callback order.
+        self._results: collections.deque[tuple[int, Any, int, float, float]] = collections.deque()
         self._token: trio.lowlevel.TrioToken | None = None
         self._wakeup = trio.Event()
         self._waiters: dict[int, _Waiter] = {}
@@ -116,9 +127,7 @@ class RaftNode:
                     items = list(self._inbox)
                     self._inbox.clear()
                 for item in items:
-                    if item[0] == "result":
-                        self._resolve(*item[1:])
-                    elif item[0] == "installed":
+                    if item[0] == "installed":
                         self.on_snapshot_installed()
                     else:
                         await self._committed_send.send(item[1])
@@ -155,18 +164,39 @@ class RaftNode:
     def _wake(self) -> None:
         self._wakeup.set()
 
+    def _post_result(self, item: tuple[int, Any, int, float, float]) -> None:
+        with self._inbox_lock:
+            self._results.append(item)
+        token = self._token
+        if token is None:
+            return
+        try:
+            token.run_sync_soon(self._resolve_results, idempotent=True)
+        except trio.RunFinishedError:
+            pass  # trio is gone (shutdown): nothing is waiting any more
+
     def _on_commit(self, committed: Committed) -> None:
         self._post(("commit", committed))
 
     # -- trio side ---------------------------------------------------------------------------------------
-    def _resolve(self, token: int, result: Any, error: int, called_back: float, apply_started: float) -> None:
-        waiter = self._waiters.pop(token, None)
-        if waiter is not None:
-            waiter.result = result
-            waiter.error = error
-            waiter.called_back = called_back
-            waiter.apply_started = apply_started
-            waiter.done.set()
+    def _resolve_results(self) -> None:
+        """Run by trio's `run_sync_soon` runner: hand every finished proposal its outcome.
+
+        Invariant: cannot raise (a raise here is a TrioInternalError that kills the node). It takes a lock
+        the tick thread holds only for an append, pops from a dict, sets attributes and trio Events.
+        Idempotent scheduling may run it once for several posts, or once with nothing left to do.
+        """
+        with self._inbox_lock:
+            items = list(self._results)
+            self._results.clear()
+        for token, result, error, called_back, apply_started in items:
+            waiter = self._waiters.pop(token, None)
+            if waiter is not None:
+                waiter.result = result
+                waiter.error = error
+                waiter.called_back = called_back
+                waiter.apply_started = apply_started
+                waiter.done.set()
 
     async def propose(
         self, entry: bytes, *, timeout_s: float, timing: ProposeTiming | None = None
@@ -212,7 +242,7 @@ class RaftNode:
 
         def callback(result: Any, error: int) -> None:
             # On the tick thread, right after this node applied the entry (when it succeeded).
-            self._post(("result", token, result, error, time.perf_counter(), machine.apply_started))
+            self._post_result((token, result, error, time.perf_counter(), machine.apply_started))
 
         try:
             if timing is not None:

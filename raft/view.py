@@ -15,7 +15,12 @@ class EntryView:
 
     LMDB releases the GIL on every call, and each re-acquire can wait behind the busy trio thread (the
     GIL convoy of RAFT_NOTES.md), so apply keeps its LMDB calls per message few: channel records are read
-    and written once per entry, system uids and whitelist presence once per entry.
+    and written once per entry; system uids, whitelist presence and each (list, channel, uid) membership
+    are read once per entry.
+
+    Invariant: every member write inside an entry either goes through `add_member` (which keeps the cache
+    right) or is followed by `invalidate()` before the next read (apply_ops invalidates after every op
+    that is not a send, a presence change or a webhook advance).
     """
 
     def __init__(self, txn: Txn, index: int = 0) -> None:
@@ -30,6 +35,7 @@ class EntryView:
         self._dirty: set[bytes] = set()
         self._meta: dict[str, Any] = {}
         self._has_members: dict[tuple[str, bytes], bool] = {}
+        self._is_member: dict[tuple[str, bytes, str], bool] = {}
 
     def channel(self, chan: bytes) -> dict[str, Any] | None:
         if chan not in self._channels:
@@ -51,7 +57,18 @@ class EntryView:
         self._dirty_meta.add(name)
 
     def is_member(self, db: str, chan: bytes, uid: str) -> bool:
-        return self.txn.is_member(db, chan, uid)
+        key = (db, chan, uid)
+        found = self._is_member.get(key)
+        if found is None:
+            found = self._is_member[key] = self.txn.is_member(db, chan, uid)
+        return found
+
+    def add_member(self, db: str, chan: bytes, uid: str) -> bool:
+        """Write through to the transaction and keep the membership caches right."""
+        added = self.txn.add_member(db, chan, uid)
+        self._is_member[(db, chan, uid)] = True
+        self._has_members[(db, chan)] = True
+        return added
 
     def has_members(self, db: str, chan: bytes) -> bool:
         key = (db, chan)
@@ -92,3 +109,4 @@ class EntryView:
         self._channels.clear()
         self._meta.clear()
         self._has_members.clear()
+        self._is_member.clear()

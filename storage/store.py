@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -43,6 +44,9 @@ MEMBER_DBS = ("subscribers", "blacklist", "whitelist")
 
 DEFAULT_MAP_SIZE = 64 << 30  # sparse file: only used pages cost disk
 SCHEMA_VERSION = 1
+# How long a disk-space reading stays good. statvfs is a syscall that would otherwise run once per proposal;
+# within this window a node writes at most a few MB, far inside the margin the fill limit leaves.
+DISK_CHECK_INTERVAL_S = 1.0
 
 
 class StoreFull(RuntimeError):
@@ -159,6 +163,11 @@ class Txn:
     def put_dedup(self, chan: bytes, sender: str, client_msg_no: str, record: dict[str, Any]) -> None:
         self._txn.put(keys.dedup_key(chan, sender, client_msg_no), _dump(record), db=self._dbs["dedup"])
 
+    def add_dedup(self, chan: bytes, sender: str, client_msg_no: str, record: dict[str, Any]) -> bool:
+        """Write the row only if the key is new: True when written (one LMDB call for check and write)."""
+        key = keys.dedup_key(chan, sender, client_msg_no)
+        return bool(self._txn.put(key, _dump(record), overwrite=False, db=self._dbs["dedup"]))
+
     def put_message(self, chan: bytes, seq: int, record: dict[str, Any]) -> None:
         self._txn.put(keys.message_key(chan, seq), _dump(record), db=self._dbs["messages"])
 
@@ -253,6 +262,8 @@ class Store:
         self._swap_lock = threading.RLock()
         self._sync_lock = threading.Lock()
         self._closed = False
+        # (time.monotonic() of the reading, free bytes, total bytes) of the disk under the store.
+        self._disk: tuple[float, int, int] | None = None
         self._open()
 
     def _open(self) -> None:
@@ -304,9 +315,16 @@ class Store:
         used = (info["last_pgno"] + 1) * stat["psize"]
         if used > self.fill_limit * self.map_size:
             raise StoreFull(f"store map {used} of {self.map_size} bytes used")
-        disk = shutil.disk_usage(self.path)
-        if disk.free < (1 - self.fill_limit) * disk.total and disk.free < 1 << 30:
-            raise StoreFull(f"disk nearly full: {disk.free} bytes free")
+        # The map check above is exact and cheap (two reads of LMDB's in-memory meta, no syscall); the
+        # disk reading is reused for DISK_CHECK_INTERVAL_S, refusals included.
+        now = time.monotonic()
+        disk = self._disk
+        if disk is None or now - disk[0] >= DISK_CHECK_INTERVAL_S:
+            usage = shutil.disk_usage(self.path)
+            disk = self._disk = (now, usage.free, usage.total)
+        _at, free, total = disk
+        if free < (1 - self.fill_limit) * total and free < 1 << 30:
+            raise StoreFull(f"disk nearly full: {free} bytes free")
 
     def sync(self) -> None:
         # Its own lock, not the swap lock: an fsync can take a while, and readers must not wait on it.

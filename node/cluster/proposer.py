@@ -4,6 +4,14 @@ Batching per channel alone would leave person-to-person traffic at one entry per
 commits only a few thousand entries per second here; a shared entry carries a hundred or more messages.
 An entry closes after `batch_window_ms` or `batch_max_bytes`, whichever comes first.
 
+Low load waits on no timer (checked for issue 12): with no entry of this proposer in flight, work is proposed
+after one checkpoint (so the submits of the same scheduling round share the entry), never after the window;
+the window only runs while an entry is committing, when the next one would wait anyway. Below, nothing
+ticks either: with `appendEntriesUseBatch=False` PySyncObj wakes its tick thread through a pipe as soon as
+a command is queued and sends it at once, commit and apply follow the followers' replies on the sockets, and
+the result comes back to the waiting task straight from the `run_sync_soon` callback (raft/bridge.py). The
+only sleep in the path is the back-off between retries of a failed proposal.
+
 Outcomes: a failed proposal is proposed again, byte for byte, until `commit_timeout_s` has passed. That is
 safe for every op (sends are deduplicated in apply by client_msg_no; the other ops are idempotent) and it
 covers both the definite failures (no leader during an election) and the unknown ones (a leader change

@@ -1,15 +1,22 @@
-"""One client connection: its identity, its bounded outbound queue, and the RECVs awaiting RECVACK.
+"""One client connection: its identity, its bounded outbound queues, and the RECVs awaiting RECVACK.
 
 The connection object never touches a socket itself. A transport (TCP or WebSocket, transports.py) runs two
-tasks per connection: a reader that decodes frames into events for the user pool, and a writer that drains
-`outbound`. Everything else (pools, handlers) only calls `send_packet` / `send_frame`, which never block:
-a connection whose queue is full (in frames or in bytes) is a client that stopped reading, and it is
-disconnected rather than allowed to grow the node (its messages stay stored for sync). The RECVs kept for
-resending are bounded in count and in bytes too.
+tasks per connection: a reader that decodes frames into events for the user pool, and a writer that takes
+everything queued (`take_frames`) and writes it. Everything else (pools, handlers) only calls
+`send_packet` / `send_frame`, which never block: a connection whose queue is full (in frames or in bytes) is
+a client that stopped reading, and it is disconnected rather than allowed to grow the node (its messages
+stay stored for sync). The RECVs kept for resending are bounded in count and in bytes too.
+
+Two queues: control frames (SENDACK, PONG, SUBACK, a refused CONNACK: everything `send_packet` queues but
+RECV and DISCONNECT) and the rest (RECVs of fan-out, resends, the CONNACK, a closing DISCONNECT). The writer
+takes control frames first, so a sender's SENDACK never waits behind a 500-member group's RECVs queued on
+the same connection. Nothing orders a SENDACK against RECVs of other messages, and RECVs stay in the one
+queue in the order they were queued (message_seq order per channel).
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 from dataclasses import dataclass
 
@@ -17,7 +24,7 @@ import trio
 
 from node.trace import Trace
 from node.wire.crypto import Session
-from node.wire.protocol import FLAG_DUP, LATEST_VERSION, Disconnect, Packet, encode
+from node.wire.protocol import FLAG_DUP, LATEST_VERSION, Disconnect, Packet, Recv, encode
 
 log = logging.getLogger("imnode.conn")
 
@@ -67,8 +74,14 @@ class Connection:
         self.rate_tokens = 0.0
         self.rate_stamp = self.connected_at
         self._outbound_send, self.outbound = trio.open_memory_channel[bytes](outbound_frames)
+        # Bounded like `outbound` (a pipelining client may have as many SENDACKs due as RECVs); in practice
+        # it holds the few control frames queued since the writer's last write.
+        self.control: collections.deque[bytes] = collections.deque()
+        self.control_frames_max = outbound_frames
+        # Set whenever a frame is queued or the connection closes: the writer waits on it when idle.
+        self._writable = trio.Event()
         # Frames of a few hundred KB make a bound in frames alone worth hundreds of MB per connection.
-        # Invariant: pending_bytes = bytes queued in `outbound` or being written by the writer.
+        # Invariant: pending_bytes = bytes queued in `control` or `outbound`, or being written by the writer.
         self.outbound_bytes_max = outbound_bytes
         self.pending_bytes = 0
         self.inflight_bytes_max = inflight_bytes
@@ -82,14 +95,29 @@ class Connection:
         return f"<Connection {self.id} {self.transport} uid={self.uid!r} flag={self.device_flag}>"
 
     def send_packet(self, packet: Packet) -> bool:
-        """Encode at the version this client connected with and queue it; False if the connection is gone."""
-        return self.send_frame(encode(packet, self.version))
+        """Encode at the version this client connected with and queue it; False if the connection is gone.
+
+        Everything but a RECV or a DISCONNECT is a control frame and goes ahead of queued RECVs.
+        """
+        frame = encode(packet, self.version)
+        if isinstance(packet, Recv | Disconnect):
+            return self.send_frame(frame)
+        return self.send_control(frame)
+
+    def send_control(self, frame: bytes) -> bool:
+        """Queue a control frame (SENDACK, PONG...): written before any RECV already queued."""
+        if not self._has_room(frame):
+            return False
+        if len(self.control) >= self.control_frames_max:
+            self.abort("control queue full: the client is not reading")
+            return False
+        self.control.append(frame)
+        self._queued(frame)
+        return True
 
     def send_frame(self, frame: bytes) -> bool:
-        if self.closed.is_set():
-            return False
-        if self.pending_bytes + len(frame) > self.outbound_bytes_max:
-            self.abort(f"outbound queue over {self.outbound_bytes_max} bytes: the client is not reading")
+        """Queue a frame behind the ones already queued (RECVs: their order is the order of delivery)."""
+        if not self._has_room(frame):
             return False
         try:
             self._outbound_send.send_nowait(frame)
@@ -98,9 +126,52 @@ class Connection:
             return False
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             return False
+        self._queued(frame)
+        return True
+
+    def _has_room(self, frame: bytes) -> bool:
+        if self.closed.is_set():
+            return False
+        if self.pending_bytes + len(frame) > self.outbound_bytes_max:
+            self.abort(f"outbound queue over {self.outbound_bytes_max} bytes: the client is not reading")
+            return False
+        return True
+
+    def _queued(self, frame: bytes) -> None:
         self.pending_bytes += len(frame)
         self.sent_frames += 1
-        return True
+        self._writable.set()
+
+    def take_frames(self) -> tuple[list[bytes], int, bool]:
+        """Everything queued, control frames first: (frames, their bytes, finished).
+
+        `finished`: the connection is closed and nothing is left to write; the writer stops. Taking all
+        of it makes every frame queued between two writes go out in one write (the bytes are bounded by
+        `outbound_bytes_max`).
+        """
+        frames = list(self.control)
+        self.control.clear()
+        finished = False
+        while True:
+            try:
+                frames.append(self.outbound.receive_nowait())
+            except trio.WouldBlock:
+                break
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                finished = True  # closed and drained (or released): whatever is in `frames` is the last
+                break
+        return frames, sum(map(len, frames)), finished and not frames
+
+    async def wait_writable(self) -> None:
+        """Wait until a frame is queued or the connection closes (for the writer, after `take_frames`).
+
+        No await separates the writer's `take_frames` from this check, so a frame queued or a close in
+        between cannot be missed: both set `_writable` after the event is replaced here.
+        """
+        if self.control or self.outbound.statistics().current_buffer_used:
+            return
+        self._writable = trio.Event()
+        await self._writable.wait()
 
     def trace_next_write(self, trace: Trace, stage: str) -> None:
         """End `stage` of `trace` once everything queued so far has been handed to the socket."""
@@ -135,6 +206,7 @@ class Connection:
         must not live that long.
         """
         self.outbound.close()  # the last receive side closed: trio drops the buffered frames
+        self.control.clear()
         self.pending_bytes = 0
         self.inflight.clear()
         self.inflight_bytes = 0
@@ -153,6 +225,7 @@ class Connection:
         self.close_reason = reason or self.close_reason or "closed"
         self.closed.set()
         self._outbound_send.close()
+        self._writable.set()
 
     def abort(self, reason: str) -> None:
         """Close at once, without draining (a peer that does not read would never let the writer finish)."""
@@ -160,5 +233,6 @@ class Connection:
         self.close_reason = reason
         self.closed.set()
         self._outbound_send.close()
+        self._writable.set()
         if self.cancel_scope is not None:
             self.cancel_scope.cancel()

@@ -2,8 +2,9 @@
 
 Per connection there are two tasks: the reader decodes frames (partial and coalesced reads alike) and hands
 events to the user pool, waiting when the pool is full (backpressure on this one client); the writer drains
-the connection's bounded queue, coalescing frames into one write on TCP and sending exactly one frame per
-message on WebSocket (the JS SDK mishandles several frames in one message).
+the connection's bounded queues (control frames such as SENDACK first), coalescing frames into one write on
+TCP and sending exactly one frame per message on WebSocket (the JS SDK mishandles several frames in one
+message).
 
 A client must send CONNECT within `connect_timeout_s` and then something (a PING at least) within every
 `idle_timeout_s`. Bad bytes get a DISCONNECT and a close; nothing else is affected.
@@ -25,7 +26,7 @@ from node.gateway import events as ev
 from node.gateway.connection import Connection
 from node.gateway.registry import Registry
 from node.gateway.transports import TRANSPORT_ERRORS, TcpTransport, Transport, WebSocketTransport
-from node.trace import Trace, Tracer
+from node.trace import Tracer
 from node.wire.protocol import (
     Connect,
     Disconnect,
@@ -42,7 +43,6 @@ from node.wire.protocol import (
 )
 
 log = logging.getLogger("imnode.gateway")
-WRITE_COALESCE_BYTES = 256 << 10
 
 
 class _Closed(Exception):
@@ -191,22 +191,22 @@ class Gateway:
                     pass
 
     async def _write_loop(self, conn: Connection, transport: Transport, scope: trio.CancelScope) -> None:
+        """Write everything queued since the last write in one `transport.send`, control frames first.
+
+        On TCP that is one `send_all` per wake-up; on WebSocket one message per frame. No timer: a frame
+        queued to an idle connection is written as soon as this task runs.
+        """
         try:
-            async for frame in conn.outbound:
-                frames, size = [frame], len(frame)
-                drained = False
-                while size < WRITE_COALESCE_BYTES:
-                    try:
-                        more = conn.outbound.receive_nowait()
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        drained = True
+            while True:
+                frames, size, finished = conn.take_frames()
+                if not frames:
+                    if finished:
                         break
-                    frames.append(more)
-                    size += len(more)
-                traces: list[tuple[Trace, str]] = []
-                if drained and conn.write_traces:
-                    # Every traced frame is in this write (frames were queued before their traces).
-                    traces, conn.write_traces = conn.write_traces, []
+                    await conn.wait_writable()
+                    continue
+                # Every frame queued so far is in this write, so every trace waiting for one ends with it;
+                # traces added while it is in progress wait for the next.
+                traces, conn.write_traces = conn.write_traces, []
                 await transport.send(frames)
                 conn.written(size)
                 for trace, stage in traces:

@@ -140,6 +140,35 @@ def test_rejected_send_leaves_no_dedup_row(store: Store) -> None:
     assert apply(store, [send("g", "u1", "x", mid=2)]) == [{"r": 1, "mid": 2, "seq": 1}]
 
 
+def test_a_retry_of_a_committed_send_is_a_duplicate_even_where_it_would_now_be_refused(store: Store) -> None:
+    # apply checks permission before dedup (the cheap path writes the dedup row only if new); the answer
+    # must stay the one of "dedup first": the original ids, not the refusal, and nothing written.
+    apply(store, [members("g", "subscribers", "add", ["u1"])])
+    assert apply(store, [send("g", "u1", "x", mid=1)]) == [{"r": 1, "mid": 1, "seq": 1}]
+    apply(store, [members("g", "blacklist", "add", ["u1"])])
+    before = dump_all(store)
+    results = apply(store, [send("g", "u1", "x", mid=2), send("g", "u1", "y", mid=3)])
+    assert results == [{"r": 1, "mid": 1, "seq": 1, "dup": True}, {"r": c.R_IN_BLACKLIST}]
+    assert dump_all(store) == before
+
+
+def test_membership_read_once_per_entry_stays_right_across_member_ops(store: Store) -> None:
+    # The entry's cached membership is dropped by every member op, so a later send in the same entry
+    # sees the change.
+    ops = [
+        send("g", "u1", "a"),
+        members("g", "subscribers", "add", ["u1"]),
+        send("g", "u1", "b"),
+        members("g", "blacklist", "add", ["u1"]),
+        send("g", "u1", "c"),
+        members("g", "blacklist", "remove", ["u1"]),
+        send("g", "u1", "d"),
+    ]
+    reasons = [r["r"] for r in apply(store, ops)]
+    assert reasons == [c.R_CHANNEL_NOT_EXIST, 1, 1, 1, c.R_IN_BLACKLIST, 1, 1]
+    assert stored_seqs(store, "g") == [1, 2]
+
+
 # -- determinism ---------------------------------------------------------------------------------------
 
 

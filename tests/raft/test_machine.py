@@ -17,10 +17,11 @@ from typing import Any, cast
 import cbor2
 import pytest
 import trio
+import trio.testing
 from pysyncobj.node import TCPNode
 
 from raft import commands as c
-from raft.bridge import RaftNode
+from raft.bridge import RaftNode, _Waiter
 from raft.machine import EXIT_STORE_FAILURE, SNAPSHOT_MAGIC, Committed, Machine, RaftSettings
 from storage import keys
 from storage.store import Store
@@ -302,5 +303,31 @@ async def test_a_full_map_grows_inside_apply_instead_of_stalling(tmp_path: os.Pa
             assert stored is not None and len(stored["payload"]) == 600 << 10
             # and the log goes on
             assert await run.propose([send("g", "u1", "small", 2)]) == [{"r": 1, "mid": 2, "seq": 2}]
+    finally:
+        store.close()
+
+
+async def test_a_result_reaches_its_waiter_straight_from_the_tick_thread(tmp_path: os.PathLike[str]) -> None:
+    # No pump task runs here: the run_sync_soon callback itself resolves the waiter (one hop, not two).
+    store = Store(os.path.join(tmp_path, "store"), map_size=64 << 20)
+    try:
+        node = RaftNode(fast_settings(tmp_path, free_port()), store)
+        node._token = trio.lowlevel.current_trio_token()
+        waiter = _Waiter(trio.Event())
+        node._waiters[7] = waiter
+        await trio.to_thread.run_sync(node._post_result, (7, [{"r": 1}], 0, 2.0, 1.0))
+        with trio.fail_after(COMMIT_TIMEOUT_S):
+            await waiter.done.wait()
+        assert (waiter.result, waiter.error, waiter.called_back, waiter.apply_started) == (
+            [{"r": 1}],
+            0,
+            2.0,
+            1.0,
+        )
+        assert 7 not in node._waiters
+        # A result nobody waits for any more (its proposal timed out) is dropped without a fuss.
+        await trio.to_thread.run_sync(node._post_result, (8, None, 0, 0.0, 0.0))
+        await trio.testing.wait_all_tasks_blocked()
+        assert not node._results
     finally:
         store.close()

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
+import shutil
 import threading
+import time
+import types
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
+import storage.store as store_module
 from storage import keys
 from storage.store import DB_NAMES, Store, StoreFull
 
@@ -364,3 +369,40 @@ def test_env_calls_wait_for_a_snapshot_install_in_progress(tmp_path: os.PathLike
         worker.join(10)
     s.close()
     assert outcomes == {"sync": "ok", "check_room": "ok", "stats": "ok"}
+
+
+def test_check_room_reads_the_disk_once_per_interval(
+    tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # statvfs once per proposal was measurable on the send path; the map check stays exact per call.
+    calls: list[str] = []
+    real = shutil.disk_usage
+
+    def counting(path: str) -> Any:
+        calls.append(path)
+        return real(path)
+
+    monkeypatch.setattr(shutil, "disk_usage", counting)
+    s = Store(os.path.join(tmp_path, "d"))
+    try:
+        for _ in range(100):
+            s.check_room()
+        assert len(calls) == 1
+        s._disk = (time.monotonic() - store_module.DISK_CHECK_INTERVAL_S, 0, 0)  # the reading aged out
+        s.check_room()
+        assert len(calls) == 2
+    finally:
+        s.close()
+
+
+def test_check_room_refuses_when_the_disk_reading_is_nearly_full(
+    tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: types.SimpleNamespace(total=100 << 30, free=512))
+    s = Store(os.path.join(tmp_path, "f"))
+    try:
+        for _ in range(3):  # refused on the fresh reading and on the cached one
+            with pytest.raises(StoreFull):
+                s.check_room()
+    finally:
+        s.close()
