@@ -294,6 +294,8 @@ class Gateway:
                             sends = []
                         if not await self._serve_packet(conn, packet):
                             return
+                    if conn.closed.is_set():
+                        break  # closed meanwhile (kicked, cut off): the rest of the read goes unread
                     try:
                         packet = buffered_packet()
                     except ProtocolError:
