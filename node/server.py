@@ -111,9 +111,7 @@ class Node:
         )
         self.push_ctx = PushContext(tuning, self.registry, self.presence.is_online)
         self.pusher_pool = build_pusher_pool(self.push_ctx)
-        self.channel_ctx = ChannelContext(
-            tuning, self.store, self.proposer, self.pusher_pool, Snowflake(numeric_id)
-        )
+        self.channel_ctx = ChannelContext(tuning, self.store, self.proposer, Snowflake(numeric_id))
         self.channel_pool = build_channel_pool(self.channel_ctx)
         self.user_ctx = UserContext(
             config, numeric_id, self.store, self.registry, self.channel_pool, self.presence
@@ -132,7 +130,10 @@ class Node:
         self.raft.on_snapshot_installed = self._on_snapshot_installed
         self.committed = CommittedStream(
             self.raft.committed,
+            self.store,
             self.channel_pool,
+            self.pusher_pool,
+            self.channel_ctx.origins,
             self.presence,
             self.registry,
             self._sync_handler_states,

@@ -37,8 +37,8 @@ SEND_STAGES = (
 )
 DELIVER_STAGES = (
     "to_trio",  # apply done → the committed stream took the entry
-    "distribute_wait",  # → the channel pool's shard took it
-    "distribute",  # recipients found → handed to the pusher pool
+    "distribute_wait",  # → the committed stream began distributing the entry's messages
+    "distribute",  # recipients found → grouped per pusher shard (then handed over, with the entry's others)
     "push_wait",  # → the pusher pool's shard took it
     "push",  # encrypted and queued for the first recipient connection
     "recv_write",  # → the writer handed the RECV to the socket

@@ -1,12 +1,15 @@
 """What the gateway hands to the user pool: one typed event per client packet, keyed by uid.
 
+The SENDs of one socket read travel together, as one `SendBatch` (event type `send_batch`): one queue slot
+and one task switch for the lot. The user pool runs its `send` chain on each `SendEvent` inside it.
+
 Defined here, beside the connections they carry, so the gateway needs nothing of the pools: it submits to
 whatever takes `submit`/`try_submit` (the user pool, in server.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from node.gateway.connection import Connection
@@ -15,6 +18,9 @@ from node.wire.protocol import Connect, Recvack, Send
 
 CONNECT = "connect"
 SEND = "send"
+SEND_BATCH = "send_batch"
+# A read of many small frames becomes several batches past this: a bound on one event's work.
+SEND_BATCH_MAX = 256
 RECVACK = "recvack"
 PING = "ping"
 CLOSE = "close"
@@ -32,6 +38,17 @@ class SendEvent:
     packet: Send
     payload: bytes = b""  # plaintext, once the decrypt step has run
     trace: Trace | None = None  # a sampled send's latency trace (node/trace.py)
+    # Inside a SendBatch: where the `forward` step collects the sends it accepted (node.pools.channel
+    # ChannelSend), so they reach the channel pool as one submit per channel after the whole batch.
+    forwarded: list[Any] | None = None
+
+
+@dataclass(slots=True)
+class SendBatch:
+    """The complete SENDs of one socket read (at most `SEND_BATCH_MAX`), in the order they were read."""
+
+    conn: Connection
+    sends: list[SendEvent] = field(default_factory=list)
 
 
 @dataclass(slots=True)

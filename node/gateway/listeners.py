@@ -219,11 +219,17 @@ class Gateway:
     async def _read_loop(self, conn: Connection, transport: Transport) -> None:
         decoder = FrameDecoder(max_remaining=self.tuning.max_frame_bytes)
 
+        def buffered_packet() -> Any:
+            """The next packet already received in full, or None (never reads)."""
+            packet = decoder.next_packet()
+            if packet is not None:
+                conn.received_frames += 1
+            return packet
+
         async def next_packet() -> Any:
             while True:
-                packet = decoder.next_packet()
+                packet = buffered_packet()
                 if packet is not None:
-                    conn.received_frames += 1
                     return packet
                 data = await transport.receive()
                 if not data:
@@ -247,7 +253,7 @@ class Gateway:
                 await conn.auth_done.wait()
             if not conn.authenticated:
                 return
-            await self._serve_packets(conn, next_packet)
+            await self._serve_packets(conn, next_packet, buffered_packet)
         except FrameTooLarge as exc:
             self.protocol_errors += 1
             conn.close(Reason.UNKNOWN, str(exc))
@@ -257,40 +263,79 @@ class Gateway:
         except (_Closed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
 
-    async def _serve_packets(self, conn: Connection, next_packet: Callable[[], Awaitable[Any]]) -> None:
-        pool = self.user_events
+    async def _serve_packets(
+        self,
+        conn: Connection,
+        next_packet: Callable[[], Awaitable[Any]],
+        buffered_packet: Callable[[], Any],
+    ) -> None:
+        """Hand every packet of a read to the user pool, the SENDs among them as batches.
+
+        The consecutive SENDs of one read go as one event (up to SEND_BATCH_MAX); any other packet first
+        sends the batch before it, so the user shard sees this connection's packets in the order read.
+        """
         while not conn.closed.is_set():
             with trio.move_on_after(self.tuning.idle_timeout_s):
                 packet = await next_packet()
                 conn.last_activity = trio.current_time()
-                if isinstance(packet, Send):
-                    trace = self.tracer.start("send", conn.read_at)
-                    if trace is not None:
-                        trace.mark("decode")
-                    await pool.submit(conn.uid, ev.SEND, ev.SendEvent(conn, packet, trace=trace))
-                elif isinstance(packet, Recvack):
-                    await pool.submit(conn.uid, ev.RECVACK, ev.RecvackEvent(conn, packet))
-                elif isinstance(packet, Ping):
-                    await pool.submit(conn.uid, ev.PING, ev.ConnEvent(conn))
-                elif isinstance(packet, Disconnect):
-                    conn.close()
-                    return
-                elif isinstance(packet, Sub):
-                    conn.send_packet(
-                        Suback(
-                            packet.sub_no,
-                            packet.channel_id,
-                            packet.channel_type,
-                            packet.action,
-                            Reason.NOT_SUPPORT_CHANNEL_TYPE,
-                        )
-                    )
-                else:
-                    raise ProtocolError(f"unexpected {type(packet).__name__} from a client")
+                sends: list[ev.SendEvent] = []
+                while packet is not None:
+                    if isinstance(packet, Send):
+                        trace = self.tracer.start("send", conn.read_at)
+                        if trace is not None:
+                            trace.mark("decode")
+                        sends.append(ev.SendEvent(conn, packet, trace=trace))
+                        if len(sends) >= ev.SEND_BATCH_MAX:
+                            await self._submit_sends(conn, sends)
+                            sends = []
+                    else:
+                        if sends:
+                            await self._submit_sends(conn, sends)
+                            sends = []
+                        if not await self._serve_packet(conn, packet):
+                            return
+                    if conn.closed.is_set():
+                        break  # closed meanwhile (kicked, cut off): the rest of the read goes unread
+                    try:
+                        packet = buffered_packet()
+                    except ProtocolError:
+                        # The frames before the bad one were read and are answered, as if read alone.
+                        if sends:
+                            await self._submit_sends(conn, sends)
+                        raise
+                if sends:
+                    await self._submit_sends(conn, sends)
                 continue
             self.idle_timeouts += 1
             conn.close(Reason.UNKNOWN, "idle timeout")
             return
+
+    async def _submit_sends(self, conn: Connection, sends: list[ev.SendEvent]) -> None:
+        await self.user_events.submit(conn.uid, ev.SEND_BATCH, ev.SendBatch(conn, sends))
+
+    async def _serve_packet(self, conn: Connection, packet: Any) -> bool:
+        """One packet other than SEND; False when the connection is done (the client disconnected)."""
+        pool = self.user_events
+        if isinstance(packet, Recvack):
+            await pool.submit(conn.uid, ev.RECVACK, ev.RecvackEvent(conn, packet))
+        elif isinstance(packet, Ping):
+            await pool.submit(conn.uid, ev.PING, ev.ConnEvent(conn))
+        elif isinstance(packet, Disconnect):
+            conn.close()
+            return False
+        elif isinstance(packet, Sub):
+            conn.send_packet(
+                Suback(
+                    packet.sub_no,
+                    packet.channel_id,
+                    packet.channel_type,
+                    packet.action,
+                    Reason.NOT_SUPPORT_CHANNEL_TYPE,
+                )
+            )
+        else:
+            raise ProtocolError(f"unexpected {type(packet).__name__} from a client")
+        return True
 
     def statistics(self) -> dict[str, int]:
         return {

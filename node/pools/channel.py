@@ -1,9 +1,15 @@
-"""The channel event pool: permission, store (batch into Raft), and distribute after commit.
+"""The channel event pool: permission and store (batch into Raft).
 
-Sharded by channel. A channel has at most one batch in flight: sends that arrive meanwhile wait in its
-pending list and go together in the next batch. So sends of one connection to one channel keep their order
-in message_seq even when a proposal has to be retried, and a busy channel gets larger batches, not more.
-The proposer merges the batches of all channels into shared Raft entries.
+Sharded by channel. Sends arrive as one `ChannelSendBatch` per channel and socket read (event type
+`send_batch`); the `send` chain runs on each send inside it. A channel has at most one batch in flight:
+sends that arrive meanwhile wait in its pending list and go together in the next batch. So sends of one
+connection to one channel keep their order in message_seq even when a proposal has to be retried, and a
+busy channel gets larger batches, not more. The proposer merges the batches of all channels into shared
+Raft entries.
+
+Committed messages do not come back through this pool: the committed stream (committed.py) finds their
+recipients and hands them to the pusher pool per entry. It runs the `distribute` chain per message only
+when a plugin is on it, so plugin observers still see every committed message.
 """
 
 from __future__ import annotations
@@ -18,7 +24,6 @@ from node.cluster.proposer import Proposer
 from node.config import Tuning
 from node.gateway.connection import Connection
 from node.pools.eventbus import EventPool
-from node.pools.pusher import PushEvent
 from node.trace import Trace
 from node.wire.protocol import Reason, Sendack
 from raft.apply import Result
@@ -32,10 +37,10 @@ from raft.commands import (
     valid_uid,
 )
 from raft.permissions import send_permission
-from storage.keys import channel_key
 from storage.store import Store
 
 SEND = "send"
+SEND_BATCH = "send_batch"
 DISTRIBUTE = "distribute"
 # Sends this node proposed whose commit it has not distributed yet (message id -> sending connection id).
 # Entries leave at distribute, or when the commit failed; the cap only matters if a commit is never seen.
@@ -62,6 +67,14 @@ class ChannelSend:
     @property
     def route_key(self) -> str:
         return f"{self.channel_type}:{self.channel_id}"
+
+
+@dataclass(slots=True)
+class ChannelSendBatch:
+    """Sends to one channel (one route key), in the order they were read."""
+
+    route_key: str
+    sends: list[ChannelSend]
 
 
 @dataclass(slots=True)
@@ -122,6 +135,9 @@ def open_send(
 class ChannelBatch:
     pending: list[tuple[ChannelSend, Op]] = field(default_factory=list)
     in_flight: bool = False
+    # A ChannelSendBatch is being stored: its sends go to Raft together, once all have been through the
+    # chain (the first one alone would hold the rest back a whole commit).
+    filling: bool = False
 
 
 @dataclass
@@ -129,11 +145,11 @@ class ChannelContext:
     tuning: Tuning
     store: Store
     proposer: Proposer
-    pusher_pool: EventPool[Any]
     ids: Snowflake
     batches: dict[str, ChannelBatch] = field(default_factory=dict)
     # Node-local, never in the log: which connection sent a message this node proposed, so the push
     # skips it (no echo to the sending device) and only this node notices its offline recipients.
+    # Entries leave when the committed stream distributes the message (committed.py) or the commit fails.
     origins: dict[int, int] = field(default_factory=dict)
     acked: int = 0
 
@@ -189,9 +205,39 @@ async def store(ctx: ChannelContext, send: ChannelSend) -> int | None:
     batch.pending.append((send, op))
     if send.trace is not None:
         send.trace.mark("channel_pool")
-    if not batch.in_flight:
+    if not batch.in_flight and not batch.filling:
         _flush(ctx, send.route_key, batch)
     return None
+
+
+async def run_send_batch(pool: EventPool[ChannelContext], batch: ChannelSendBatch) -> None:
+    """The `send` chain on each send of one channel, then one flush for all that were stored.
+
+    Invariant: every send of the batch is answered, by its rejection here or by the commit's SENDACK.
+    """
+    ctx, key = pool.ctx, batch.route_key
+    channel = ctx.batches.setdefault(key, ChannelBatch())
+    channel.filling = True
+    try:
+        for send in batch.sends:
+            await pool.run_chain(SEND, send)
+    finally:
+        channel.filling = False
+        # A plugin step may have waited, and a completion meanwhile replaced this channel's batch state:
+        # flush whichever is current.
+        current = ctx.batches.get(key)
+        if current is not None and current.pending and not current.in_flight:
+            _flush(ctx, key, current)
+
+
+async def submit_sends(pool: EventPool[Any], sends: list[ChannelSend]) -> None:
+    """Hand sends to the channel pool, one event per channel (order kept within each); waits while a
+    channel's shard is full (backpressure on the caller)."""
+    by_channel: dict[str, list[ChannelSend]] = {}
+    for send in sends:
+        by_channel.setdefault(send.route_key, []).append(send)
+    for key, channel_sends in by_channel.items():
+        await pool.submit(key, SEND_BATCH, ChannelSendBatch(key, channel_sends))
 
 
 def _flush(ctx: ChannelContext, key: str, batch: ChannelBatch) -> None:
@@ -220,26 +266,11 @@ async def reject_send(ctx: ChannelContext, send: ChannelSend, reason: int) -> No
 
 # -- distribute ------------------------------------------------------------------------------------------
 async def distribute(ctx: ChannelContext, delivery: Delivery) -> int | None:
-    """Find the recipients of a committed message and hand them to the pusher pool, one event per shard."""
-    op, trace = delivery.op, delivery.trace
-    if trace is not None:
-        trace.mark("distribute_wait")
-    origin = ctx.origins.pop(delivery.result["mid"], None)
-    if op["ct"] == CHANNEL_PERSON:
-        recipients = [op["from"], op["to"]] if op.get("to") else [op["from"]]
-    else:
-        with ctx.store.read() as txn:
-            recipients = txn.members("subscribers", channel_key(op["cid"], op["ct"]))
-    by_shard: dict[int, list[str]] = {}
-    for uid in recipients:
-        by_shard.setdefault(ctx.pusher_pool.shard_of(uid), []).append(uid)
-    if trace is not None:
-        trace.mark("distribute")
-    for uids in by_shard.values():
-        # A traced delivery's shards share its trace: the first RECV queued on this node claims it.
-        await ctx.pusher_pool.submit(
-            uids[0], "push", PushEvent(op, delivery.result, uids, origin, trace=trace)
-        )
+    """The built-in's place in the `distribute` chain, for plugins placed before or after it.
+
+    The work itself (recipients, then the pusher pool) is done per Raft entry by the committed stream
+    (committed.py), which runs this chain per message only when a plugin is on it.
+    """
     return None
 
 
@@ -257,6 +288,7 @@ def build_channel_pool(ctx: ChannelContext) -> EventPool[ChannelContext]:
     pool.event_type(SEND, on_reject=reject_send)
     pool.register(SEND, "permission", permission, retries=1, timeout_s=None)
     pool.register(SEND, "store", store, retries=0, timeout_s=None)
+    pool.batch_event_type(SEND_BATCH, run_send_batch)
     pool.event_type(DISTRIBUTE)
     pool.register(DISTRIBUTE, "distribute", distribute, timeout_s=None)
     return pool

@@ -1,9 +1,11 @@
 """The stream of committed entries, on every node: what each applied op means for this node.
 
-Raft hands every applied entry over once, in log order (raft/bridge.py). A committed send goes to the channel
-pool for distribution (every node pushes to its own connections); presence, user and handler changes act on
-this node's connections and chains. Replayed entries never come through here (apply skips them), so
-nothing is pushed twice after a restart.
+Raft hands every applied entry over once, in log order (raft/bridge.py). The committed sends of an entry are
+distributed right here, without another pool visit: recipients found (one store read per entry), then one
+event per pusher shard for the whole entry (every node pushes to its own connections). Each recipient maps
+to one shard, and a shard takes its events in order, so a connection gets the RECVs of a channel in
+message_seq order. Presence, user and handler changes act on this node's connections and chains.
+Replayed entries never come through here (apply skips them), so nothing is pushed twice after a restart.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from node.cluster.presence import Presence
 from node.gateway.registry import Registry
 from node.pools.channel import DISTRIBUTE, Delivery
 from node.pools.eventbus import EventPool
+from node.pools.pusher import PUSH_BATCH, PushBatch, PushEvent
 from node.trace import Tracer
 from node.wire.protocol import Reason
 from raft.commands import (
+    CHANNEL_PERSON,
     OP_DEVICE_QUIT,
     OP_HANDLER_STATE,
     OP_NODE_DOWN,
@@ -27,7 +31,11 @@ from raft.commands import (
     R_SUCCESS,
 )
 from raft.machine import Committed
+from storage.keys import channel_key
 from storage.store import Store
+
+# The built-in handler of the channel pool's `distribute` chain: a placeholder (see channel.distribute).
+BUILTIN_DISTRIBUTE = ("distribute",)
 
 
 def sync_handler_states(store: Store, pools: Mapping[str, EventPool[Any]]) -> None:
@@ -44,7 +52,10 @@ class CommittedStream:
     def __init__(
         self,
         entries: Callable[[], AsyncIterator[Committed]],
+        store: Store,
         channel_pool: EventPool[Any],
+        pusher_pool: EventPool[Any],
+        origins: dict[int, int],
         presence: Presence,
         registry: Registry,
         on_handler_states: Callable[[], None],
@@ -52,7 +63,11 @@ class CommittedStream:
     ) -> None:
         self._entries = entries
         self._tracer = tracer
+        self._store = store
         self._channel_pool = channel_pool
+        self._pusher_pool = pusher_pool
+        # The channel pool's: message id -> the local connection that sent it (no echo, offline notices).
+        self._origins = origins
         self._presence = presence
         self._registry = registry
         self._on_handler_states = on_handler_states
@@ -60,6 +75,7 @@ class CommittedStream:
 
     async def run(self) -> None:
         async for committed in self._entries():
+            deliveries: list[Delivery] = []
             for op, result in zip(committed.ops, committed.results, strict=False):
                 if not isinstance(op, dict):
                     continue
@@ -78,9 +94,47 @@ class CommittedStream:
                     trace = self._tracer.start("deliver", committed.applied_at or None)
                     if trace is not None:
                         trace.mark("to_trio")
-                    await self._channel_pool.submit(
-                        f"{op['ct']}:{op['cid']}", DISTRIBUTE, Delivery(op, result, trace)
-                    )
+                    deliveries.append(Delivery(op, result, trace))
+            if deliveries:
+                await self._distribute(deliveries)
+
+    async def _distribute(self, deliveries: list[Delivery]) -> None:
+        """The committed messages of one entry to the pusher pool: one event per shard, in log order."""
+        by_shard: dict[int, list[PushEvent]] = {}
+        shard_of = self._pusher_pool.shard_of
+        members = self._group_members(deliveries)
+        for delivery in deliveries:
+            op, result, trace = delivery.op, delivery.result, delivery.trace
+            if trace is not None:
+                trace.mark("distribute_wait")
+            if op["ct"] == CHANNEL_PERSON:
+                recipients = [op["from"], op["to"]] if op.get("to") else [op["from"]]
+            else:
+                recipients = members[channel_key(op["cid"], op["ct"])]
+            origin = self._origins.pop(result["mid"], None)
+            uids_by_shard: dict[int, list[str]] = {}
+            for uid in recipients:
+                uids_by_shard.setdefault(shard_of(uid), []).append(uid)
+            for shard, uids in uids_by_shard.items():
+                # A traced delivery's pushes share its trace: the first RECV queued on this node claims it.
+                by_shard.setdefault(shard, []).append(PushEvent(op, result, uids, origin, trace=trace))
+            if trace is not None:
+                trace.mark("distribute")
+        if self._channel_pool.has_handlers(DISTRIBUTE, besides=BUILTIN_DISTRIBUTE):
+            # Plugins on `distribute` see each committed message (observers off the path, in their lanes).
+            for delivery in deliveries:
+                await self._channel_pool.run_chain(DISTRIBUTE, delivery)
+        for pushes in by_shard.values():
+            await self._pusher_pool.submit(pushes[0].uids[0], PUSH_BATCH, PushBatch(pushes))
+
+    def _group_members(self, deliveries: list[Delivery]) -> dict[bytes, list[str]]:
+        """The subscribers of each group channel among `deliveries`: one short read transaction per entry,
+        none when the entry holds person messages only."""
+        groups = {channel_key(d.op["cid"], d.op["ct"]) for d in deliveries if d.op["ct"] != CHANNEL_PERSON}
+        if not groups:
+            return {}
+        with self._store.read() as txn:
+            return {key: txn.members("subscribers", key) for key in groups}
 
     def _kick_after_user_change(self, op: dict[str, Any]) -> None:
         """device_quit logs devices out; a master-level token (device_level 1) replaces older logins."""

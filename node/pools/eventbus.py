@@ -14,6 +14,12 @@ Handlers are small async functions registered per event type, in a chain:
   observer is retried with exponential backoff in its lane, then dead-lettered.
 
 Handlers can be registered and unregistered at run time; a chain change takes effect from the next event.
+
+A **batch event type** carries many items (all the SENDs of one socket read, the sends of one channel, the
+pushes of one shard for one Raft entry) through one queue slot and one task switch: its runner gets the
+whole batch and runs the item event type's chain once per item with `run_chain`, so plugins still see,
+and may reject, every item. Built-in steps (registered with `timeout_s=None`) are called directly there;
+only plugin steps pay the timeout, retry and timing wrapper.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import collections
 import logging
 import time
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
@@ -35,6 +41,8 @@ log = logging.getLogger("imnode.pool")
 Ctx = TypeVar("Ctx")
 HandlerFn = Callable[[Any, Any], Awaitable[int | None]]
 RejectFn = Callable[[Any, Any, int], Awaitable[None]]
+# A batch event's runner: (the pool, the batch). It runs the item chain per item with `pool.run_chain`.
+BatchRunFn = Callable[["EventPool[Any]", Any], Awaitable[None]]
 
 SUCCESS = 1
 SYSTEM_ERROR = 15
@@ -123,6 +131,7 @@ class EventPool(Generic[Ctx]):
         self.handler_retries = handler_retries
         self._chains: dict[str, list[Handler]] = {}
         self._on_reject: dict[str, RejectFn] = {}
+        self._batch_runners: dict[str, BatchRunFn] = {}
         channels = [trio.open_memory_channel[tuple[str, Any]](queue_size) for _ in range(shards)]
         self._senders = [send for send, _ in channels]
         self._receivers = [receive for _, receive in channels]
@@ -140,9 +149,21 @@ class EventPool(Generic[Ctx]):
     # -- registry ----------------------------------------------------------------------------------------
     def event_type(self, event_type: str, *, on_reject: RejectFn | None = None) -> None:
         """Declare an event type; `on_reject` answers an event a step rejected."""
+        if event_type in self._batch_runners:
+            raise HandlerError(f"{self.name}.{event_type}: a batch event type has no chain")
         self._chains.setdefault(event_type, [])
         if on_reject is not None:
             self._on_reject[event_type] = on_reject
+
+    def batch_event_type(self, event_type: str, run: BatchRunFn) -> None:
+        """Declare an event type that carries a batch: the shard hands each one to `run(pool, batch)`.
+
+        It has no chain of its own (handlers register on the item event type, whose chain `run` runs per
+        item), so it is not listed in `event_types()`.
+        """
+        if event_type in self._chains:
+            raise HandlerError(f"{self.name}.{event_type}: already a chained event type")
+        self._batch_runners[event_type] = run
 
     def register(
         self,
@@ -168,6 +189,8 @@ class EventPool(Generic[Ctx]):
             raise HandlerError(f"handler {name}: kind must be 'step' or 'observer'")
         if sum(x is not None for x in (before, after, priority)) > 1:
             raise HandlerError(f"handler {name}: give one of before=, after= or priority=")
+        if event_type in self._batch_runners:
+            raise HandlerError(f"{self.name}.{event_type}: a batch event type has no chain")
         chain = self._chains.setdefault(event_type, [])
         if any(h.name == name for h in chain):
             raise HandlerError(f"{self.name}.{event_type}: a handler named {name!r} is already registered")
@@ -257,12 +280,41 @@ class EventPool(Generic[Ctx]):
             task_status.started()
 
     async def _run_shard(self, receiver: trio.MemoryReceiveChannel[tuple[str, Any]]) -> None:
+        runners = self._batch_runners
         async for event_type, event in receiver:
-            await self.dispatch(event_type, event)
+            run = runners.get(event_type)
+            if run is None:
+                await self.dispatch(event_type, event)
+                continue
+            started = time.perf_counter()
+            try:
+                await run(self, event)
+            except Exception:
+                # The runner isolates each item's handlers; this is a bug in the runner itself. Logged,
+                # never allowed to take the shard (and every key on it) down.
+                log.exception("%s.%s: batch runner failed", self.name, event_type)
+            self._record_latency(time.perf_counter() - started)
 
     async def dispatch(self, event_type: str, event: Any) -> int:
         """Run the chain for one event; returns SUCCESS or the reason it was rejected with."""
         started = time.perf_counter()
+        reason = await self.run_chain(event_type, event)
+        self._record_latency(time.perf_counter() - started)
+        return reason
+
+    def _record_latency(self, elapsed: float) -> None:
+        self.latency.calls += 1
+        self.latency.total_s += elapsed
+        self.latency.recent_s.append(elapsed)
+
+    def has_handlers(self, event_type: str, *, besides: Collection[str] = ()) -> bool:
+        """Whether an enabled handler not named in `besides` would see an event of this type (so a
+        caller can skip running a chain that holds only a built-in placeholder)."""
+        return any(h.enabled and h.name not in besides for h in self._chains.get(event_type, ()))
+
+    async def run_chain(self, event_type: str, event: Any) -> int:
+        """Run the chain for one event (one item of a batch): SUCCESS, or the reason it was rejected with
+        after `on_reject` answered it. Counted in `processed`, not in the pool's latency (the batch is)."""
         reason = SUCCESS
         for handler in self._chains.get(event_type, ()):
             if not handler.enabled:
@@ -276,14 +328,13 @@ class EventPool(Generic[Ctx]):
                 except (trio.WouldBlock, KeyError):
                     self.observer_dropped += 1
                 continue
-            reason = await self._run_step(handler, event_type, event)
+            if handler.timeout_s is None:
+                reason = await self._run_builtin(handler, event_type, event)
+            else:
+                reason = await self._run_step(handler, event_type, event)
             if reason != SUCCESS:
                 break
         self.processed += 1
-        elapsed = time.perf_counter() - started
-        self.latency.calls += 1
-        self.latency.total_s += elapsed
-        self.latency.recent_s.append(elapsed)
         if reason != SUCCESS:
             self.rejected += 1
             on_reject = self._on_reject.get(event_type)
@@ -310,25 +361,47 @@ class EventPool(Generic[Ctx]):
             handler.stats.total_s += elapsed
             handler.stats.recent_s.append(elapsed)
 
-    async def _run_step(self, handler: Handler, event_type: str, event: Any) -> int:
+    async def _run_builtin(self, handler: Handler, event_type: str, event: Any) -> int:
+        """A trusted built-in step (no timeout): called directly, counted but not timed per call (on the
+        send path the wrapper cost as much as the step). Same outcomes as `_run_step`."""
+        handler.stats.calls += 1
+        try:
+            result = await handler.fn(self.ctx, event)
+        except Exception as exc:
+            handler.stats.errors += 1
+            if handler.retries:
+                return await self._run_step(handler, event_type, event, attempts=handler.retries)
+            return self._step_failed(handler, event_type, event, exc)
+        return self._step_result(handler, event_type, event, result)
+
+    async def _run_step(
+        self, handler: Handler, event_type: str, event: Any, attempts: int | None = None
+    ) -> int:
         last_error: BaseException | None = None
-        for _attempt in range(handler.retries + 1):
+        for _attempt in range(handler.retries + 1 if attempts is None else attempts):
             try:
                 result = await self._call(handler, event)
             except Exception as exc:  # isolate: a broken handler never takes the shard down
                 handler.stats.errors += 1
                 last_error = exc
                 continue
-            handler.failures_in_row = 0
-            if result is None or result == SUCCESS:
-                return SUCCESS
-            if not isinstance(result, int) or isinstance(result, bool) or not 0 <= result <= 255:
-                last_error = TypeError(f"handler returned {result!r}, not a reason code")
-                handler.stats.errors += 1
-                break
-            handler.stats.rejects += 1
-            return int(result)
-        self._dead_letter(handler, event_type, event, last_error)
+            return self._step_result(handler, event_type, event, result)
+        return self._step_failed(handler, event_type, event, last_error)
+
+    def _step_result(self, handler: Handler, event_type: str, event: Any, result: Any) -> int:
+        """What a step's return value means: SUCCESS, a reason to reject with, or a failure."""
+        handler.failures_in_row = 0
+        if result is None or result == SUCCESS:
+            return SUCCESS
+        if not isinstance(result, int) or isinstance(result, bool) or not 0 <= result <= 255:
+            handler.stats.errors += 1
+            error = TypeError(f"handler returned {result!r}, not a reason code")
+            return self._step_failed(handler, event_type, event, error)
+        handler.stats.rejects += 1
+        return int(result)
+
+    def _step_failed(self, handler: Handler, event_type: str, event: Any, error: BaseException | None) -> int:
+        self._dead_letter(handler, event_type, event, error)
         self._trip(handler)
         return SUCCESS if handler.on_error == "skip" else SYSTEM_ERROR
 

@@ -3,6 +3,10 @@
 Sharded by recipient uid. Each node pushes only to its own connections; every node applies every committed
 message, so every node runs this for its own clients. The payload is encrypted once per connection (each
 connection has its own key), and a RECV that is not acknowledged is resent with DUP by `resend_due`.
+
+The committed stream hands this pool one `PushBatch` per shard per Raft entry (event type `push_batch`);
+the `push` chain runs on each `PushEvent` (one message, its recipients on this shard) in log order, so the
+RECVs of one channel reach a connection in message_seq order.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from raft.apply import Result
 from raft.commands import CHANNEL_PERSON, person_peer
 
 PUSH = "push"
+PUSH_BATCH = "push_batch"
 
 
 @dataclass(slots=True)
@@ -36,6 +41,13 @@ class PushEvent:
     origin_conn: int | None = None
     offline: list[str] = field(default_factory=list)
     trace: Trace | None = None  # a sampled delivery's latency trace (node/trace.py)
+
+
+@dataclass(slots=True)
+class PushBatch:
+    """The pushes of one Raft entry for one shard, in log order."""
+
+    pushes: list[PushEvent]
 
 
 @dataclass
@@ -125,6 +137,11 @@ async def offline_notice(ctx: PushContext, ev: PushEvent) -> int | None:
     return None
 
 
+async def run_push_batch(pool: EventPool[PushContext], batch: PushBatch) -> None:
+    for push in batch.pushes:
+        await pool.run_chain(PUSH, push)
+
+
 def resend_due(ctx: PushContext, now: float) -> None:
     """Resend every RECV whose RECVACK is overdue, with DUP set; give up after the configured attempts."""
     tuning = ctx.tuning
@@ -159,4 +176,5 @@ def build_pusher_pool(ctx: PushContext) -> EventPool[PushContext]:
     # Not retried: a second run would push the same RECV twice; resends are the DUP mechanism's job.
     pool.register(PUSH, "push_online", push_online, retries=0, timeout_s=None)
     pool.register(PUSH, "offline_notice", offline_notice, kind="observer", timeout_s=None)
+    pool.batch_event_type(PUSH_BATCH, run_push_batch)
     return pool

@@ -3,6 +3,9 @@
 Sharded by uid, so one user's connects, sends and closes are handled in order. A send leaves this pool as
 soon as it is decrypted, verified and rate-checked: the channel pool takes it from there, and the SENDACK
 is written when the commit comes back, so the user shard never waits on Raft.
+
+Sends arrive as one `SendBatch` per socket read; the `send` chain runs on each (a rejected one is answered
+at once, in order) and the accepted ones go on to the channel pool as one event per channel.
 """
 
 from __future__ import annotations
@@ -22,14 +25,16 @@ from node.gateway.events import (
     PING,
     RECVACK,
     SEND,
+    SEND_BATCH,
     ConnectEvent,
     ConnEvent,
     RecvackEvent,
+    SendBatch,
     SendEvent,
 )
 from node.gateway.registry import Registry
 from node.pools.channel import SEND as CHANNEL_SEND
-from node.pools.channel import open_send
+from node.pools.channel import ChannelSend, open_send, submit_sends
 from node.pools.eventbus import EventPool
 from node.wire.crypto import CryptoError, Session, generate_keypair, msg_key_matches, random_salt
 from node.wire.protocol import (
@@ -189,8 +194,21 @@ async def forward(ctx: UserContext, ev: SendEvent) -> int | None:
         return send
     if ev.trace is not None:
         ev.trace.mark("user_pool")
-    await ctx.channel_pool.submit(send.route_key, CHANNEL_SEND, send)
+    if ev.forwarded is not None:
+        ev.forwarded.append(send)  # submitted with the rest of its batch (run_send_batch)
+    else:
+        await ctx.channel_pool.submit(send.route_key, CHANNEL_SEND, send)
     return None
+
+
+async def run_send_batch(pool: EventPool[UserContext], batch: SendBatch) -> None:
+    """The `send` chain on each SEND of one read, in order; then the accepted ones, one event per channel."""
+    forwarded: list[ChannelSend] = []
+    for ev in batch.sends:
+        ev.forwarded = forwarded
+        await pool.run_chain(SEND, ev)
+    if forwarded:
+        await submit_sends(pool.ctx.channel_pool, forwarded)
 
 
 async def reject_send(ctx: UserContext, ev: SendEvent, reason: int) -> None:
@@ -234,6 +252,7 @@ def build_user_pool(ctx: UserContext) -> EventPool[UserContext]:
     pool.register(SEND, "rate_limit", rate_limit, retries=0, timeout_s=None)
     # forward may wait on a full channel pool (backpressure); that is not a failure to retry.
     pool.register(SEND, "forward", forward, retries=0, timeout_s=None)
+    pool.batch_event_type(SEND_BATCH, run_send_batch)
     pool.register(RECVACK, "recvack", recvack, timeout_s=None)
     pool.register(PING, "ping", ping, timeout_s=None)
     pool.register(CLOSE, "close", close, timeout_s=None)

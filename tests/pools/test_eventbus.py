@@ -408,3 +408,80 @@ async def test_a_raising_on_reject_does_not_break_the_pool() -> None:
     assert await pool.dispatch("strict", 1) == 11
     assert await pool.dispatch("strict", 2) == 11
     assert pool.rejected == 2
+
+
+# -- batch event types -------------------------------------------------------------------------------------
+
+
+async def run_items(pool: EventPool[Ctx], batch: list[Any]) -> None:
+    """A batch runner as the send path's: the item chain on each item, then a note that the batch ended."""
+    for item in batch:
+        await pool.run_chain("ev", item)
+    pool.ctx.calls.append(("batch done", len(batch)))
+
+
+async def test_a_batch_event_runs_the_item_chain_per_item_in_one_shard_visit(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    pool = make_pool(shards=1)
+    builtin_calls: list[Any] = []
+
+    async def builtin(ctx: Ctx, event: Any) -> int | None:
+        builtin_calls.append(event)
+        return 22 if event == "too fast" else None
+
+    pool.register("ev", "builtin", builtin, timeout_s=None, retries=0)
+    pool.register("ev", "plugin", recorder("plugin"), on_error="skip")  # a plugin: timed, with a timeout
+    pool.register("ev", "watch", recorder("watch"), kind="observer")
+    pool.batch_event_type("batch", run_items)
+    assert "batch" not in pool.event_types()  # no chain of its own: nothing registers on it
+    async with running(pool):
+        await pool.submit("k", "batch", ["a", "too fast", "b"])
+        await wait_until(lambda: ("batch done", 3) in pool.ctx.calls)
+        await wait_until(lambda: pool.chain("ev")[2].stats.calls == 2)
+    assert builtin_calls == ["a", "too fast", "b"]
+    # The rejected item stops its own chain only, and is answered at once, in order.
+    assert [event for name, event in pool.ctx.calls if name == "plugin"] == ["a", "b"]
+    assert [event for name, event in pool.ctx.calls if name == "watch"] == ["a", "b"]
+    assert pool.ctx.rejected == [("too fast", 22)]
+    builtin_handler = pool.chain("ev")[0]
+    assert (builtin_handler.stats.calls, builtin_handler.stats.rejects) == (3, 1)
+    stats = pool.statistics()
+    assert (stats["processed"], stats["rejected"]) == (3, 1)  # items, not batches
+    assert stats["latency"]["calls"] == 1  # one shard visit
+
+
+async def test_a_failing_builtin_step_in_a_batch_is_retried_and_dead_lettered_like_any_step() -> None:
+    pool = make_pool()
+    attempts: list[Any] = []
+
+    async def flaky(ctx: Ctx, event: Any) -> int | None:
+        attempts.append(event)
+        if event == "broken" or (event == "once" and attempts.count("once") == 1):
+            raise OSError("boom")
+        return None
+
+    pool.register("ev", "flaky", flaky, timeout_s=None, retries=1)
+    pool.register("ev", "tail", recorder("tail"), timeout_s=None)
+    for item in ["once", "broken", "fine"]:
+        await pool.run_chain("ev", item)
+    assert attempts == ["once", "once", "broken", "broken", "fine"]
+    assert [event for _name, event in pool.ctx.calls] == ["once", "fine"]
+    assert pool.ctx.rejected == [("broken", SYSTEM_ERROR)]
+    flaky_stats = pool.chain("ev")[0].stats
+    assert (flaky_stats.calls, flaky_stats.errors, flaky_stats.dead_lettered) == (5, 3, 1)
+    assert [d.handler for d in pool.dead_letters] == ["flaky"]
+
+
+def test_a_batch_event_type_cannot_shadow_a_chain() -> None:
+    pool = make_pool()
+    with pytest.raises(HandlerError):
+        pool.batch_event_type("ev", run_items)
+    with pytest.raises(HandlerError):
+        make_pool_with_batch().register("batch", "h", recorder("h"))
+
+
+def make_pool_with_batch() -> EventPool[Ctx]:
+    pool = make_pool()
+    pool.batch_event_type("batch", run_items)
+    return pool
