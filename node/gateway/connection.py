@@ -3,9 +3,10 @@
 The connection object never touches a socket itself. A transport (TCP or WebSocket, transports.py) runs two
 tasks per connection: a reader that decodes frames into events for the user pool, and a writer that takes
 everything queued (`take_frames`) and writes it. Everything else (pools, handlers) only calls
-`send_packet` / `send_frame`, which never block: a connection whose queue is full (in frames or in bytes) is
-a client that stopped reading, and it is disconnected rather than allowed to grow the node (its messages
-stay stored for sync). The RECVs kept for resending are bounded in count and in bytes too.
+`send_packet` / `send_frame`, which never block: a connection whose RECV queue is full (in frames) or whose
+queues together hold too many bytes is a client that stopped reading, and it is disconnected rather than
+allowed to grow the node (its messages stay stored for sync). The RECVs kept for resending are bounded in
+count and in bytes too.
 
 Two queues: control frames (SENDACK, PONG, SUBACK, a refused CONNACK: everything `send_packet` queues but
 RECV and DISCONNECT) and the rest (RECVs of fan-out, resends, the CONNACK, a closing DISCONNECT). The writer
@@ -74,10 +75,10 @@ class Connection:
         self.rate_tokens = 0.0
         self.rate_stamp = self.connected_at
         self._outbound_send, self.outbound = trio.open_memory_channel[bytes](outbound_frames)
-        # Bounded like `outbound` (a pipelining client may have as many SENDACKs due as RECVs); in practice
-        # it holds the few control frames queued since the writer's last write.
+        # Bounded in bytes only (with `outbound`, by outbound_bytes): control frames answer the client's own
+        # packets, and one commit answers a whole pipelined batch of its SENDs at once, so a count bound
+        # would cut a client that reads. A client that stops reading still meets the byte bound.
         self.control: collections.deque[bytes] = collections.deque()
-        self.control_frames_max = outbound_frames
         # Set whenever a frame is queued or the connection closes: the writer waits on it when idle.
         self._writable = trio.Event()
         # Frames of a few hundred KB make a bound in frames alone worth hundreds of MB per connection.
@@ -107,9 +108,6 @@ class Connection:
     def send_control(self, frame: bytes) -> bool:
         """Queue a control frame (SENDACK, PONG...): written before any RECV already queued."""
         if not self._has_room(frame):
-            return False
-        if len(self.control) >= self.control_frames_max:
-            self.abort("control queue full: the client is not reading")
             return False
         self.control.append(frame)
         self._queued(frame)

@@ -76,11 +76,11 @@ async def test_control_frames_go_first_and_everything_queued_goes_in_one_write()
 
 
 async def test_a_client_that_stops_reading_is_cut_by_either_queue() -> None:
+    # A burst of control frames (one commit acknowledging a pipelined batch) is bounded in bytes, not count.
     conn = connection(frames=4)
-    for _ in range(4):
+    for _ in range(40):
         assert conn.send_packet(Pong())
-    assert not conn.send_packet(Pong())
-    assert conn.closed.is_set() and "control queue full" in conn.close_reason
+    assert not conn.closed.is_set()
 
     conn = connection(frames=4)
     for _ in range(4):
