@@ -226,8 +226,11 @@ async def run_send_batch(pool: EventPool[ChannelContext], batch: ChannelSendBatc
         # A plugin step may have waited, and a completion meanwhile replaced this channel's batch state:
         # flush whichever is current.
         current = ctx.batches.get(key)
-        if current is not None and current.pending and not current.in_flight:
-            _flush(ctx, key, current)
+        if current is not None and not current.in_flight:
+            if current.pending:
+                _flush(ctx, key, current)
+            elif not current.filling:
+                del ctx.batches[key]  # every send was refused: nothing of this channel is left to track
 
 
 async def submit_sends(pool: EventPool[Any], sends: list[ChannelSend]) -> None:

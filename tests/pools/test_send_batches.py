@@ -68,3 +68,15 @@ async def test_plugin_steps_reject_single_messages_of_a_pipelined_batch_and_the_
         assert user_chain["forward"]["calls"] == count - 4
         assert (channel_chain["channel_step"]["calls"], channel_chain["channel_step"]["rejects"]) == (16, 4)
         assert channel_chain["store"]["calls"] == 12
+
+
+async def test_refused_sends_leave_no_channel_state_behind(tmp_path: Path) -> None:
+    # A channel whose every send is refused (here: groups that do not exist) must not stay tracked.
+    config = single_node_config(tmp_path / "n1", send_rate_per_s=100_000.0)
+    async with running_node(config) as running, open_client(*running.tcp, "alice") as alice:
+        acks = await alice.send_many([(f"nogroup{i}", 2, b"x") for i in range(200)])
+        assert all(ack.reason_code != Reason.SUCCESS for ack in acks)
+        assert running.node.channel_ctx.batches == {}
+        ok = await alice.send("bob", 1, b"served")
+        assert ok.reason_code == Reason.SUCCESS
+        await wait_for(lambda: not running.node.channel_ctx.batches, 10, "the accepted send's batch done")
