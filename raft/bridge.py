@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -87,6 +87,25 @@ class ProposeTiming:
     proposed: float = 0.0  # handed to PySyncObj
     apply_started: float = 0.0  # committed: this node's apply of the entry began (tick thread)
     applied: float = 0.0  # apply done, completion posted to trio (tick thread)
+
+
+T = TypeVar("T")
+_READ_ATTEMPTS = 5
+
+
+def _read_tick_state(read: Callable[[], T]) -> T:
+    """Read PySyncObj state the tick thread owns, from the trio thread.
+
+    Membership changes resize the sets and dicts `getStatus` and `otherNodes` walk; a GIL switch in the
+    middle of a walk raises RuntimeError ("changed size during iteration"). The change is over at once:
+    read again rather than let a status poll kill its task.
+    """
+    for _attempt in range(_READ_ATTEMPTS - 1):
+        try:
+            return read()
+        except RuntimeError:
+            continue
+    return read()
 
 
 class RaftNode:
@@ -278,7 +297,9 @@ class RaftNode:
     def members(self) -> list[str]:
         """Raft addresses of the current members, this node first."""
         machine = self.machine
-        return [machine.selfNode.address, *sorted(node.address for node in machine.otherNodes)]
+        return _read_tick_state(
+            lambda: [machine.selfNode.address, *sorted(node.address for node in machine.otherNodes)]
+        )
 
     async def committed(self) -> AsyncIterator[Committed]:
         """Every entry this node applies, in log order (one consumer)."""
@@ -287,7 +308,7 @@ class RaftNode:
 
     def status(self) -> dict[str, Any]:
         """PySyncObj's status, with JSON-friendly names."""
-        raw = self.machine.getStatus()
+        raw = _read_tick_state(self.machine.getStatus)
         leader = raw.get("leader")
         match = {
             k.removeprefix("match_idx_server_"): v

@@ -331,3 +331,23 @@ async def test_a_result_reaches_its_waiter_straight_from_the_tick_thread(tmp_pat
         assert not node._results
     finally:
         store.close()
+
+
+def test_reading_tick_thread_state_retries_a_walk_that_raced_a_membership_change() -> None:
+    from raft.bridge import _read_tick_state
+
+    attempts = []
+
+    def read() -> str:
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise RuntimeError("Set changed size during iteration")
+        return "status"
+
+    assert _read_tick_state(read) == "status" and len(attempts) == 3
+
+    def always() -> str:
+        raise RuntimeError("still changing")
+
+    with pytest.raises(RuntimeError):
+        _read_tick_state(always)
