@@ -90,6 +90,8 @@ class ProposeTiming:
 
 
 T = TypeVar("T")
+# Committed entries waiting for the committed stream beyond which proposal results are held back.
+COMMITTED_BACKLOG_MAX = 512
 _READ_ATTEMPTS = 5
 
 
@@ -142,14 +144,18 @@ class RaftNode:
             while True:
                 await self._wakeup.wait()
                 self._wakeup = trio.Event()
-                with self._inbox_lock:
-                    items = list(self._inbox)
-                    self._inbox.clear()
-                for item in items:
+                while True:
+                    # One at a time, so len(self._inbox) is the backlog the results wait behind.
+                    with self._inbox_lock:
+                        if not self._inbox:
+                            break
+                        item = self._inbox.popleft()
                     if item[0] == "installed":
                         self.on_snapshot_installed()
                     else:
                         await self._committed_send.send(item[1])
+                    if self._results:
+                        self._resolve_results()  # any held back while the backlog was long
         finally:
             self.close()
 
@@ -206,6 +212,11 @@ class RaftNode:
         Idempotent scheduling may run it once for several posts, or once with nothing left to do.
         """
         with self._inbox_lock:
+            if len(self._inbox) > COMMITTED_BACKLOG_MAX:
+                # Distribution is behind: hold the SENDACKs back so the proposals in flight, and with them
+                # the senders, wait for it (the pump resolves them as it drains), instead of committing on
+                # while committed entries pile up here unbounded.
+                return
             items = list(self._results)
             self._results.clear()
         for token, result, error, called_back, apply_started in items:

@@ -351,3 +351,25 @@ def test_reading_tick_thread_state_retries_a_walk_that_raced_a_membership_change
 
     with pytest.raises(RuntimeError):
         _read_tick_state(always)
+
+
+async def test_results_wait_while_committed_entries_pile_up(tmp_path: os.PathLike[str]) -> None:
+    # Distribution behind (the committed stream full): SENDACKs are held back, so senders slow down
+    # instead of committed entries growing without bound in the bridge.
+    from raft.bridge import COMMITTED_BACKLOG_MAX
+
+    store = Store(os.path.join(tmp_path, "store"), map_size=64 << 20)
+    try:
+        node = RaftNode(fast_settings(tmp_path, free_port()), store)
+        node._token = trio.lowlevel.current_trio_token()
+        node._inbox.extend(("commit", None) for _ in range(COMMITTED_BACKLOG_MAX + 1))
+        waiter = _Waiter(trio.Event())
+        node._waiters[9] = waiter
+        await trio.to_thread.run_sync(node._post_result, (9, [{"r": 1}], 0, 0.0, 0.0))
+        await trio.testing.wait_all_tasks_blocked()
+        assert not waiter.done.is_set() and len(node._results) == 1
+        node._inbox.popleft()  # the pump handed one entry on: the backlog is at the bound again
+        node._resolve_results()  # what the pump calls after each entry
+        assert waiter.done.is_set() and waiter.result == [{"r": 1}]
+    finally:
+        store.close()
