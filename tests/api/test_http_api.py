@@ -1125,3 +1125,12 @@ async def test_a_body_dribbled_past_the_time_limit_gets_408_and_a_close(tmp_path
         assert status == 200
         with node.node.store.read() as txn:
             assert "dribbler" not in (txn.meta("system_uids") or [])
+
+
+@pytest.mark.parametrize("value", ["--1", "²", "1_0", "12345678901234567890", " 1"])
+async def test_a_query_integer_int_would_refuse_gets_400(node: RunningNode, value: str) -> None:
+    from urllib.parse import quote
+
+    path = f"/channel/max_message_seq?channel_id=g1&channel_type={quote(value)}"
+    status, body = await http_json(node.http, "GET", path, headers={"token": TOKEN})
+    assert status == 400 and "channel_type must be an integer" in body["msg"]
