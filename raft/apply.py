@@ -284,7 +284,7 @@ def apply_ops(txn: Txn, ops: list[Any], index: int = 0) -> list[Result]:
     view = EntryView(txn, index)
     for op in ops:
         try:
-            checked = c.check_op(op)
+            checked = c.check_op(op, uid_rule=False)
         except c.BadCommand as exc:
             results.append(_error(c.R_SYSTEM_ERROR, str(exc)))
             continue

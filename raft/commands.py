@@ -131,9 +131,9 @@ def valid_uid(uid: str) -> bool:
     return PERSON_SEPARATOR not in uid
 
 
-def _uid(op: dict[str, Any], field: str, *, allow_empty: bool = False) -> None:
+def _uid(op: dict[str, Any], field: str, *, allow_empty: bool = False, rule: bool = True) -> None:
     _id(op, field, allow_empty=allow_empty, max_bytes=MAX_UID_BYTES)
-    if not valid_uid(op[field]):
+    if rule and not valid_uid(op[field]):
         raise BadCommand(f"{field} {UID_RULE}")
 
 
@@ -148,7 +148,7 @@ def _bool(op: dict[str, Any], field: str) -> None:
         raise BadCommand(f"{field} must be a boolean")
 
 
-def _uids(op: dict[str, Any], field: str = "uids") -> None:
+def _uids(op: dict[str, Any], field: str = "uids", *, rule: bool = True) -> None:
     uids = op.get(field)
     if not isinstance(uids, list) or len(uids) > MAX_UIDS_PER_OP:
         raise BadCommand(f"{field} must be a list of at most {MAX_UIDS_PER_OP} uids")
@@ -157,7 +157,7 @@ def _uids(op: dict[str, Any], field: str = "uids") -> None:
             raise BadCommand(
                 f"every entry of {field} must be a non-empty string of at most {MAX_UID_BYTES} bytes"
             )
-        if not valid_uid(uid):
+        if rule and not valid_uid(uid):
             raise BadCommand(f"every entry of {field} {UID_RULE}")
 
 
@@ -166,14 +166,20 @@ def _channel(op: dict[str, Any]) -> None:
     _int(op, "ct", 0, 255)
 
 
-def check_op(op: Any) -> Op:
-    """Validate one op and return it; raises BadCommand naming the first bad field."""
+def check_op(op: Any, *, uid_rule: bool = True) -> Op:
+    """Validate one op and return it; raises BadCommand naming the first bad field.
+
+    `uid_rule=False` (apply) leaves out the rule that a uid holds no `@`: it came after ops were already
+    committed, and apply must give every entry the result it gave when first applied, on every node and
+    version (a node catching up from the log would otherwise refuse what the others stored). The rule is
+    enforced where uids enter (CONNECT, SEND, HTTP) and in every constructor below.
+    """
     if not isinstance(op, dict):
         raise BadCommand("op must be a map")
     kind = op.get("t")
     if kind == OP_SEND:
         _channel(op)
-        _uid(op, "from")
+        _uid(op, "from", rule=uid_rule)
         _id(op, "cmn")
         _int(op, "mid", 0, (1 << 63) - 1)
         _int(op, "ts", 0, (1 << 32) - 1)
@@ -182,10 +188,10 @@ def check_op(op: Any) -> Op:
         if not isinstance(payload, bytes) or len(payload) > MAX_PAYLOAD_BYTES:
             raise BadCommand(f"payload must be bytes of at most {MAX_PAYLOAD_BYTES}")
         if "to" in op:
-            _uid(op, "to", allow_empty=True)
+            _uid(op, "to", allow_empty=True, rule=uid_rule)
         _bool(op, "api")
     elif kind == OP_TOKEN:
-        _uid(op, "uid")
+        _uid(op, "uid", rule=uid_rule)
         _int(op, "flag", 0, 255)
         _int(op, "level", 0, 255)
         token = op.get("token")
@@ -197,7 +203,7 @@ def check_op(op: Any) -> Op:
             if flag in op:
                 _int(op, flag, 0, 1)
         if "subs" in op:
-            _uids(op, "subs")
+            _uids(op, "subs", rule=uid_rule)
         _bool(op, "reset")
     elif kind == OP_MEMBERS:
         _channel(op)
@@ -205,7 +211,7 @@ def check_op(op: Any) -> Op:
             raise BadCommand(f"list must be one of {', '.join(MEMBER_LISTS)}")
         if op.get("action") not in MEMBER_ACTIONS:
             raise BadCommand(f"action must be one of {', '.join(MEMBER_ACTIONS)}")
-        _uids(op)
+        _uids(op, rule=uid_rule)
     elif kind == OP_CHANNEL_DELETE:
         _channel(op)
     elif kind == OP_PRESENCE:
@@ -217,7 +223,7 @@ def check_op(op: Any) -> Op:
         for change in changes:
             if not isinstance(change, dict):
                 raise BadCommand("every presence change must be a map")
-            _uid(change, "uid")
+            _uid(change, "uid", rule=uid_rule)
             _int(change, "conn", 0, (1 << 63) - 1)
             _int(change, "flag", 0, 255)
             _int(change, "level", 0, 255)
@@ -226,13 +232,13 @@ def check_op(op: Any) -> Op:
     elif kind == OP_SYSTEM_UIDS:
         if op.get("action") not in ("add", "remove"):
             raise BadCommand("action must be add or remove")
-        _uids(op)
+        _uids(op, rule=uid_rule)
     elif kind == OP_DEVICE_QUIT:
-        _uid(op, "uid")
+        _uid(op, "uid", rule=uid_rule)
         _int(op, "flag", -1, 255)
     elif kind == OP_CONVERSATION:
         _channel(op)
-        _uid(op, "uid")
+        _uid(op, "uid", rule=uid_rule)
         if op.get("action") not in CONVERSATION_ACTIONS:
             raise BadCommand(f"action must be one of {', '.join(CONVERSATION_ACTIONS)}")
         if op["action"] == "set_unread":

@@ -371,7 +371,13 @@ BAD_OPS: dict[str, tuple[Any, str]] = {
     "subs not a list": (channel("g", subs="u1"), "subs"),
     "token not a string": ({"t": c.OP_TOKEN, "uid": "u", "flag": 0, "level": 0, "token": b"x"}, "token"),
     "delete without type": ({"t": c.OP_CHANNEL_DELETE, "cid": "g"}, "ct"),
-    # `@` joins the two uids of a person channel's stored id: no uid may hold one.
+}
+
+
+# `@` joins the two uids of a person channel's stored id: no uid may hold one (issue 10). The rule is checked
+# where uids enter and by every op constructor, not by apply: entries committed before it must apply alike
+# on every node and version.
+AT_UID_OPS: dict[str, tuple[Any, str]] = {
     "sender with @": (person_send("eve@mail.com", "bob", "m"), "from"),
     "receiver with @": (person_send("eve", "mail.com@bob", "m"), "to"),
     "token uid with @": ({"t": c.OP_TOKEN, "uid": "a@b", "flag": 0, "level": 0, "token": "t"}, "uid"),
@@ -392,6 +398,20 @@ BAD_OPS: dict[str, tuple[Any, str]] = {
         "uid",
     ),
 }
+
+
+@pytest.mark.parametrize("case", list(AT_UID_OPS))
+def test_an_op_with_an_at_uid_is_refused_before_it_is_proposed(case: str) -> None:
+    op, field = AT_UID_OPS[case]
+    with pytest.raises(c.BadCommand, match=field):
+        c.check_op(op)
+
+
+@pytest.mark.parametrize("case", list(AT_UID_OPS))
+def test_apply_does_not_judge_an_op_by_the_later_at_rule(store: Store, case: str) -> None:
+    op, _field = AT_UID_OPS[case]
+    [result] = apply(store, [op])
+    assert "must not contain" not in result.get("err", "")
 
 
 @pytest.mark.parametrize("case", list(BAD_OPS))
