@@ -164,7 +164,11 @@ async def test_propose_commit_restart_and_replay(tmp_path: os.PathLike[str]) -> 
             assert run.committed[0].results == [result]
             assert store.applied_index() == run.committed[0].raft_index
             # PySyncObj starts counting at 1 after a restart, so it did run every old entry through
-            # execute again: those were the skipped replays.
+            # execute again: those were the skipped replays. (It counts the entry only after execute has
+            # handed it over, on its own thread: wait for that, bounded.)
+            with trio.fail_after(COMMIT_TIMEOUT_S):
+                while run.node.machine.raftLastApplied < run.committed[0].raft_index:  # noqa: ASYNC110
+                    await trio.sleep(0.005)
             assert run.node.machine.raftLastApplied == run.committed[0].raft_index
             assert message_seqs(store, "g") == [1, 2, 3, 4]
     finally:
