@@ -1,7 +1,8 @@
 """What the gateway hands to the user pool: one typed event per client packet, keyed by uid.
 
-The SENDs of one socket read travel together, as one `SendBatch` (event type `send_batch`): one queue slot
-and one task switch for the lot. The user pool runs its `send` chain on each `SendEvent` inside it.
+The SENDs of one socket read travel together, as one `SendBatch` (event type `send_batch`), and so do its
+RECVACKs (`RecvackBatch`, `recvack_batch`): one queue slot and one task switch for the lot. The user pool
+runs its `send` (`recvack`) chain on each event inside it.
 
 Defined here, beside the connections they carry, so the gateway needs nothing of the pools: it submits to
 whatever takes `submit`/`try_submit` (the user pool, in server.py).
@@ -22,6 +23,7 @@ SEND_BATCH = "send_batch"
 # A read of many small frames becomes several batches past this: a bound on one event's work.
 SEND_BATCH_MAX = 256
 RECVACK = "recvack"
+RECVACK_BATCH = "recvack_batch"
 PING = "ping"
 CLOSE = "close"
 
@@ -55,6 +57,14 @@ class SendBatch:
 class RecvackEvent:
     conn: Connection
     packet: Recvack
+
+
+@dataclass(slots=True)
+class RecvackBatch:
+    """The consecutive RECVACKs of one socket read (at most `SEND_BATCH_MAX`), in the order they were read."""
+
+    conn: Connection
+    acks: list[RecvackEvent] = field(default_factory=list)
 
 
 @dataclass(slots=True)

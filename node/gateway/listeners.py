@@ -269,29 +269,27 @@ class Gateway:
         next_packet: Callable[[], Awaitable[Any]],
         buffered_packet: Callable[[], Any],
     ) -> None:
-        """Hand every packet of a read to the user pool, the SENDs among them as batches.
+        """Hand every packet of a read to the user pool, the SENDs and the RECVACKs among them as batches.
 
-        The consecutive SENDs of one read go as one event (up to SEND_BATCH_MAX); any other packet first
-        sends the batch before it, so the user shard sees this connection's packets in the order read.
+        A run of consecutive SENDs (or RECVACKs) of one read goes as one event (up to SEND_BATCH_MAX); any
+        other packet first submits the batch before it, so the user shard sees this connection's packets
+        in the order read.
         """
         while not conn.closed.is_set():
             with trio.move_on_after(self.tuning.idle_timeout_s):
                 packet = await next_packet()
                 conn.last_activity = trio.current_time()
-                sends: list[ev.SendEvent] = []
+                batch = _ReadBatch(conn, self.user_events)
                 while packet is not None:
                     if isinstance(packet, Send):
                         trace = self.tracer.start("send", conn.read_at)
                         if trace is not None:
                             trace.mark("decode")
-                        sends.append(ev.SendEvent(conn, packet, trace=trace))
-                        if len(sends) >= ev.SEND_BATCH_MAX:
-                            await self._submit_sends(conn, sends)
-                            sends = []
+                        await batch.add_send(ev.SendEvent(conn, packet, trace=trace))
+                    elif isinstance(packet, Recvack):
+                        await batch.add_recvack(ev.RecvackEvent(conn, packet))
                     else:
-                        if sends:
-                            await self._submit_sends(conn, sends)
-                            sends = []
+                        await batch.submit()
                         if not await self._serve_packet(conn, packet):
                             return
                     if conn.closed.is_set():
@@ -300,25 +298,18 @@ class Gateway:
                         packet = buffered_packet()
                     except ProtocolError:
                         # The frames before the bad one were read and are answered, as if read alone.
-                        if sends:
-                            await self._submit_sends(conn, sends)
+                        await batch.submit()
                         raise
-                if sends:
-                    await self._submit_sends(conn, sends)
+                await batch.submit()
                 continue
             self.idle_timeouts += 1
             conn.close(Reason.UNKNOWN, "idle timeout")
             return
 
-    async def _submit_sends(self, conn: Connection, sends: list[ev.SendEvent]) -> None:
-        await self.user_events.submit(conn.uid, ev.SEND_BATCH, ev.SendBatch(conn, sends))
-
     async def _serve_packet(self, conn: Connection, packet: Any) -> bool:
-        """One packet other than SEND; False when the connection is done (the client disconnected)."""
+        """One packet other than SEND or RECVACK; False when the connection is done (the client left)."""
         pool = self.user_events
-        if isinstance(packet, Recvack):
-            await pool.submit(conn.uid, ev.RECVACK, ev.RecvackEvent(conn, packet))
-        elif isinstance(packet, Ping):
+        if isinstance(packet, Ping):
             await pool.submit(conn.uid, ev.PING, ev.ConnEvent(conn))
         elif isinstance(packet, Disconnect):
             conn.close()
@@ -346,3 +337,36 @@ class Gateway:
             "connect_timeouts": self.connect_timeouts,
             "idle_timeouts": self.idle_timeouts,
         }
+
+
+class _ReadBatch:
+    """The run of SENDs or of RECVACKs being gathered from one read; submitted when the kind changes."""
+
+    def __init__(self, conn: Connection, sink: ev.EventSink) -> None:
+        self._conn = conn
+        self._sink = sink
+        self._sends: list[ev.SendEvent] = []
+        self._acks: list[ev.RecvackEvent] = []
+
+    async def add_send(self, send: ev.SendEvent) -> None:
+        if self._acks:
+            await self.submit()
+        self._sends.append(send)
+        if len(self._sends) >= ev.SEND_BATCH_MAX:
+            await self.submit()
+
+    async def add_recvack(self, ack: ev.RecvackEvent) -> None:
+        if self._sends:
+            await self.submit()
+        self._acks.append(ack)
+        if len(self._acks) >= ev.SEND_BATCH_MAX:
+            await self.submit()
+
+    async def submit(self) -> None:
+        uid = self._conn.uid
+        if self._sends:
+            sends, self._sends = self._sends, []
+            await self._sink.submit(uid, ev.SEND_BATCH, ev.SendBatch(self._conn, sends))
+        if self._acks:
+            acks, self._acks = self._acks, []
+            await self._sink.submit(uid, ev.RECVACK_BATCH, ev.RecvackBatch(self._conn, acks))

@@ -138,6 +138,8 @@ class ChannelBatch:
     # A ChannelSendBatch is being stored: its sends go to Raft together, once all have been through the
     # chain (the first one alone would hold the rest back a whole commit).
     filling: bool = False
+    # While filling: the permission answers of this batch, by (sender, peer, api).
+    permissions: dict[tuple[str, str, bool], int] = field(default_factory=dict)
 
 
 @dataclass
@@ -171,10 +173,19 @@ async def permission(ctx: ChannelContext, send: ChannelSend) -> int | None:
     """Fast path only: apply checks again against the replicated state and decides."""
     if send.trace is not None:
         send.trace.mark("channel_pool_wait")
-    with ctx.store.read() as txn:
-        reason = send_permission(
-            txn, send.channel_id, send.channel_type, send.sender, send.peer, api=send.api
-        )
+    # The sends of one channel batch mostly share sender and peer: one store read answers them all (a
+    # change committed meanwhile is still caught: apply checks again).
+    channel = ctx.batches.get(send.route_key)
+    memo = channel.permissions if channel is not None and channel.filling else None
+    key = (send.sender, send.peer, send.api)
+    reason = memo.get(key) if memo is not None else None
+    if reason is None:
+        with ctx.store.read() as txn:
+            reason = send_permission(
+                txn, send.channel_id, send.channel_type, send.sender, send.peer, api=send.api
+            )
+        if memo is not None:
+            memo[key] = reason
     return None if reason == Reason.SUCCESS else reason
 
 
@@ -223,6 +234,7 @@ async def run_send_batch(pool: EventPool[ChannelContext], batch: ChannelSendBatc
             await pool.run_chain(SEND, send)
     finally:
         channel.filling = False
+        channel.permissions.clear()
         # A plugin step may have waited, and a completion meanwhile replaced this channel's batch state:
         # flush whichever is current.
         current = ctx.batches.get(key)

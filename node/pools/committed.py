@@ -17,7 +17,7 @@ from node.cluster.presence import Presence
 from node.gateway.registry import Registry
 from node.pools.channel import DISTRIBUTE, Delivery
 from node.pools.eventbus import EventPool
-from node.pools.pusher import PUSH_BATCH, PushBatch, PushEvent
+from node.pools.pusher import BUILTIN_PUSH, PUSH, PUSH_BATCH, PushBatch, PushEvent
 from node.trace import Tracer
 from node.wire.protocol import Reason
 from raft.commands import (
@@ -103,6 +103,10 @@ class CommittedStream:
         by_shard: dict[int, list[PushEvent]] = {}
         shard_of = self._pusher_pool.shard_of
         members = self._group_members(deliveries)
+        # With only the built-in push steps, a recipient with no device on this node matters here only
+        # if this node took the send (it notices offline recipients): the others are skipped before any
+        # event is built. A plugin on `push` sees every recipient, as before.
+        local = None if self._pusher_pool.has_handlers(PUSH, besides=BUILTIN_PUSH) else self._registry.by_uid
         for delivery in deliveries:
             op, result, trace = delivery.op, delivery.result, delivery.trace
             if trace is not None:
@@ -112,6 +116,8 @@ class CommittedStream:
             else:
                 recipients = members[channel_key(op["cid"], op["ct"])]
             origin = self._origins.pop(result["mid"], None)
+            if local is not None and origin is None:
+                recipients = [uid for uid in recipients if uid in local]
             uids_by_shard: dict[int, list[str]] = {}
             for uid in recipients:
                 uids_by_shard.setdefault(shard_of(uid), []).append(uid)

@@ -24,10 +24,12 @@ from node.gateway.events import (
     CONNECT,
     PING,
     RECVACK,
+    RECVACK_BATCH,
     SEND,
     SEND_BATCH,
     ConnectEvent,
     ConnEvent,
+    RecvackBatch,
     RecvackEvent,
     SendBatch,
     SendEvent,
@@ -221,6 +223,12 @@ async def recvack(ctx: UserContext, ev: RecvackEvent) -> int | None:
     return None
 
 
+async def run_recvack_batch(pool: EventPool[UserContext], batch: RecvackBatch) -> None:
+    """The `recvack` chain on each RECVACK of one read, in order."""
+    for ack in batch.acks:
+        await pool.run_chain(RECVACK, ack)
+
+
 async def ping(ctx: UserContext, ev: ConnEvent) -> int | None:
     ev.conn.send_packet(Pong())
     return None
@@ -254,6 +262,7 @@ def build_user_pool(ctx: UserContext) -> EventPool[UserContext]:
     pool.register(SEND, "forward", forward, retries=0, timeout_s=None)
     pool.batch_event_type(SEND_BATCH, run_send_batch)
     pool.register(RECVACK, "recvack", recvack, timeout_s=None)
+    pool.batch_event_type(RECVACK_BATCH, run_recvack_batch)
     pool.register(PING, "ping", ping, timeout_s=None)
     pool.register(CLOSE, "close", close, timeout_s=None)
     return pool
