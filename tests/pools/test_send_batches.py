@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from node.client import open_client
-from node.wire.protocol import Reason
+from node.wire.protocol import Reason, Recvack, encode
 from tests.conftest import http_json, running_node, single_node_config, wait_for
 from tests.pools.batch_plugins import CHANNEL_REJECTED, DISTRIBUTED, USER_REJECTED
 
@@ -80,3 +80,28 @@ async def test_refused_sends_leave_no_channel_state_behind(tmp_path: Path) -> No
         ok = await alice.send("bob", 1, b"served")
         assert ok.reason_code == Reason.SUCCESS
         await wait_for(lambda: not running.node.channel_ctx.batches, 10, "the accepted send's batch done")
+
+
+async def test_the_recvacks_of_one_read_reach_the_user_pool_as_one_event(tmp_path: Path) -> None:
+    count = 30
+    config = single_node_config(tmp_path / "n1", send_rate_per_s=100_000.0)
+    async with (
+        running_node(config) as running,
+        open_client(*running.tcp, "alice") as alice,
+        open_client(*running.tcp, "bob", auto_ack=False) as bob,
+    ):
+        node = running.node
+        acks = await alice.send_many([("bob", 1, b"m%d" % i) for i in range(count)])
+        assert all(a.reason_code == Reason.SUCCESS for a in acks)
+        recvs = [await bob.recv() for _ in range(count)]
+        (conn,) = node.registry.of_uid("bob")
+        assert len(conn.inflight) == count
+        visits_before = node.user_pool.latency.calls
+        # All acknowledgements in one write: the node reads them together and hands them over as a batch.
+        await bob._write([encode(Recvack(r.message_id, r.message_seq), bob.version) for r in recvs])
+        await wait_for(lambda: not conn.inflight, 10, "every RECV acknowledged")
+        assert node.user_pool.latency.calls - visits_before < count
+        status, report = await http_json(running.http, "GET", "/admin/handlers")
+        assert status == 200
+        (recvack,) = report["pools"]["user"]["recvack"]
+        assert recvack["calls"] == count

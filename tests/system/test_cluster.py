@@ -75,6 +75,25 @@ async def test_any_node_serves_any_client_with_cluster_wide_seqs(cluster: Cluste
         for member in (alice, bob):
             message = await member.recv()
             assert (message.channel_id, message.message_id) == ("g1", group.message_id)
+
+        # A node does no push work for recipients with no device on it: n2 (carol only) pushes nothing of
+        # alice's messages to bob; n3 (bob) one push each. The marker to carol comes after them in the log,
+        # so once carol has it, n2 has distributed all of them.
+        async def pushes(node_id: str) -> int:
+            status, pools = await http_json(
+                cluster.http(node_id), "GET", "/admin/pools", headers={"token": MANAGER_TOKEN}
+            )
+            assert status == 200, pools
+            return int(pools["pusher"]["processed"])
+
+        before = {node_id: await pushes(node_id) for node_id in ("n2", "n3")}
+        acks = await alice.send_many([("bob", 1, b"m%d" % i) for i in range(20)])
+        assert all(a.reason_code == Reason.SUCCESS for a in acks)
+        assert [(await bob.recv()).message_id for _ in acks] == [a.message_id for a in acks]
+        marker = await alice.send("carol", 1, b"marker")
+        assert (await carol.recv()).message_id == marker.message_id
+        assert await pushes("n2") - before["n2"] == 1
+        assert await pushes("n3") - before["n3"] == 20
     verify = await trio.to_thread.run_sync(lambda: cluster.cli("admin", "verify"))
     assert verify.returncode == 0, verify.stdout + verify.stderr
 

@@ -174,3 +174,15 @@ def test_bench_help_says_how_to_measure_throughput() -> None:
 def test_bench_refuses_bad_flags(single: Cluster, flags: list[str], message: str) -> None:
     run = single.cli("bench", *flags)
     assert run.returncode == 1 and message in run.stderr
+
+
+def test_the_work_floor_measures_every_step_of_a_person_message() -> None:
+    from node.tools import floor
+
+    figures = floor.measure(rounds=3, per_entry=4)
+    assert {
+        "SEND frames decoded",
+        "apply on 3 nodes (one txn per entry)",
+        "RECV encrypted, signed, encoded",
+    } <= set(figures)
+    assert all(us > 0 for us in figures.values()), figures
