@@ -105,9 +105,9 @@ class Machine(SafeSyncObj):
             logCompactionMinTime=settings.compaction_min_time_s,
             logCompactionSplit=True,
             commandsQueueSize=settings.commands_queue_size,
-            # With no partner to answer, nothing wakes the tick loop after a proposal is appended: the
-            # commit waits for the next tick. A short tick keeps single-node commits in the millisecond range.
-            autoTickPeriod=0.05 if settings.partners else 0.002,
+            # No timer in the commit path: a partner's answer wakes the tick loop, and a node alone wakes
+            # it itself after appending (SafeSyncObj._checkCommandsToApply).
+            autoTickPeriod=0.05,
             serializer=self._serialize_snapshot,
             deserializer=self._load_snapshot,
             **settings.extra,
