@@ -30,7 +30,9 @@ TIMEOUT_MS = 20_000
 
 def chromium_or_skip() -> str:
     if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)) and not shutil.which("chromium"):
-        pytest.skip(f"no Chromium at {CHROMIUM}: `apt-get install -y chromium` (.ci/run does) to run the browser tests")
+        pytest.skip(
+            f"no Chromium at {CHROMIUM}: `apt-get install -y chromium` (.ci/run does) for browser tests"
+        )
     return CHROMIUM if os.path.isfile(CHROMIUM) else str(shutil.which("chromium"))
 
 
@@ -58,4 +60,3 @@ def page(browser: Any) -> Iterator[Any]:
     finally:
         context.close()
     assert not errors, f"uncaught errors in the page: {errors}"
-

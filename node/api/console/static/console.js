@@ -199,13 +199,14 @@ function renderMembers() {
     say('#overview-message', `${down.join(', ')} ${down.length > 1 ? 'are' : 'is'} down (no answer); ${leaderText}. ` +
       'The other members keep serving.', 'error');
   } else {
-    say('#overview-message', `${memberIds.length} members, ${leaderText}.`, state.leader ? 'info' : 'error');
+    const count = `${memberIds.length} member${memberIds.length === 1 ? '' : 's'}`;
+    say('#overview-message', `${count}, ${leaderText}.`, state.leader ? 'info' : 'error');
   }
 }
 
 function colorOf(id) { return COLORS[Math.max(0, state.nodes.indexOf(id)) % COLORS.length]; }
 
-function drawChart(svg, lines) {
+function drawChart(svg, lines, total = true) {
   // lines: [{node, key, dashed}]; each a polyline of (t, value) over the last WINDOW_S seconds.
   const width = svg.clientWidth || 420;
   const height = svg.clientHeight || 150;
@@ -218,7 +219,10 @@ function drawChart(svg, lines) {
     const rows = (state.series[line.node] || []).filter((r) => r[line.key] !== null && r.t > now - WINDOW_S);
     for (const r of rows) max = Math.max(max, r[line.key]);
     points += rows.length;
-    if (rows.length && !line.dashed) last += rows[rows.length - 1][line.key];
+    if (rows.length && !line.dashed) {
+      const value = rows[rows.length - 1][line.key];
+      last = total ? last + value : Math.max(last, value); // rates add up over nodes; times and lags do not
+    }
     return { ...line, rows };
   });
   const top = max > 0 ? niceCeil(max) : 1;
@@ -250,6 +254,8 @@ function drawChart(svg, lines) {
   svg.dataset.points = points;
   svg.dataset.max = max;
   svg.dataset.last = last;
+  const now_ = svg.parentElement.querySelector('.now');
+  if (now_) now_.textContent = points ? `— now ${fmt(Math.round(last * 10) / 10)} ${total ? 'in all' : 'at most'}` : '';
 }
 
 function niceCeil(v) {
@@ -263,8 +269,8 @@ function renderCharts() {
   const ids = state.nodes.filter((id) => state.series[id]);
   drawChart($('#chart-sends'), ids.map((node) => ({ node, key: 'sends_per_s' })));
   drawChart($('#chart-deliveries'), ids.map((node) => ({ node, key: 'deliveries_per_s' })));
-  drawChart($('#chart-latency'), ids.flatMap((node) => [{ node, key: 'ack_p99_ms' }, { node, key: 'ack_p50_ms', dashed: true }]));
-  drawChart($('#chart-lag'), ids.map((node) => ({ node, key: 'lag' })));
+  drawChart($('#chart-latency'), ids.flatMap((node) => [{ node, key: 'ack_p99_ms' }, { node, key: 'ack_p50_ms', dashed: true }]), false);
+  drawChart($('#chart-lag'), ids.map((node) => ({ node, key: 'lag' })), false);
   $('#legend').replaceChildren(...state.nodes.map((id) => el('span', { class: 'key', style: `color:${colorOf(id)}` }, `■ ${id} `)));
 }
 
