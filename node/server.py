@@ -23,6 +23,7 @@ from hypercorn.trio import serve as serve_http
 from node import plugins, tls
 from node.api import admin as admin_api
 from node.api import channels as channels_api
+from node.api import console as console_api
 from node.api import conversations as conversations_api
 from node.api import messages as messages_api
 from node.api import operations as operations_api
@@ -44,6 +45,7 @@ from node.pools.committed import CommittedStream, sync_handler_states
 from node.pools.eventbus import EventPool
 from node.pools.pusher import PushContext, build_pusher_pool, resend_due
 from node.pools.user import UserContext, build_user_pool
+from node.stats import StatsHistory, Totals
 from node.trace import Tracer
 from node.wire.protocol import Reason
 from raft import outbox
@@ -144,6 +146,7 @@ class Node:
             # A CA file that cannot be read stops the start with a ConfigError naming webhook.ca_file.
             webhook_tls = tls.client_context(config.source, "webhook.ca_file", config.webhook.ca_file)
         self.webhooks = Webhooks(config.webhook, self.store, self.proposer, self.raft.is_leader, webhook_tls)
+        self.stats = StatsHistory(self._totals, self.tracer)
         self.listening: Listening | None = None
         self.http = HttpApi(self._routes(), config.manager_token, body_timeout_s=tuning.http_body_timeout_s)
         self._register_metrics()
@@ -178,6 +181,16 @@ class Node:
                 webhooks=self.webhooks,
                 is_leader=self.raft.is_leader,
                 trace=self.tracer.summary,
+            ),
+            **console_api.static_routes(),
+            **console_api.routes(
+                node_id=self.spec.id,
+                config=self.config,
+                status=self.status,
+                stats=self.stats,
+                store=store,
+                registry=self.registry,
+                own_http=lambda: self.listening.http if self.listening else spec.http,
             ),
         }
 
@@ -214,6 +227,7 @@ class Node:
                 nursery.start_soon(self.proposer.run)
                 nursery.start_soon(self._resend_loop)
                 nursery.start_soon(self._sync_loop)
+                nursery.start_soon(self._stats_loop)
                 nursery.start_soon(self.presence.watch_nodes, self.raft)
                 nursery.start_soon(self.membership.log_changes)
                 nursery.start_soon(self.webhooks.run)
@@ -310,6 +324,23 @@ class Node:
         while True:
             await trio.sleep(self.config.tuning.store_sync_interval_s)
             await trio.to_thread.run_sync(self.store.sync)
+
+    async def _stats_loop(self) -> None:
+        """One sample a second of counters already kept, for the console's charts (node/stats.py)."""
+        while True:
+            self.stats.sample()
+            await trio.sleep(1.0)
+
+    def _totals(self) -> Totals:
+        raft = self.raft.status()
+        return Totals(
+            acked=self.channel_ctx.acked,
+            delivered=self.push_ctx.delivered,
+            committed=self.committed.committed_messages,
+            commit_index=raft.get("commit_index") or 0,
+            applied_index=raft.get("applied_index") or 0,
+            connections=len(self.registry),
+        )
 
     # -- inspection ----------------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

@@ -79,6 +79,7 @@ class Tracer:
             kind: collections.deque(maxlen=keep) for kind in self._times
         }
         self.finished = 0
+        self.finished_of = {kind: 0 for kind in self._times}
 
     def start(self, kind: str, at: float | None = None) -> Trace | None:
         if not self.every:
@@ -97,6 +98,13 @@ class Tracer:
                 times[stage].append(seconds)
         self._totals[trace.kind].append(sum(seconds for _stage, seconds in trace.stages))
         self.finished += 1
+        self.finished_of[trace.kind] += 1
+
+    def latest_totals(self, kind: str, count: int) -> list[float]:
+        """The whole-path seconds of the last `count` finished traces of `kind` (fewer if not kept)."""
+        totals = self._totals[kind]
+        count = min(count, len(totals))
+        return [totals[i] for i in range(len(totals) - count, len(totals))]
 
     def summary(self) -> dict[str, Any]:
         """Per kind and stage: traces seen, p50 and p99 in ms (stages in path order)."""

@@ -3,7 +3,8 @@
 The app knows routing, the manager token and bodies, nothing of the node: each resource module (users,
 channels, messages, conversations, admin) builds its routes from the few things it uses, and server.py
 hands them all to `HttpApi`. Writes go through Raft like everything else; reads come from the local LMDB.
-With a manager token configured, every path but /health needs it in a `token` header.
+With a manager token configured, every path but the public ones (/health, the console's static files)
+needs it in a `token` header.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ class HttpApi:
         if scope["method"] != route.method:
             raise HttpError(405, f"{scope['path']} takes {route.method}")
         token = self._manager_token
-        if token and scope["path"] != "/health":
+        if token and not route.public:
             given = dict(scope["headers"]).get(b"token", b"").decode("latin-1")
             if not hmac.compare_digest(given.encode(), token.encode()):
                 raise HttpError(401, "missing or wrong token header")

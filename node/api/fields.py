@@ -186,6 +186,8 @@ class Route:
     admin: bool = False
     summary: str = ""
     query: tuple[F, ...] = field(default_factory=tuple)
+    # Answered without the manager token: liveness, and the console's static files (no data in them).
+    public: bool = False
 
 
 def openapi_document(routes: Mapping[str, Route], manager_token_on: bool) -> Json:
@@ -207,7 +209,7 @@ def openapi_document(routes: Mapping[str, Route], manager_token_on: bool) -> Jso
             "summary": route.summary or path,
             "responses": {"200": {"description": "ok"}, "400": error},
         }
-        if manager_token_on and path != "/health":
+        if manager_token_on and not route.public:
             operation["security"] = [{"managerToken": []}]
         if route.query:
             operation["parameters"] = [

@@ -112,7 +112,7 @@ def routes(
         }
 
     return {
-        "/health": Route("GET", health, body="none", summary="Liveness"),
+        "/health": Route("GET", health, body="none", summary="Liveness", public=True),
         "/metrics": Route("GET", render_metrics, body="none", summary="Prometheus metrics"),
         "/route": Route("GET", route, body="none", summary="Addresses clients should connect to"),
         "/connz": Route(

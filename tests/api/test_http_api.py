@@ -163,9 +163,14 @@ async def make_group(api: Api, channel_id: str, members: list[str], **flags: int
 
 
 # -- the manager token -----------------------------------------------------------------------------------
-async def test_every_path_but_health_needs_the_manager_token(node: RunningNode, api: Api) -> None:
+async def test_every_path_but_the_public_ones_needs_the_manager_token(node: RunningNode, api: Api) -> None:
     before = await settled(node)
+    public = {path for path, route in node.node.http.routes.items() if route.public}
+    # Liveness, and the console's static files (no data in them; tests/api/test_console_api.py reads them).
+    assert public == {"/health", "/console", "/console/", "/console/console.js", "/console/console.css"}
     for path, route in node.node.http.routes.items():
+        if path.startswith("/console"):
+            continue
         body = {"uid": "alice", "token": "t", "channel_id": "g", "channel_type": 2, "uids": ["a"]}
         for headers in ({}, {"token": "wrong"}, {"token": TOKEN + "x"}):
             status, answer = await http_json(node.http, route.method, path, body, headers=headers)
@@ -826,7 +831,7 @@ async def test_openapi_lists_every_route_with_its_fields(node: RunningNode, api:
         operations = doc["paths"][path]
         assert list(operations) == [route.method.lower()], path
         operation = operations[route.method.lower()]
-        assert ("security" in operation) == (path != "/health"), path
+        assert ("security" in operation) == (not route.public), path
         params = {p["name"]: p for p in operation.get("parameters", [])}
         assert set(params) == {f.name for f in route.query}, path
         for f in route.query:
