@@ -1,7 +1,7 @@
 """Make the README's console screenshots: a 3-node cluster on random ports in a temp dir, under
 `imnode bench`, photographed in headless Chromium.
 
-    .venv/bin/python -m docs.console_screenshots   # docs/console-overview.png, console-playground.png
+    .venv/bin/python -m tests.console.screenshots   # tests/console/console-{overview,playground}.png
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from playwright.sync_api import expect, sync_playwright
 from tests.cluster_harness import MANAGER_TOKEN, Cluster, write_cluster_toml
 from tests.console.conftest import CHROMIUM, CHROMIUM_ARGS
 
-DOCS = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent
 
 
 def main() -> None:
@@ -58,7 +58,7 @@ def main() -> None:
                 page.wait_for_function(
                     "Number(document.querySelector('#chart-sends').dataset.points) >= 3 * 45", timeout=90_000
                 )
-                page.screenshot(path=str(DOCS / "console-overview.png"))
+                page.screenshot(path=str(HERE / "console-overview.png"))
                 page.click("#tabs button[data-tab=playground]")
                 a, b = page.locator("#pane-a"), page.locator("#pane-b")
                 a.locator(".connect").click()
@@ -73,7 +73,7 @@ def main() -> None:
                     pane.locator(".send").click()
                     other = b if pane == a else a
                     expect(other.locator(".log .in").last).to_contain_text(text)
-                page.screenshot(path=str(DOCS / "console-playground.png"))
+                page.screenshot(path=str(HERE / "console-playground.png"))
                 browser.close()
         finally:
             if bench is not None:
