@@ -30,6 +30,7 @@ import socket
 from typing import Any
 
 from pysyncobj import SyncObj
+from pysyncobj.encryptor import getEncryptor
 
 # PySyncObj's tcp_connection imports its Windows shim, which replaces `socket.inet_ntop` process-wide with a
 # function that raises TypeError on every other platform. Every use of PySyncObj in imnode comes through
@@ -117,3 +118,8 @@ class SafeSyncObj(SyncObj):
         SyncObj._SyncObj__onMessageReceived(self, node, heartbeat)
         self._send_reply(node, anchor[1] + 1, reset=False, success=True)
         return None
+
+
+def transport_cipher(password: str) -> Any:
+    """The cipher PySyncObj wraps every Raft message in for a cluster password (Fernet), for measuring."""
+    return getEncryptor(password)

@@ -21,6 +21,7 @@ from node.wire.protocol import LATEST_VERSION, FrameDecoder, Recv, Recvack, Send
 from raft.apply import Result, apply_ops
 from raft.commands import CHANNEL_PERSON, Op, decode_entry, encode_entry, person_channel_id, send_op
 from raft.permissions import send_permission
+from raft.safe_syncobj import transport_cipher
 from storage.store import Store
 
 NODES = 3
@@ -96,10 +97,8 @@ def measure(rounds: int, per_entry: int) -> dict[str, float]:
 
     entry = encode_entry(ops())
     raft_message = {"type": "append_entries", "term": 1, "commit_index": 1, "entries": [(entry, 2, 1)]}
-    # PySyncObj's transport: pickled, then Fernet with the cluster password (raft/safe_syncobj.py).
-    from pysyncobj.encryptor import getEncryptor
-
-    fernet = getEncryptor("a cluster password")
+    # PySyncObj's transport: pickled, then Fernet with the cluster password.
+    fernet = transport_cipher("a cluster password")
 
     def raft_transport() -> None:
         # The leader encrypts one append_entries per follower; each follower decrypts it and answers.
