@@ -45,7 +45,6 @@ from node.pools.eventbus import EventPool
 from node.pools.pusher import PushContext, build_pusher_pool, resend_due
 from node.pools.user import UserContext, build_user_pool
 from node.trace import Tracer
-from node.wire.protocol import Reason
 from raft import outbox
 from raft.bridge import RaftNode
 from raft.machine import RaftSettings
@@ -297,7 +296,9 @@ class Node:
         )
         self._sync_handler_states()
         for conn in list(self.registry):
-            conn.close(Reason.UNKNOWN, "state replaced by a snapshot: reconnect and sync")
+            # No DISCONNECT: the SDKs take any DISCONNECT for a kick and stop reconnecting (WuKongIM sends
+            # one only for a kick); a plain close makes them reconnect and sync.
+            conn.close(None, "state replaced by a snapshot: reconnect and sync")
 
     async def _resend_loop(self) -> None:
         interval = max(0.05, self.config.tuning.recv_resend_interval_s / 4)

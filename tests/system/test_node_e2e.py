@@ -279,7 +279,7 @@ async def test_garbage_gets_a_close_and_the_node_serves_others(node: RunningNode
         raw = await RawConn.open(node)
         await raw.write(garbage)
         packets = await raw.read_until_closed()
-        assert all(isinstance(p, Disconnect) for p in packets)
+        assert not any(isinstance(p, Disconnect) for p in packets)  # a DISCONNECT is for a kick only
         await raw.aclose()
         ack = await alice.send("bob", 1, TEXT)
         assert ack.reason_code == Reason.SUCCESS
