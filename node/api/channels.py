@@ -25,6 +25,7 @@ def routes(store: Store, proposer: Proposer) -> dict[str, Route]:
             disband=body["disband"],
             send_ban=body["send_ban"],
             large=body["large"],
+            allow_stranger=body["allow_stranger"],
             subscribers=body["subscribers"] or [],
             reset=bool(body["reset"]),
         )
@@ -39,6 +40,7 @@ def routes(store: Store, proposer: Proposer) -> dict[str, Route]:
             disband=body["disband"],
             send_ban=body["send_ban"],
             large=body["large"],
+            allow_stranger=body["allow_stranger"],
         )
         await propose(proposer, [op])
         return {"status": 200}
