@@ -97,6 +97,15 @@ class F:
             if self.required and not value:
                 raise bad(f"{self.name} must not be empty")
             return list(dict.fromkeys(value))
+        if self.kind in ("ints32", "ints63"):
+            top = U32 if self.kind == "ints32" else I63
+            if (
+                not isinstance(value, list)
+                or len(value) > self.high
+                or any(not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= top for v in value)
+            ):
+                raise bad(f"{self.name} must be a list of at most {self.high} integers in [0, {top}]")
+            return value
         if self.kind == "ints":
             if (
                 not isinstance(value, list)
@@ -152,6 +161,13 @@ class F:
             out = {"type": "array", "maxItems": MAX_UIDS_PER_OP, "items": item}
             if self.required:
                 out["minItems"] = 1
+        elif self.kind in ("ints32", "ints63"):
+            top = U32 if self.kind == "ints32" else I63
+            out = {
+                "type": "array",
+                "maxItems": self.high,
+                "items": {"type": "integer", "minimum": 0, "maximum": top},
+            }
         elif self.kind == "objs":
             out = {"type": "array", "maxItems": self.high, "items": {"type": "object"}}
         elif self.kind == "strs":
