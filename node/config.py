@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import os
 import tomllib
+import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -376,10 +377,15 @@ def _externals(source: str, prefix: str, values: dict[str, Any]) -> None:
         url = values.get(key, "")
         if not url:
             continue
-        scheme = next((s for s in schemes if url.startswith(s)), None)
-        if scheme is None:
+        if not url.startswith(schemes):
             raise ConfigError(f"{source}: {prefix}.{key}: expected a {' or '.join(schemes)} URL, got {url!r}")
-        _address(source, f"{prefix}.{key}", url[len(scheme) :].split("/", 1)[0])
+        parts = urllib.parse.urlsplit(url)
+        try:
+            parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
+        except ValueError:
+            parts = parts._replace(netloc="")
+        if not parts.hostname:
+            raise ConfigError(f"{source}: {prefix}.{key}: {url!r} names no host (or a bad port)")
 
 
 def _path(base_dir: str, value: str) -> str:
