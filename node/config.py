@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import os
 import tomllib
+import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -119,6 +120,12 @@ class NodeSpec:
     # ports keep serving SDKs and tools that do not speak TLS; `/route` names both. Empty means none.
     tcp_tls: str = ""
     wss: str = ""
+    # What `GET /route` tells clients, when they reach the node through another address than the one it
+    # binds (NAT, a load balancer, a proxy), as WuKongIM's `external.tcpAddr/wsAddr/wssAddr`: host:port
+    # for TCP, URLs for WebSocket. Empty: the bound address.
+    external_tcp: str = ""
+    external_ws: str = ""
+    external_wss: str = ""
 
 
 @dataclass(frozen=True)
@@ -310,6 +317,7 @@ def load(path: str | None) -> Config:
                     f"{source}: nodes.{node_id}.{key}: {values[key]} is already used by {used[addr]}"
                 )
             used[addr] = f"nodes.{node_id}.{key}"
+        _externals(source, f"nodes.{node_id}", values)
         if not 0 < values["numeric_id"] < 1024:
             raise ConfigError(f"{source}: nodes.{node_id}.numeric_id: must be in 1..1023 (message id space)")
         if values["numeric_id"] in numeric_ids:
@@ -359,6 +367,25 @@ def load(path: str | None) -> Config:
         source=source,
         base_dir=base_dir,
     )
+
+
+def _externals(source: str, prefix: str, values: dict[str, Any]) -> None:
+    """external_tcp is host:port; external_ws a ws:// or wss:// URL; external_wss a wss:// URL."""
+    if values.get("external_tcp"):
+        _address(source, f"{prefix}.external_tcp", values["external_tcp"])
+    for key, schemes in (("external_ws", ("ws://", "wss://")), ("external_wss", ("wss://",))):
+        url = values.get(key, "")
+        if not url:
+            continue
+        if not url.startswith(schemes):
+            raise ConfigError(f"{source}: {prefix}.{key}: expected a {' or '.join(schemes)} URL, got {url!r}")
+        parts = urllib.parse.urlsplit(url)
+        try:
+            parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
+        except ValueError:
+            parts = parts._replace(netloc="")
+        if not parts.hostname:
+            raise ConfigError(f"{source}: {prefix}.{key}: {url!r} names no host (or a bad port)")
 
 
 def _path(base_dir: str, value: str) -> str:

@@ -11,11 +11,13 @@ import functools
 import logging
 import os
 import resource
+import ssl
 import sys
 import time
 from collections.abc import Callable
 from typing import Any, cast
 
+import httpx
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as serve_http
@@ -29,7 +31,7 @@ from node.api import messages as messages_api
 from node.api import operations as operations_api
 from node.api import users as users_api
 from node.api.app import HttpApi
-from node.api.fields import Route
+from node.api.fields import HttpError, Route
 from node.cluster.ids import Snowflake
 from node.cluster.membership import Membership
 from node.cluster.presence import Presence
@@ -46,8 +48,8 @@ from node.pools.eventbus import EventPool
 from node.pools.pusher import PushContext, build_pusher_pool, resend_due
 from node.pools.user import UserContext, build_user_pool
 from node.stats import StatsHistory, Totals
+from node.tls import client_context
 from node.trace import Tracer
-from node.wire.protocol import Reason
 from raft import outbox
 from raft.bridge import RaftNode
 from raft.machine import RaftSettings
@@ -156,7 +158,10 @@ class Node:
         store, proposer = self.store, self.proposer
         spec = self.spec
         configured = operations_api.Addresses(spec.tcp, spec.ws, spec.tcp_tls, spec.wss)
-        identity = operations_api.Identity(spec.id, spec.numeric_id, configured, self._listening_addresses)
+        external = operations_api.External(spec.external_tcp, spec.external_ws, spec.external_wss)
+        identity = operations_api.Identity(
+            spec.id, spec.numeric_id, configured, self._listening_addresses, external
+        )
         return {
             **operations_api.routes(
                 identity=identity,
@@ -165,6 +170,7 @@ class Node:
                 registry=self.registry,
                 gateway_statistics=self.gateway.statistics,
                 manager_token_on=bool(self.config.manager_token),
+                forward=self._forward,
             ),
             **users_api.routes(store, proposer),
             **channels_api.routes(store, proposer),
@@ -193,6 +199,30 @@ class Node:
                 own_http=lambda: self.listening.http if self.listening else spec.http,
             ),
         }
+
+    async def _forward(self, numeric_id: int, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST `body` to another node's API (an operation on its own connections) and return its answer;
+        a node that is not configured, or does not answer in time, is a 400 naming it."""
+        spec = next((n for n in self.config.nodes.values() if n.numeric_id == numeric_id), None)
+        if spec is None:
+            raise HttpError(400, f"no node with numeric id {numeric_id}")
+        scheme = "https" if self.config.tls.http else "http"
+        verify: ssl.SSLContext | bool = False
+        if self.config.tls.http:
+            verify = client_context(self.config.source, "tls.ca_file", self.config.tls.ca_file)
+        headers = {"token": self.config.manager_token} if self.config.manager_token else {}
+        timeout_s = self.config.tuning.http_body_timeout_s
+        with trio.move_on_after(timeout_s):
+            try:
+                async with httpx.AsyncClient(verify=verify, timeout=timeout_s, trust_env=False) as client:
+                    answer = await client.post(f"{scheme}://{spec.http}{path}", json=body, headers=headers)
+                result = answer.json()
+            except (httpx.HTTPError, ValueError) as exc:
+                raise HttpError(400, f"node {spec.id} ({spec.http}) did not answer {path}: {exc!r}") from None
+            if answer.status_code != 200 or not isinstance(result, dict):
+                raise HttpError(400, f"node {spec.id} answered {path} with {answer.status_code}: {result}")
+            return result
+        raise HttpError(400, f"node {spec.id} ({spec.http}) did not answer {path} within {timeout_s:g} s")
 
     def _listening_addresses(self) -> operations_api.Addresses | None:
         at = self.listening
@@ -311,7 +341,9 @@ class Node:
         )
         self._sync_handler_states()
         for conn in list(self.registry):
-            conn.close(Reason.UNKNOWN, "state replaced by a snapshot: reconnect and sync")
+            # No DISCONNECT: the SDKs take any DISCONNECT for a kick and stop reconnecting (WuKongIM sends
+            # one only for a kick); a plain close makes them reconnect and sync.
+            conn.close(None, "state replaced by a snapshot: reconnect and sync")
 
     async def _resend_loop(self) -> None:
         interval = max(0.05, self.config.tuning.recv_resend_interval_s / 4)

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import cbor2
+
 from raft import commands as c
 from raft import conversations, outbox
 from raft.permissions import send_permission
@@ -106,7 +108,7 @@ def apply_channel(view: EntryView, op: dict[str, Any]) -> Result:
     txn = view.txn
     chan = channel_key(op["cid"], op["ct"])
     channel = txn.channel(chan) or _new_channel(op["ct"])
-    for flag in ("ban", "disband", "send_ban", "large"):
+    for flag in c.CHANNEL_FLAGS:
         if flag in op:
             channel[flag] = op[flag]
     txn.put_channel(chan, channel)
@@ -161,23 +163,29 @@ def apply_channel_delete(view: EntryView, op: dict[str, Any]) -> Result:
     return {"r": c.R_SUCCESS}
 
 
+MASTER_LEVEL = 1  # WuKongIM's DeviceLevelMaster
+
+
 def _node_epochs(txn: Txn) -> dict[str, int]:
     return dict(txn.meta("node_epochs") or {})
 
 
-def _left(view: EntryView, uid: str) -> None:
-    """Record that a connection of `uid` went away at this entry: msg.offline leaves out whoever was
-    online at the message's place in the log, even if gone by the time the leader posts the event."""
-    view.txn.put("presence_left", keys.part(uid), view.index)
+def _left(view: EntryView, uid: str, level: Any) -> None:
+    """Record that a master connection of `uid` went away at this entry: msg.offline leaves out whoever had
+    a master device online at the message's place in the log, even if gone by the time the leader posts
+    the event. A slave leaving is not recorded: it never kept its user out of msg.offline (WuKongIM)."""
+    if level == MASTER_LEVEL:
+        view.txn.put("presence_left", keys.part(uid), view.index)
 
 
 def _drop_node_rows(view: EntryView, node: int) -> int:
     """Delete every presence row of `node`; returns how many."""
     txn = view.txn
-    stale = [key for key, _row in txn.raw_items("presence") if keys.split_presence_key(key)[1] == node]
-    for key in stale:
+    stale = [(key, row) for key, row in txn.raw_items("presence") if keys.split_presence_key(key)[1] == node]
+    for key, row in stale:
         txn.delete("presence", key)
-        _left(view, keys.split_presence_key(key)[0])
+        level = (cbor2.loads(row) or {}).get("level") if row else None
+        _left(view, keys.split_presence_key(key)[0], level)
     return len(stale)
 
 
@@ -194,7 +202,7 @@ def apply_presence(view: EntryView, op: dict[str, Any]) -> Result:
             txn.put("presence", key, {"flag": change["flag"], "level": change["level"], "epoch": op["epoch"]})
         else:
             txn.delete("presence", key)
-            _left(view, change["uid"])
+            _left(view, change["uid"], change["level"])
         if notify:
             # WuKongIM's format: uid-deviceFlag-online-connId-deviceOnlineCount-totalOnlineCount
             rows = txn.presence_of(change["uid"])

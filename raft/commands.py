@@ -56,6 +56,8 @@ MAX_UIDS_PER_OP = 10_000
 PERSON_SEPARATOR = "@"
 UID_RULE = f"must not contain {PERSON_SEPARATOR!r} (it joins the two uids of a person channel)"
 MEMBER_LISTS = ("subscribers", "blacklist", "whitelist")
+# A channel's flags. allow_stranger (person channels): senders outside the user's whitelist may write to it.
+CHANNEL_FLAGS = ("ban", "disband", "send_ban", "large", "allow_stranger")
 MEMBER_ACTIONS = ("add", "set", "remove")
 
 OP_SEND = "send"
@@ -199,7 +201,7 @@ def check_op(op: Any, *, uid_rule: bool = True) -> Op:
             raise BadCommand(f"token must be a string of at most {MAX_TOKEN_BYTES} bytes")
     elif kind == OP_CHANNEL:
         _channel(op)
-        for flag in ("ban", "disband", "send_ban", "large"):
+        for flag in CHANNEL_FLAGS:
             if flag in op:
                 _int(op, flag, 0, 1)
         if "subs" in op:
@@ -227,6 +229,8 @@ def check_op(op: Any, *, uid_rule: bool = True) -> Op:
             _int(change, "conn", 0, (1 << 63) - 1)
             _int(change, "flag", 0, 255)
             _int(change, "level", 0, 255)
+            if "dev" in change:  # the device id (the login rules compare it); absent in older entries
+                _id(change, "dev", allow_empty=True)
             if not isinstance(change.get("online"), bool):
                 raise BadCommand("online must be a boolean")
     elif kind == OP_SYSTEM_UIDS:
@@ -337,6 +341,7 @@ def channel_op(
     disband: int,
     send_ban: int,
     large: int,
+    allow_stranger: int = 0,
     subscribers: list[str] | None = None,
     reset: bool | None = None,
 ) -> Op:
@@ -349,6 +354,7 @@ def channel_op(
         "disband": disband,
         "send_ban": send_ban,
         "large": large,
+        "allow_stranger": allow_stranger,
     }
     if subscribers is not None:
         op["subs"] = subscribers
@@ -391,9 +397,15 @@ def conversation_op(
     return check_op(op)
 
 
-def presence_change(uid: str, conn: int, device_flag: int, device_level: int, online: bool) -> dict[str, Any]:
-    """One connection coming or going, for `presence_op` (which checks it)."""
-    return {"uid": uid, "conn": conn, "flag": device_flag, "level": device_level, "online": online}
+def presence_change(
+    uid: str, conn: int, device_flag: int, device_level: int, online: bool, device_id: str = ""
+) -> dict[str, Any]:
+    """One connection coming or going, for `presence_op` (which checks it). `dev`, the device id, rides
+    along so other nodes apply the login rules by device (apply does not store it)."""
+    change = {"uid": uid, "conn": conn, "flag": device_flag, "level": device_level, "online": online}
+    if online:
+        change["dev"] = device_id
+    return change
 
 
 def presence_op(node: int, epoch: int, changes: list[dict[str, Any]]) -> Op:

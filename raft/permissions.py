@@ -53,8 +53,12 @@ def send_permission(
             return c.R_SUCCESS
         if txn.is_member("blacklist", receiver_chan, sender):
             return c.R_IN_BLACKLIST
-        if txn.has_members("whitelist", receiver_chan) and not txn.is_member(
-            "whitelist", receiver_chan, sender
+        # A stranger (outside the receiver's whitelist) may still write if the receiver allows strangers
+        # (`allow_stranger` on its person channel, WuKongIM's channel flag).
+        if (
+            txn.has_members("whitelist", receiver_chan)
+            and not txn.is_member("whitelist", receiver_chan, sender)
+            and not (txn.channel(receiver_chan) or {}).get("allow_stranger")
         ):
             return c.R_NOT_IN_WHITELIST
         return c.R_SUCCESS

@@ -66,6 +66,15 @@ def dedup_key(chan: bytes, sender: str, client_msg_no: str) -> bytes:
     return chan + part(sender) + part(client_msg_no)
 
 
+def split_dedup_key(chan: bytes, key: bytes) -> tuple[str, str]:
+    """(sender, client_msg_no) of a dedup key of the channel `chan`."""
+    rest = key[len(chan) :]
+    n = rest[0]
+    sender = rest[1 : 1 + n].decode()
+    m = rest[1 + n]
+    return sender, rest[2 + n : 2 + n + m].decode()
+
+
 def u64(value: int) -> bytes:
     return _U64.pack(value)
 

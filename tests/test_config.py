@@ -243,3 +243,31 @@ def test_the_local_raft_secret_is_made_once_and_kept_private(tmp_path: Path) -> 
     os.chmod(path, 0o644)
     with pytest.raises(PermissionError, match="readable by others"):
         local_secret(str(tmp_path))
+
+
+def test_external_addresses_for_route_are_checked(tmp_path: Path) -> None:
+    externals = (
+        'external_tcp = "im.example.com:15100"\nexternal_ws = "wss://im.example.com/ws"\n'
+        'external_wss = "wss://im.example.com:443/ws"\n'
+    )
+    config = load(
+        write(tmp_path, VALID.replace('data_dir = "data/n2"\n', 'data_dir = "data/n2"\n' + externals))
+    )
+    n2 = config.node("n2")
+    assert (n2.external_tcp, n2.external_ws, n2.external_wss) == (
+        "im.example.com:15100",
+        "wss://im.example.com/ws",
+        "wss://im.example.com:443/ws",
+    )
+    assert config.node("n1").external_tcp == ""  # unset: /route answers the bound address
+    for line, words in (
+        ('external_tcp = "im.example.com"', "nodes.n2.external_tcp: 'im.example.com' is not host:port"),
+        ('external_ws = "im.example.com:15200"', "nodes.n2.external_ws: expected a ws:// or wss:// URL"),
+        ('external_wss = "ws://im.example.com:1"', "nodes.n2.external_wss: expected a wss:// URL"),
+        ('external_ws = "ws://:15200"', "nodes.n2.external_ws: 'ws://:15200' names no host"),
+        ('external_ws = "ws://im.example.com:99999"', "names no host (or a bad port)"),
+    ):
+        message = load_error(
+            tmp_path, VALID.replace('data_dir = "data/n2"\n', f'data_dir = "data/n2"\n{line}\n')
+        )
+        assert words in message, message

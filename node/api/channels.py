@@ -25,6 +25,7 @@ def routes(store: Store, proposer: Proposer) -> dict[str, Route]:
             disband=body["disband"],
             send_ban=body["send_ban"],
             large=body["large"],
+            allow_stranger=body["allow_stranger"],
             subscribers=body["subscribers"] or [],
             reset=bool(body["reset"]),
         )
@@ -39,6 +40,7 @@ def routes(store: Store, proposer: Proposer) -> dict[str, Route]:
             disband=body["disband"],
             send_ban=body["send_ban"],
             large=body["large"],
+            allow_stranger=body["allow_stranger"],
         )
         await propose(proposer, [op])
         return {"status": 200}
@@ -81,6 +83,23 @@ def routes(store: Store, proposer: Proposer) -> dict[str, Route]:
 
         return handle
 
+    def remove_all(name: str) -> Callable[[Json, Any], Awaitable[Json]]:
+        async def handle(body: Json, query: Any) -> Json:
+            """WuKongIM's `/channel/<list>_remove_all`: the list becomes empty (a `set` to nothing)."""
+            if body["channel_type"] == CHANNEL_PERSON:
+                if name == "subscribers":
+                    raise bad("a person channel's subscribers are its two parties")
+                if not valid_uid(body["channel_id"]):
+                    raise bad(f"channel_id {UID_RULE}")
+            else:
+                with store.read() as txn:  # a `set` of subscribers would create a channel that is not there
+                    if txn.channel(channel_key(body["channel_id"], body["channel_type"])) is None:
+                        raise bad("channel does not exist")
+            await propose(proposer, [members_op(name, "set", body["channel_id"], body["channel_type"], [])])
+            return {"status": 200}
+
+        return handle
+
     async def whitelist(body: Json, query: Any) -> list[str]:
         with store.read() as txn:
             return txn.members("whitelist", channel_key(body["channel_id"], body["channel_type"]))
@@ -110,6 +129,14 @@ def routes(store: Store, proposer: Proposer) -> dict[str, Route]:
         ),
         "/channel/whitelist": Route("GET", whitelist, body="none", query=CHANNEL),
     }
+    for name in ("subscriber", "blacklist", "whitelist"):
+        stored_name = "subscribers" if name == "subscriber" else name
+        table[f"/channel/{name}_remove_all"] = Route(
+            "POST",
+            remove_all(stored_name),
+            CHANNEL,
+            summary=f"Remove every entry of the channel's {name} list",
+        )
     for action in ("add", "set", "remove"):
         for name in ("blacklist", "whitelist"):
             table[f"/channel/{name}_{action}"] = Route(

@@ -5,14 +5,27 @@ from __future__ import annotations
 from typing import Any
 
 from node.api.app import propose
-from node.api.fields import CHANNEL, U32, UID, F, Json, Route, stored_channel
+from node.api.fields import CHANNEL, U32, UID, F, Json, Route, parse, stored_channel
 from node.cluster.proposer import Proposer
 from node.shapes import message_json
 from raft.commands import CHANNEL_PERSON, conversation_op, person_peer
 from raft.conversations import conversations_of
-from storage.store import Store
+from storage.keys import channel_key, part
+from storage.store import Store, Txn
 
 CONVERSATIONS_MAX = 1000
+RECENT_CHANNELS_MAX = 1000  # channels in one /conversation/syncMessages request
+RECENT_MSG_COUNT_MAX = 1000
+
+
+def user_last_seq(txn: Txn, chan: bytes, uid: str) -> int:
+    """The seq of the last message `uid` sent to `chan` (0: none): the dedup rows of this sender and
+    channel hold every seq it was given (WuKongIM keeps the same figure per user and channel)."""
+    seqs = [int(row["seq"]) for _k, row in txn.scan("dedup", chan + part(uid)) if isinstance(row, dict)]
+    return max(seqs, default=0)
+
+
+RECENT_CHANNEL = (*CHANNEL, F("last_msg_seq", "int", default=0, high=U32))
 
 
 def routes(store: Store, proposer: Proposer) -> dict[str, Route]:
@@ -94,7 +107,54 @@ def routes(store: Store, proposer: Proposer) -> dict[str, Route]:
             result = result[start : start + body["page_size"]]
         return result
 
+    async def sync_messages(body: Json, query: Any) -> list[Json]:
+        """WuKongIM's `/conversation/syncMessages`: recent messages of the channels named. order_by_last 1:
+        the newest `msg_count` from last_msg_seq on (newest first); 0: `msg_count` from last_msg_seq up."""
+        uid, count, newest_first = body["uid"], body["msg_count"] or 15, bool(body["order_by_last"])
+        wanted: list[tuple[str, int, int]] = []
+        for item in body["channels"] or []:
+            channel = parse(RECENT_CHANNEL, item)
+            wanted.append((channel["channel_id"], channel["channel_type"], channel["last_msg_seq"]))
+        answer: list[Json] = []
+        with store.read() as txn:
+            for channel_id, channel_type, from_seq in wanted:
+                chan = channel_key(stored_channel(uid, channel_id, channel_type), channel_type)
+                last = int((txn.channel(chan) or {}).get("last_seq", 0))
+                rows: list[dict[str, Any]] = []
+                if last and newest_first:
+                    end = from_seq - 1 if from_seq > 0 else 0
+                    if end <= last:
+                        low = last - count + 1 if last - end > count else end + 1
+                        rows = list(reversed(txn.messages(chan, max(low, 1), last, count)))
+                elif last:
+                    rows = txn.messages(chan, from_seq, last, count)
+                answer.append(
+                    {
+                        "channel_id": channel_id,
+                        "channel_type": channel_type,
+                        "messages": [message_json(row) for row in rows],
+                        "user_last_msg_seq": user_last_seq(txn, chan, uid),
+                    }
+                )
+        return answer
+
     return {
+        "/conversation/syncMessages": Route(
+            "POST",
+            sync_messages,
+            (
+                UID,
+                F(
+                    "channels",
+                    "objs",
+                    high=RECENT_CHANNELS_MAX,
+                    description="[{channel_id, channel_type, last_msg_seq}]",
+                ),
+                F("msg_count", "int", default=15, high=RECENT_MSG_COUNT_MAX),
+                F("order_by_last", "flag", default=0),
+            ),
+            summary="Recent messages of the given channels, per channel, with the user's last sent seq",
+        ),
         "/conversation/sync": Route(
             "POST",
             conversation_sync,

@@ -45,7 +45,8 @@ def bad(msg: str) -> HttpError:
 # -- request fields: one declaration validates and documents ---------------------------------------------
 @dataclass(frozen=True)
 class F:
-    """One request field. kind: str, uid (str without `@`), int, flag (0/1), uids (list of uids), obj, b64."""
+    """One request field. kind: str, uid (str without `@`), int, flag (0/1), uids (list of uids), obj, b64,
+    ints (list of u8), objs (list of objects, at most `high`), strs (list of strings, at most `high`)."""
 
     name: str
     kind: str = "str"
@@ -96,6 +97,15 @@ class F:
             if self.required and not value:
                 raise bad(f"{self.name} must not be empty")
             return list(dict.fromkeys(value))
+        if self.kind in ("ints32", "ints63"):
+            top = U32 if self.kind == "ints32" else I63
+            if (
+                not isinstance(value, list)
+                or len(value) > self.high
+                or any(not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= top for v in value)
+            ):
+                raise bad(f"{self.name} must be a list of at most {self.high} integers in [0, {top}]")
+            return value
         if self.kind == "ints":
             if (
                 not isinstance(value, list)
@@ -107,6 +117,24 @@ class F:
         if self.kind == "obj":
             if not isinstance(value, dict):
                 raise bad(f"{self.name} must be an object")
+            return value
+        if self.kind == "objs":
+            if (
+                not isinstance(value, list)
+                or len(value) > self.high
+                or any(not isinstance(v, dict) for v in value)
+            ):
+                raise bad(f"{self.name} must be a list of at most {self.high} objects")
+            return value
+        if self.kind == "strs":
+            if (
+                not isinstance(value, list)
+                or len(value) > self.high
+                or any(not isinstance(v, str) for v in value)
+            ):
+                raise bad(f"{self.name} must be a list of at most {self.high} strings")
+            for v in value:
+                F(self.name, max_bytes=self.max_bytes).parse({self.name: v})
             return value
         raise AssertionError(self.kind)
 
@@ -133,6 +161,18 @@ class F:
             out = {"type": "array", "maxItems": MAX_UIDS_PER_OP, "items": item}
             if self.required:
                 out["minItems"] = 1
+        elif self.kind in ("ints32", "ints63"):
+            top = U32 if self.kind == "ints32" else I63
+            out = {
+                "type": "array",
+                "maxItems": self.high,
+                "items": {"type": "integer", "minimum": 0, "maximum": top},
+            }
+        elif self.kind == "objs":
+            out = {"type": "array", "maxItems": self.high, "items": {"type": "object"}}
+        elif self.kind == "strs":
+            item = {"type": "string", "maxLength": self.max_bytes, "x-max-utf8-bytes": self.max_bytes}
+            out = {"type": "array", "maxItems": self.high, "items": item}
         elif self.kind == "ints":
             out = {
                 "type": "array",
@@ -160,6 +200,12 @@ CHANNEL_INFO = (
     F("disband", "flag", default=0),
     F("send_ban", "flag", default=0),
     F("large", "flag", default=0),
+    F(
+        "allow_stranger",
+        "flag",
+        default=0,
+        description="person channel: senders outside its whitelist may write",
+    ),
 )
 
 

@@ -15,16 +15,46 @@ from node.wire.protocol import Reason
 from raft.apply import Result
 from raft.commands import (
     CHANNEL_PERSON,
+    MAX_CHANNEL_ID_BYTES,
     MAX_PAYLOAD_BYTES,
     MAX_UID_BYTES,
     SYSTEM_UID,
     UID_RULE,
     valid_uid,
 )
-from storage.keys import channel_key
-from storage.store import Store
+from storage.keys import channel_key, split_dedup_key
+from storage.store import Store, Txn
 
 SYNC_LIMIT_MAX = 10_000
+LOOKUPS_MAX = 1000  # seqs, ids or client_msg_nos in one /messages request
+NOT_FOUND = {"status": 404, "msg": "message not found"}  # WuKongIM answers HTTP 200 {"status": 404}
+
+
+def find_by_id(txn: Txn, chan: bytes, message_id: int) -> dict[str, Any] | None:
+    """The stored message of `chan` with this message_id. Message ids are not indexed: this walks the
+    channel's dedup rows (one small row per message), so it costs O(messages in the channel)."""
+    for _key, row in txn.scan("dedup", chan):
+        if isinstance(row, dict) and row.get("mid") == message_id:
+            return txn.message(chan, int(row["seq"]))
+    return None
+
+
+def find_by_client_msg_no(txn: Txn, chan: bytes, client_msg_no: str) -> dict[str, Any] | None:
+    """The first stored message of `chan` (lowest seq, whoever sent it) with this client_msg_no; walks the
+    channel's dedup keys like `find_by_id`."""
+    seqs = [
+        int(row["seq"])
+        for key, row in txn.scan("dedup", chan)
+        if isinstance(row, dict) and split_dedup_key(chan, key)[1] == client_msg_no
+    ]
+    return txn.message(chan, min(seqs)) if seqs else None
+
+
+def person_login(channel_type: int, login_uid: str, channel_id: str) -> None:
+    if channel_type == CHANNEL_PERSON and not login_uid and "@" not in channel_id:
+        raise bad("login_uid is required for a person channel")
+
+
 # How long a send waits beyond the commit timeout: the proposer answers every send by then.
 ANSWER_SLACK_S = 5.0
 
@@ -128,7 +158,106 @@ def routes(store: Store, channel_pool: EventPool[Any], commit_timeout_s: float) 
             record = txn.channel(channel_key(stored, body["channel_type"])) or {}
         return {"message_seq": int(record.get("last_seq", 0))}
 
+    async def messages(body: Json, query: Any) -> Json:
+        """WuKongIM's `/messages`: the messages of one channel by seqs, ids and client_msg_nos (in that
+        order, as asked; what is not stored is left out)."""
+        person_login(body["channel_type"], body["login_uid"], body["channel_id"])
+        stored = stored_channel(body["login_uid"], body["channel_id"], body["channel_type"])
+        chan = channel_key(stored, body["channel_type"])
+
+        def read() -> list[Json]:
+            found: list[dict[str, Any]] = []
+            with store.read() as txn:
+                found += [m for seq in body["message_seqs"] or [] if (m := txn.message(chan, seq))]
+                found += [m for mid in body["message_ids"] or [] if (m := find_by_id(txn, chan, mid))]
+                found += [
+                    m for cmn in body["client_msg_nos"] or [] if (m := find_by_client_msg_no(txn, chan, cmn))
+                ]
+            return [message_json(m) for m in found]
+
+        rows = await trio.to_thread.run_sync(read)  # id lookups walk the channel: off the trio thread
+        return {"start_message_seq": 0, "end_message_seq": 0, "more": 0, "messages": rows}
+
+    async def message(body: Json, query: Any) -> Json:
+        """WuKongIM's `/message`: one message by message_id (or client_msg_no); {"status": 404} if none."""
+        if not body["message_id"] and not body["client_msg_no"]:
+            raise bad("message_id or client_msg_no is required")
+        person_login(body["channel_type"], body["login_uid"], body["channel_id"])
+        stored = stored_channel(body["login_uid"], body["channel_id"], body["channel_type"])
+        chan = channel_key(stored, body["channel_type"])
+
+        def read() -> dict[str, Any] | None:
+            with store.read() as txn:
+                if body["message_id"]:
+                    return find_by_id(txn, chan, body["message_id"])
+                return find_by_client_msg_no(txn, chan, body["client_msg_no"])
+
+        row = await trio.to_thread.run_sync(read)
+        return NOT_FOUND if row is None else message_json(row)
+
+    async def by_client_msg_no(body: Json, query: Any) -> Json:
+        """WuKongIM's `GET /message/byclientmsgno`; a person channel is named by its stored id (`a@b`)."""
+        chan = channel_key(body["channel_id"], body["channel_type"])
+
+        def read() -> dict[str, Any] | None:
+            with store.read() as txn:
+                return find_by_client_msg_no(txn, chan, body["client_msg_no"])
+
+        row = await trio.to_thread.run_sync(read)
+        return NOT_FOUND if row is None else message_json(row)
+
+    async def last_message(body: Json, query: Any) -> Json:
+        """WuKongIM's `GET /channel/last_message`; {"status": 404} for a channel with no message."""
+        login_uid = body["login_uid"] or ""
+        person_login(body["channel_type"], login_uid, body["channel_id"])
+        stored = stored_channel(login_uid, body["channel_id"], body["channel_type"])
+        chan = channel_key(stored, body["channel_type"])
+        with store.read() as txn:
+            last = int((txn.channel(chan) or {}).get("last_seq", 0))
+            row = txn.message(chan, last) if last else None
+        return NOT_FOUND if row is None else message_json(row)
+
+    channel_named = (
+        F("login_uid", "uid", default="", max_bytes=MAX_UID_BYTES),
+        F("channel_id", required=True),
+        F("channel_type", "int", required=True, low=1, high=255),
+    )
     return {
+        "/messages": Route(
+            "POST",
+            messages,
+            (
+                *channel_named,
+                F("message_seqs", "ints32", high=LOOKUPS_MAX),
+                F("message_ids", "ints63", high=LOOKUPS_MAX),
+                F("client_msg_nos", "strs", high=LOOKUPS_MAX),
+            ),
+            summary="Messages of one channel by message_seqs, message_ids and client_msg_nos",
+        ),
+        "/message": Route(
+            "POST",
+            message,
+            (*channel_named, F("message_id", "int", default=0), F("client_msg_no", default="")),
+            summary='One message by message_id or client_msg_no; {"status": 404} when not stored',
+        ),
+        "/message/byclientmsgno": Route(
+            "GET",
+            by_client_msg_no,
+            body="none",
+            query=(
+                F("channel_id", required=True, max_bytes=MAX_CHANNEL_ID_BYTES),
+                F("channel_type", "int", required=True, low=1, high=255),
+                F("client_msg_no", required=True),
+            ),
+            summary='One message by client_msg_no (a person channel by its stored id "a@b")',
+        ),
+        "/channel/last_message": Route(
+            "GET",
+            last_message,
+            body="none",
+            query=channel_named,
+            summary='The last message of a channel; {"status": 404} when it has none',
+        ),
         "/message/send": Route(
             "POST",
             message_send,

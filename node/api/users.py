@@ -5,14 +5,33 @@ from __future__ import annotations
 from typing import Any
 
 from node.api.app import propose
-from node.api.fields import UID, F, Json, Route
+from node.api.fields import UID, F, Json, Route, bad
 from node.cluster.proposer import Proposer
-from raft.commands import MAX_TOKEN_BYTES, device_quit_op, system_uids_op, token_op
+from node.wire.protocol import Reason
+from raft.commands import (
+    CHANNEL_PERSON,
+    MAX_TOKEN_BYTES,
+    SYSTEM_UID,
+    device_quit_op,
+    system_uids_op,
+    token_op,
+)
+from storage.keys import channel_key
 from storage.store import Store
 
 
 def routes(store: Store, proposer: Proposer) -> dict[str, Route]:
     async def user_token(body: Json, query: Any) -> Json:
+        """As WuKongIM's `updateToken`: a banned (or disbanded) user's person channel answers HTTP 200 with
+        the reason as `status` (19 ban, 24 disband) and stores nothing, so the user cannot log in."""
+        if body["uid"] == SYSTEM_UID:
+            raise bad("the system uid takes no token")
+        with store.read() as txn:
+            person = txn.channel(channel_key(body["uid"], CHANNEL_PERSON)) or {}
+        if person.get("ban"):
+            return {"status": int(Reason.BAN)}
+        if person.get("disband"):
+            return {"status": int(Reason.DISBAND)}
         op = token_op(body["uid"], body["token"], body["device_flag"], body["device_level"])
         await propose(proposer, [op])
         return {"status": 200}
@@ -51,7 +70,10 @@ def routes(store: Store, proposer: Proposer) -> dict[str, Route]:
                 F("device_flag", "int", default=0, high=255),
                 F("device_level", "int", default=0, high=1),
             ),
-            summary="Set a device's login token (device_level 1 kicks older logins of that device flag)",
+            summary=(
+                "Set a device's login token (device_level 1 kicks older logins of that device flag); "
+                'a banned user gets {"status": 19} and no token'
+            ),
         ),
         "/user/device_quit": Route(
             "POST",

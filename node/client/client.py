@@ -141,7 +141,7 @@ async def _open_transport(
         # A connect timeout cancels the wait for the upgrade: trio-websocket would leave the socket open.
         await trio.aclose_forcefully(stream)
         raise
-    return WebSocketTransport(ws)
+    return WebSocketTransport(ws, stream)
 
 
 async def _close_quietly(transport: Transport) -> None:

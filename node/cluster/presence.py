@@ -3,8 +3,9 @@
 Rows carry (node, epoch). A node announces a new epoch when it starts, which clears whatever rows its
 previous life left (a `kill -9` sends no offline events). Changes are batched, one batch in flight, and a
 CONNACK never waits for them. The leader declares a node down when Raft has lost it for
-`node_down_after_s`, so its users stop counting as online. When a node applies a login of (uid, device
-flag) made on another node, it kicks its own older connection of that pair (reason 12).
+`node_down_after_s`, so its users stop counting as online. A login replaces older connections of the same
+uid and device flag by WuKongIM's device-level rules (`login_replaces`), on the node it lands on at once
+and on every other node when its presence change is applied there.
 """
 
 from __future__ import annotations
@@ -37,6 +38,52 @@ from storage.store import Store
 log = logging.getLogger("imnode.presence")
 
 EPOCH_RETRY_S = 1.0
+DEVICE_LEVEL_MASTER = 1  # WuKongIM's DeviceLevelMaster; 0 is a slave (the level without token auth)
+KICK = "kick"
+CLOSE = "close"
+
+
+def login_replaces(older_device_id: str, device_id: str | None, device_level: int) -> str | None:
+    """What a new login of the same uid and device flag does to an older connection (WuKongIM
+    `user/handler/event_connect.go`): a master kicks other device ids (DISCONNECT, reason 12) and closes
+    its own device id's older connection without one; a slave closes only its own device id's. None:
+    the older connection stays (two browser tabs, each its own device id, as slaves).
+
+    `device_id` None: the login came from a node too old to say (its presence change has no `dev`).
+    """
+    if device_id is not None and older_device_id == device_id:
+        return CLOSE
+    if device_level == DEVICE_LEVEL_MASTER:
+        return KICK
+    return None
+
+
+def replace_older(
+    registry: Registry,
+    uid: str,
+    device_flag: int,
+    device_id: str | None,
+    device_level: int,
+    *,
+    keep: Connection | None = None,
+) -> int:
+    """Apply `login_replaces` to this node's connections of (uid, device flag) other than `keep`; returns
+    how many were closed. A kick sends DISCONNECT first (the only DISCONNECT a node sends); a plain
+    close does not, so that client's SDK reconnects if it still runs."""
+    closed = 0
+    for older in list(registry.of_uid(uid)):
+        if older is keep or older.device_flag != device_flag:
+            continue
+        action = login_replaces(older.device_id, device_id, device_level)
+        if action == KICK:
+            older.close(Reason.CONNECT_KICK, "login in other device")
+        elif action == CLOSE:
+            older.close(None, "replaced by a newer connection of the same device")
+        else:
+            continue
+        registry.remove(older)
+        closed += 1
+    return closed
 
 
 class Presence:
@@ -70,7 +117,9 @@ class Presence:
         self._queue(conn, False)
 
     def _queue(self, conn: Connection, online: bool) -> None:
-        self._pending.append(presence_change(conn.uid, conn.id, conn.device_flag, conn.device_level, online))
+        self._pending.append(
+            presence_change(conn.uid, conn.id, conn.device_flag, conn.device_level, online, conn.device_id)
+        )
         self._flush()
 
     def _flush(self) -> None:
@@ -106,7 +155,7 @@ class Presence:
 
     # -- what the cluster says ---------------------------------------------------------------------------
     def on_committed(self, op: dict[str, Any]) -> None:
-        """Kick local connections that a newer login elsewhere replaces; come back after a node_down."""
+        """Close or kick local connections a newer login elsewhere replaces; come back after a node_down."""
         if op.get("t") == OP_NODE_DOWN:
             if self.epoch and op["node"] == self.node and op["epoch"] == self.epoch:
                 self._republish()
@@ -116,11 +165,9 @@ class Presence:
         for change in op["changes"]:
             if not change["online"]:
                 continue
-            for conn in list(self.registry.of_uid(change["uid"])):
-                if conn.device_flag == change["flag"]:
-                    conn.close(Reason.CONNECT_KICK, "logged in on another node")
-                    self.registry.remove(conn)
-                    self.kicked_remote += 1
+            self.kicked_remote += replace_older(
+                self.registry, change["uid"], change["flag"], change.get("dev"), change["level"]
+            )
 
     def _republish(self) -> None:
         """The leader lost this node for a while (a partition, a long pause) and cleared its rows, but

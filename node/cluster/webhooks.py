@@ -27,6 +27,7 @@ from typing import Any
 import httpx
 import trio
 
+from node.cluster.presence import DEVICE_LEVEL_MASTER as MASTER_LEVEL
 from node.cluster.proposer import Proposer
 from node.config import WebhookSettings
 from node.shapes import message_json
@@ -117,18 +118,24 @@ def _reason(exc: BaseException) -> str:
 
 
 def offline_uids(txn: Txn, recipients: list[str], sender: str, index: int) -> list[str]:
-    """The recipients that were offline when the message at log `index` was applied, and still are.
+    """The recipients without a master device online when the message at log `index` was applied, and
+    still without one.
 
-    Presence is replicated, so "online at index" is known exactly for a recipient whose rows have not
-    changed since: a recipient with a row now is online (even if its row landed after the message: its
-    CONNECT raced the send, and it received the message live or syncs it), and one whose connection went
-    away at or after `index` was online when the message was applied (it received it live). Events written
-    before `index` was recorded (0) fall back to "no row now".
+    As WuKongIM (`channel/handler/event_distribute.go`), a user counts as offline for this event when no
+    *master* device (device_level 1, from `/user/token`) is online, so a user on the web only still gets a
+    phone push; without token auth every device is a slave and every recipient is listed. Presence is
+    replicated, so "online at index" is known exactly for a recipient whose rows have not changed since: a
+    recipient with a master row now is online (even if its row landed after the message: its CONNECT raced
+    the send, and it received the message live or syncs it), and one whose master connection went away at
+    or after `index` was online when the message was applied. Events written before `index` was recorded
+    (0) fall back to "no master row now".
     """
     return [
         uid
         for uid in recipients
-        if uid != sender and not txn.presence_of(uid) and not (index and txn.presence_left(uid) >= index)
+        if uid != sender
+        and not any(row.get("level") == MASTER_LEVEL for _n, _c, row in txn.presence_of(uid))
+        and not (index and txn.presence_left(uid) >= index)
     ]
 
 

@@ -7,7 +7,10 @@ TCP and sending exactly one frame per message on WebSocket (the JS SDK mishandle
 message).
 
 A client must send CONNECT within `connect_timeout_s` and then something (a PING at least) within every
-`idle_timeout_s`. Bad bytes get a DISCONNECT and a close; nothing else is affected.
+`idle_timeout_s`. Bad bytes get a close; nothing else is affected. None of these closes sends a DISCONNECT:
+as in WuKongIM, a DISCONNECT means a kick (reason 12), and the SDKs stop reconnecting after one (the JS SDK
+after any DISCONNECT, the Android SDK treats it as a kick), so a client cut for a timeout must only see
+the socket close and reconnect.
 """
 
 from __future__ import annotations
@@ -242,10 +245,10 @@ class Gateway:
                 first = await next_packet()
             if not conn.received_frames:
                 self.connect_timeouts += 1
-                conn.close(Reason.UNKNOWN, "no CONNECT in time")
+                conn.close(None, "no CONNECT in time")
                 return
             if not isinstance(first, Connect):
-                conn.close(Reason.UNKNOWN, "the first packet must be CONNECT")
+                conn.close(None, "the first packet must be CONNECT")
                 return
             decoder.version = negotiate_version(first.version)
             await self.user_events.submit(first.uid, ev.CONNECT, ev.ConnectEvent(conn, first))
@@ -256,10 +259,10 @@ class Gateway:
             await self._serve_packets(conn, next_packet, buffered_packet)
         except FrameTooLarge as exc:
             self.protocol_errors += 1
-            conn.close(Reason.UNKNOWN, str(exc))
+            conn.close(None, str(exc))
         except ProtocolError as exc:
             self.protocol_errors += 1
-            conn.close(exc.reason_code, f"protocol error: {exc}")
+            conn.close(None, f"protocol error: {exc}")
         except (_Closed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
 
@@ -303,7 +306,7 @@ class Gateway:
                 await batch.submit()
                 continue
             self.idle_timeouts += 1
-            conn.close(Reason.UNKNOWN, "idle timeout")
+            conn.close(None, "idle timeout")
             return
 
     async def _serve_packet(self, conn: Connection, packet: Any) -> bool:

@@ -54,8 +54,12 @@ class TcpTransport:
 
 
 class WebSocketTransport:
-    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
+    """`stream`: the byte stream under `ws`, when closing the transport must close it too (the client's:
+    trio-websocket leaves it open when the peer closed the TCP connection without a closing handshake)."""
+
+    def __init__(self, ws: trio_websocket.WebSocketConnection, stream: trio.abc.Stream | None = None) -> None:
         self.ws = ws
+        self.stream = stream
 
     async def receive(self) -> bytes:
         try:
@@ -71,4 +75,8 @@ class WebSocketTransport:
             await self.ws.send_message(frame)
 
     async def aclose(self) -> None:
-        await self.ws.aclose()
+        try:
+            await self.ws.aclose()
+        finally:
+            if self.stream is not None:
+                await trio.aclose_forcefully(self.stream)

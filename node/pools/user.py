@@ -16,7 +16,7 @@ from typing import Any
 
 import trio
 
-from node.cluster.presence import Presence
+from node.cluster.presence import Presence, replace_older
 from node.config import Config
 from node.gateway.connection import Connection
 from node.gateway.events import (
@@ -50,7 +50,8 @@ from node.wire.protocol import (
     encode,
     negotiate_version,
 )
-from raft.commands import MAX_UID_BYTES, valid_uid
+from raft.commands import CHANNEL_PERSON, MAX_UID_BYTES, valid_uid
+from storage.keys import channel_key
 from storage.store import Store
 
 
@@ -71,23 +72,23 @@ async def auth(ctx: UserContext, ev: ConnectEvent) -> int | None:
         return Reason.AUTH_FAIL
     if ctx.config.encryption and not packet.client_key:
         return Reason.CLIENT_KEY_IS_EMPTY
+    with ctx.store.read() as txn:
+        user = txn.user(packet.uid) if ctx.config.token_auth else None
+        person = txn.channel(channel_key(packet.uid, CHANNEL_PERSON)) or {}
     if ctx.config.token_auth:
-        with ctx.store.read() as txn:
-            user = txn.user(packet.uid)
         tokens = (user or {}).get("tokens", {})
         expected = tokens.get(str(packet.device_flag))
         if not expected or not msg_key_matches(expected, packet.token):
             return Reason.AUTH_FAIL
         ev.conn.device_level = (user or {}).get("levels", {}).get(str(packet.device_flag), 0)
+    if person.get("ban"):
+        return Reason.BAN  # a banned user (`/channel/info` ban on its person channel), as WuKongIM
     return None
 
 
 def kick_older(registry: Registry, conn: Connection) -> None:
-    """A second login of the same uid and device flag replaces the first (WuKongIM's rule)."""
-    for older in list(registry.of_uid(conn.uid)):
-        if older.device_flag == conn.device_flag and older is not conn:
-            older.close(Reason.CONNECT_KICK, "logged in elsewhere")
-            registry.remove(older)
+    """A login replaces older ones of its uid and device flag by WuKongIM's device-level rules."""
+    replace_older(registry, conn.uid, conn.device_flag, conn.device_id, conn.device_level, keep=conn)
 
 
 async def connack(ctx: UserContext, ev: ConnectEvent) -> int | None:

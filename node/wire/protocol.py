@@ -6,7 +6,8 @@ The layout follows /work/shared/PROTOCOL.md, itself checked against the JS and G
 
 A connection's version decides the layout of CONNACK, SEND and RECV. Versions below
 `MIN_VERSION` are laid out like `MIN_VERSION` and versions above `LATEST_VERSION` like
-`LATEST_VERSION`, so any version a client announces can be encoded and decoded.
+`LATEST_VERSION`, so any version a client announces can be encoded and decoded. Version 1 differs from
+2 only in having no stream fields (WuKongIMGoProto reads them from version 2 on).
 """
 
 import struct
@@ -16,7 +17,7 @@ from enum import IntEnum
 from typing import Any, ClassVar, Final, TypeAlias
 
 LATEST_VERSION: Final = 5
-MIN_VERSION: Final = 2
+MIN_VERSION: Final = 1
 
 # Limits on decoded fields. Ids and keys this long are already far past what any SDK sends;
 # the caps keep one client from making the server hold or hash large strings.
@@ -241,15 +242,15 @@ _U8_U8_U8 = struct.Struct(">BBB")
 
 
 def negotiate_version(client_version: int) -> int:
-    """The version a connection runs at, given the one its CONNECT announced.
+    """The version a connection runs at, given the one its CONNECT announced: that version, capped at the
+    latest this module lays out, exactly as WuKongIM (`user/handler/event_connect.go`) sets the
+    connection's `ProtoVersion`. Every packet to the client is encoded at it.
 
-    A client announcing 3 gets the v2 layout: the SDKs learn the server's version only from CONNACK's
-    version byte, which is sent for versions above 3 only, and without it they fall back to v2 (the iOS
-    SDK says so outright; the JS SDK then leaves out `expire` and fails on a RECV that carries it).
+    CONNACK carries the server's version byte only for clients that announced more than 3 (`_enc_connack`),
+    so a client announcing 3 gets v3 layouts (RECV with `expire`) without being told: WuKongIM does the
+    same, and no official SDK announces 3 (JS 2 or 5, Android/iOS/Flutter 4, uniapp 1).
     """
-    if client_version <= 3:
-        return 2
-    return min(client_version, LATEST_VERSION)
+    return max(1, min(client_version, LATEST_VERSION))
 
 
 def _layout(version: int) -> int:
@@ -302,7 +303,7 @@ def _enc_connect(p: Connect, v: int) -> bytes:
 
 def _enc_connack(p: Connack, v: int) -> bytes:
     # The v2 JS SDK ignores header bit0 and reads time_diff first, so the server_version byte
-    # must only reach clients that announced a version able to read it.
+    # must only reach clients that announced a version able to read it (WuKongIM: above 3).
     if v > 3:
         first = 0x20 | _CONNACK_HAS_SERVER_VERSION
         parts = [b"", _U8.pack(p.server_version), _I64_U8.pack(p.time_diff, p.reason_code)]
@@ -322,7 +323,7 @@ def _enc_send(p: Send, v: int) -> bytes:
     ch = p.channel_id.encode()
     mk = p.msg_key.encode()
     parts = [b"", _U8_U32_U16.pack(setting, p.client_seq, len(cm)), cm]
-    if setting & SETTING_STREAM and v < 5:
+    if setting & SETTING_STREAM and 2 <= v < 5:
         parts += _str(p.stream_no)
     parts += (_U16.pack(len(ch)), ch)
     if v >= 3:
@@ -353,7 +354,7 @@ def _enc_recv(p: Recv, v: int) -> bytes:
     else:
         parts.append(_U8_U16.pack(p.channel_type, len(cm)))
     parts.append(cm)
-    if setting & SETTING_STREAM and v < 5:
+    if setting & SETTING_STREAM and 2 <= v < 5:
         sn = p.stream_no.encode()
         parts += (_U8_U16.pack(p.stream_flag, len(sn)), sn, _U64.pack(p.stream_id))
     parts.append(_I64_U32_I32.pack(p.message_id, p.message_seq, p.timestamp))
@@ -482,7 +483,7 @@ def _dec_send(flags: int, b: bytes, v: int) -> Send:
     setting, client_seq = _U8_U32.unpack_from(b, 0)
     client_msg_no, off = _read_str(b, 5, MAX_ID_BYTES, "client_msg_no")
     stream_no = ""
-    if setting & SETTING_STREAM and v < 5:
+    if setting & SETTING_STREAM and 2 <= v < 5:
         stream_no, off = _read_str(b, off, MAX_ID_BYTES, "stream_no")
     channel_id, off = _read_str(b, off, MAX_ID_BYTES, "channel_id")
     expire = 0
@@ -530,7 +531,7 @@ def _dec_recv(flags: int, b: bytes, v: int) -> Recv:
     client_msg_no, off = _read_str(b, off, MAX_ID_BYTES, "client_msg_no")
     stream_flag = stream_id = 0
     stream_no = ""
-    if setting & SETTING_STREAM and v < 5:
+    if setting & SETTING_STREAM and 2 <= v < 5:
         (stream_flag,) = _U8.unpack_from(b, off)
         stream_no, off = _read_str(b, off + 1, MAX_ID_BYTES, "stream_no")
         (stream_id,) = _U64.unpack_from(b, off)

@@ -803,7 +803,8 @@ async def test_metrics_include_webhook_delivery(node: RunningNode) -> None:
 # -- the OpenAPI document and malformed input ------------------------------------------------------------
 KIND_TYPES = {"str": "string", "uid": "string", "b64": "string", "int": "integer", "flag": "integer"}
 KIND_TYPES["uids"] = "array"
-KIND_TYPES |= {"ints": "array", "obj": "object"}
+KIND_TYPES |= {"ints": "array", "obj": "object", "ints32": "array", "ints63": "array", "objs": "array"}
+KIND_TYPES["strs"] = "array"
 
 
 def _check_field_schema(where: str, f: F, schema: dict[str, Any]) -> None:

@@ -96,6 +96,22 @@ def append(path: Path, text: str) -> None:
     path.write_text(path.read_text() + text)
 
 
+def token_auth_on(path: Path) -> None:
+    path.write_text(path.read_text().replace("[cluster]\n", "[cluster]\ntoken_auth = true\n", 1))
+
+
+async def as_master(cluster: Cluster, node_id: str, *uids: str) -> None:
+    """msg.offline leaves out a user only while a *master* device of it is online (WuKongIM), and a device
+    is a master only through a `/user/token` with device_level 1 under token auth: give each uid one,
+    committed on the node it will log in to. Its token is `<uid>-t`."""
+    for uid in uids:
+        body = {"uid": uid, "token": f"{uid}-t", "device_flag": 0, "device_level": 1}
+        status, answer = await http_json(
+            cluster.http(node_id), "POST", "/user/token", body, headers={"token": MANAGER_TOKEN}
+        )
+        assert (status, answer) == (200, {"status": 200}), answer
+
+
 async def wait_until(predicate: Any, timeout_s: float, what: str) -> None:
     with trio.fail_after(timeout_s):
         while not predicate():  # noqa: ASYNC110 - the state changes in other processes
@@ -105,6 +121,7 @@ async def wait_until(predicate: Any, timeout_s: float, what: str) -> None:
 async def test_events_survive_failures_a_receiver_outage_and_a_leader_kill_9(tmp_path: Path) -> None:
     receiver = Receiver(fail_next=3)
     config = write_cluster_toml(tmp_path / "cluster.toml")
+    token_auth_on(config)
     append(config, webhook_toml(receiver, attempts=1000, backoff_initial_s=0.05, backoff_max_s=0.3))
     cluster = Cluster(config)
     async with trio.open_nursery() as nursery:
@@ -121,9 +138,10 @@ async def test_events_survive_failures_a_receiver_outage_and_a_leader_kill_9(tmp
             )
             assert status == 200, body
             acked: list[int] = []
+            await as_master(cluster, entry, "alice", "bob")
             async with (
-                open_client(*cluster.tcp(entry), "alice") as alice,
-                open_client(*cluster.tcp(entry), "bob"),
+                open_client(*cluster.tcp(entry), "alice", token="alice-t") as alice,
+                open_client(*cluster.tcp(entry), "bob", token="bob-t"),
             ):
 
                 async def send(count: int) -> None:
@@ -238,6 +256,7 @@ async def test_msg_offline_never_lists_a_recipient_that_was_online_when_the_mess
     receiver = Receiver()
     config = write_cluster_toml(tmp_path / "cluster.toml")
     hook = webhook_toml(receiver, events=["msg.offline"], attempts=1000, backoff_initial_s=0.05)
+    token_auth_on(config)
     append(config, hook + "backoff_max_s = 0.2\n")
     cluster = Cluster(config)
     uids = ["alice", "bob", "carol"]
@@ -253,8 +272,10 @@ async def test_msg_offline_never_lists_a_recipient_that_was_online_when_the_mess
                 headers={"token": MANAGER_TOKEN},
             )
             assert status == 200, body
-            async with open_client(*cluster.tcp(leader), "alice") as alice:
-                async with open_client(*cluster.tcp(follower), "bob") as bob:
+            await as_master(cluster, leader, "alice")
+            await as_master(cluster, follower, "bob")
+            async with open_client(*cluster.tcp(leader), "alice", token="alice-t") as alice:
+                async with open_client(*cluster.tcp(follower), "bob", token="bob-t") as bob:
                     await wait_online(cluster, leader, uids, {"alice", "bob"})
                     ack = await alice.send("g", 2, b"live")
                     assert ack.reason_code == Reason.SUCCESS
@@ -327,11 +348,13 @@ async def test_msg_offline_backlog_takes_one_raft_commit_per_batch_and_skips_eve
     receiver = Receiver()
     config = write_cluster_toml(tmp_path / "cluster.toml", nodes=1, initial=1)
     hook = webhook_toml(receiver, events=["msg.offline"], attempts=1000, backoff_initial_s=0.05)
+    token_auth_on(config)
     append(config, hook + "backoff_max_s = 0.2\n")
     cluster = Cluster(config)
     async with trio.open_nursery() as nursery:
         try:
             await trio.to_thread.run_sync(cluster.start_all)
+            await as_master(cluster, "n1", "alice", "bob")
             status, body = await http_json(
                 cluster.http("n1"),
                 "POST",
@@ -341,8 +364,8 @@ async def test_msg_offline_backlog_takes_one_raft_commit_per_batch_and_skips_eve
             )
             assert status == 200, body
             async with (
-                open_client(*cluster.tcp("n1"), "alice") as alice,
-                open_client(*cluster.tcp("n1"), "bob"),
+                open_client(*cluster.tcp("n1"), "alice", token="alice-t") as alice,
+                open_client(*cluster.tcp("n1"), "bob", token="bob-t"),
             ):
                 await wait_online(cluster, "n1", ["alice", "bob"], {"alice", "bob"})
                 group = await alice.send_many([("g", 2, f"g{i}".encode()) for i in range(40)])

@@ -317,7 +317,7 @@ async def test_a_refused_connect_leaves_the_live_session_alone(tmp_path: Path) -
         for uid in ("alice", "bob"):
             status, _ = await http_json(node.http, "POST", "/user/token", {"uid": uid, "token": f"{uid}-t"})
             assert status == 200
-        async with open_client(*node.tcp, "alice", token="alice-t") as alice:
+        async with open_client(*node.tcp, "alice", token="alice-t", device_id="phone") as alice:
             live = list(node.node.registry.of_uid("alice"))
             assert len(live) == 1
             # The same uid and device flag with the right token but a client key that is no X25519 key.
@@ -330,6 +330,6 @@ async def test_a_refused_connect_leaves_the_live_session_alone(tmp_path: Path) -
             async with open_client(*node.tcp, "bob", token="bob-t") as bob:
                 assert (await alice.send("bob", 1, b"still here")).reason_code == Reason.SUCCESS
                 assert (await bob.recv()).payload == b"still here"
-            # A CONNECT that passes every check does replace it (reason 12).
-            async with open_client(*node.tcp, "alice", token="alice-t"):
+            # A CONNECT of the same device that passes every check does replace it.
+            async with open_client(*node.tcp, "alice", token="alice-t", device_id="phone"):
                 await wait_for(lambda: live[0].closed.is_set(), 10, "the older session kicked")

@@ -176,13 +176,38 @@ def _round_trip(packet: Packet, version: int) -> Packet | None:
 
 def test_versions_outside_the_supported_range_use_the_nearest_layout() -> None:
     send = Send(0, 1, "n", "c", 1, b"p", "k", expire=7)
-    assert encode(send, 1) == encode(send, 2)
+    assert encode(send, 0) == encode(send, 1) == encode(send, 2)
     assert encode(send, 9) == encode(send, LATEST_VERSION)
     assert encode(send, 2) != encode(send, 3)
-    assert negotiate_version(1) == 2
-    assert negotiate_version(3) == 2  # SDKs fall back to the v2 layout without CONNACK's version byte
-    assert negotiate_version(4) == 4
-    assert negotiate_version(200) == LATEST_VERSION
+
+
+def test_a_connection_runs_at_the_announced_version_capped_at_the_latest() -> None:
+    """WuKongIM's event_connect.go: ProtoVersion = min(announced, latest); nothing is rounded down."""
+    assert [negotiate_version(v) for v in (1, 2, 3, 4, 5, 6, 200)] == [1, 2, 3, 4, 5, 5, 5]
+
+
+def test_version_1_has_no_stream_fields() -> None:
+    """WuKongIMGoProto reads stream_no (SEND) and stream_flag/no/id (RECV) from version 2 on only."""
+    send = Send(SETTING_STREAM, 1, "n", "c", 1, b"p", "k", stream_no="s")
+    assert encode(send, 1)[3:] == encode(Send(0, 1, "n", "c", 1, b"p", "k"), 1)[3:]  # all but the setting
+    got = _round_trip(send, 1)
+    assert isinstance(got, Send) and got.stream_no == "" and got.payload == b"p"
+    assert len(encode(send, 1)) < len(encode(send, 2))
+    recv = Recv(SETTING_STREAM, "k", "u", "c", 1, "n", 1, 2, 3, b"p", 0, 1, "s", 4)
+    got = _round_trip(recv, 1)
+    assert isinstance(got, Recv) and (got.stream_flag, got.stream_no, got.stream_id) == (0, "", 0)
+    assert got.payload == b"p" and got.message_seq == 2
+
+
+def test_connack_carries_the_server_version_only_above_3() -> None:
+    connack = Connack(0, 1, "k", "s", server_version=5, node_id=7)
+    for version in (1, 2, 3):
+        frame = encode(connack, version)
+        assert frame[0] == 0x20, version  # bit0 clear: no version byte, time_diff first
+        assert frame == encode(connack, 2)
+    for version in (4, 5):
+        frame = encode(connack, version)
+        assert frame[0] == 0x21 and frame[2] == 5, version
 
 
 # --- exact bytes --------------------------------------------------------------------------------
