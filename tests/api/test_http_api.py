@@ -798,7 +798,7 @@ async def test_metrics_include_webhook_delivery(node: RunningNode) -> None:
 # -- the OpenAPI document and malformed input ------------------------------------------------------------
 KIND_TYPES = {"str": "string", "uid": "string", "b64": "string", "int": "integer", "flag": "integer"}
 KIND_TYPES["uids"] = "array"
-KIND_TYPES |= {"ints": "array", "obj": "object"}
+KIND_TYPES |= {"ints": "array", "obj": "object", "header": "object"}
 
 
 def _check_field_schema(where: str, f: F, schema: dict[str, Any]) -> None:
@@ -814,6 +814,8 @@ def _check_field_schema(where: str, f: F, schema: dict[str, Any]) -> None:
     if f.kind == "uids":
         assert schema["maxItems"] == MAX_UIDS_PER_OP and schema["items"]["type"] == "string", where
         assert schema["items"]["pattern"] == "^[^@]*$", where
+    if f.kind == "header":
+        assert set(schema["properties"]) == {"no_persist", "red_dot", "sync_once"}, where
 
 
 async def test_openapi_lists_every_route_with_its_fields(node: RunningNode, api: Api) -> None:
