@@ -25,6 +25,7 @@ from hypercorn.trio import serve as serve_http
 from node import plugins, tls
 from node.api import admin as admin_api
 from node.api import channels as channels_api
+from node.api import commands as commands_api
 from node.api import console as console_api
 from node.api import conversations as conversations_api
 from node.api import messages as messages_api
@@ -176,6 +177,7 @@ class Node:
             **channels_api.routes(store, proposer),
             **messages_api.routes(store, self.channel_pool, self.config.tuning.commit_timeout_s),
             **conversations_api.routes(store, proposer),
+            **commands_api.routes(store, proposer),
             **admin_api.routes(
                 node_id=self.spec.id,
                 status=self.status,

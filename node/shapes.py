@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from raft.commands import CHANNEL_PERSON, SYSTEM_UID, person_peer
+from raft.commands import CHANNEL_PERSON, HF_NO_PERSIST, HF_RED_DOT, HF_SYNC_ONCE, SYSTEM_UID, person_peer
 
 
 def message_json(row: dict[str, Any]) -> dict[str, Any]:
@@ -17,8 +17,13 @@ def message_json(row: dict[str, Any]) -> dict[str, Any]:
     channel_id = row["cid"]
     if row["ct"] == CHANNEL_PERSON:
         channel_id = person_peer(channel_id, row["from"])
-    return {
-        "header": {"no_persist": 0, "red_dot": 1, "sync_once": 0},
+    flags = int(row.get("hf", 0))
+    shown = {
+        "header": {
+            "no_persist": int(bool(flags & HF_NO_PERSIST)),
+            "red_dot": int(bool(flags & HF_RED_DOT)),
+            "sync_once": int(bool(flags & HF_SYNC_ONCE)),
+        },
         "setting": row["setting"],
         "message_id": row["mid"],
         "message_idstr": str(row["mid"]),
@@ -27,7 +32,10 @@ def message_json(row: dict[str, Any]) -> dict[str, Any]:
         "from_uid": "" if row["from"] == SYSTEM_UID else row["from"],
         "channel_id": channel_id,
         "channel_type": row["ct"],
-        "expire": 0,
+        "expire": int(row.get("exp", 0)),
         "timestamp": row["ts"],
         "payload": base64.b64encode(row["payload"]).decode(),
     }
+    if row.get("tp"):
+        shown["topic"] = row["tp"]  # omitted when empty, as WuKongIM's `omitempty`
+    return shown

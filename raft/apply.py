@@ -15,8 +15,8 @@ from typing import Any
 
 import cbor2
 
+from raft import cmdqueue, conversations, outbox
 from raft import commands as c
-from raft import conversations, outbox
 from raft.permissions import send_permission
 from raft.view import EntryView, Result
 from storage import keys
@@ -37,6 +37,35 @@ def _duplicate(original: dict[str, Any]) -> Result:
     return {"r": c.R_SUCCESS, "mid": original["mid"], "seq": original["seq"], "dup": True}
 
 
+def _recipients(view: EntryView, op: dict[str, Any], chan: bytes) -> list[str]:
+    """Who a message goes to, as the committed stream pushes it: a person channel's two parties, a
+    temporary channel's uid list, a group's subscribers."""
+    if op["ct"] == c.CHANNEL_PERSON:
+        return [uid for uid in (op["from"], op.get("to", "")) if uid]
+    if "subs" in op:
+        return list(op["subs"])
+    return view.txn.members("subscribers", chan)
+
+
+def _record(op: dict[str, Any], seq: int) -> dict[str, Any]:
+    """The stored (or, for no_persist, posted) form of a message: flags, expire, topic only when set."""
+    record = {
+        "mid": op["mid"],
+        "seq": seq,
+        "from": op["from"],
+        "cid": op["cid"],
+        "ct": op["ct"],
+        "cmn": op["cmn"],
+        "ts": op["ts"],
+        "setting": op["setting"],
+        "payload": op["payload"],
+    }
+    for name in ("hf", "exp", "tp", "subs"):
+        if name in op:
+            record[name] = op[name]
+    return record
+
+
 def apply_send(view: EntryView, op: dict[str, Any]) -> Result:
     """Store one message. Results are those of "dedup, then permission, then store" in that order.
 
@@ -44,52 +73,67 @@ def apply_send(view: EntryView, op: dict[str, Any]) -> Result:
     both checks and writes), then the message. The permission check runs first, on the entry's cached rows;
     a refused send or a key already present takes the rare path that reads the original dedup row, so a
     retry of a committed send is still answered as a duplicate even where it would now be refused.
+
+    A no_persist message stores nothing (WuKongIM `event_persist.go`): it is committed only so that every
+    node pushes it, and answered with seq 0. A command (sync_once) is stored in the channel's command
+    channel and queued for each recipient (raft/cmdqueue.py), in no conversation.
     """
     txn = view.txn
     chan = channel_key(op["cid"], op["ct"])
     sender, client_msg_no = op["from"], op["cmn"]
-    reason = send_permission(view, op["cid"], op["ct"], sender, op.get("to", ""), api=op.get("api", False))
+    header = int(op.get("hf", 0))
+    if op["ct"] == c.CHANNEL_TEMP:
+        reason = c.R_SUCCESS  # the business server's own uid list: no channel to check against
+    else:
+        reason = send_permission(
+            view, op["cid"], op["ct"], sender, op.get("to", ""), api=op.get("api", False)
+        )
+    if header & c.HF_NO_PERSIST:
+        if reason != c.R_SUCCESS:
+            return {"r": reason}
+        if outbox.wants(view, "offline"):
+            # Nothing stored to refer to: the event carries the message itself (`m`).
+            event = {"ck": chan, "seq": 0, "to": op.get("to", ""), "i": view.index, "m": _record(op, 0)}
+            outbox.append(view, "offline", event)
+        return {"r": c.R_SUCCESS, "mid": op["mid"], "seq": 0}
+    command = bool(header & c.HF_SYNC_ONCE)
+    store_chan = channel_key(op["cid"] + c.CMD_SUFFIX, op["ct"]) if command else chan
     if reason != c.R_SUCCESS:
-        original = txn.dedup(chan, sender, client_msg_no)
+        original = txn.dedup(store_chan, sender, client_msg_no)
         return {"r": reason} if original is None else _duplicate(original)
-    existing = view.channel(chan)
+    existing = view.channel(store_chan)
     seq = (int(existing["last_seq"]) if existing is not None else 0) + 1
     record = {"mid": op["mid"], "seq": seq}
-    if not txn.add_dedup(chan, sender, client_msg_no, record):
-        original = txn.dedup(chan, sender, client_msg_no)
+    if not txn.add_dedup(store_chan, sender, client_msg_no, record):
+        original = txn.dedup(store_chan, sender, client_msg_no)
         if original is not None:
             return _duplicate(original)
-        txn.put_dedup(chan, sender, client_msg_no, record)  # an unreadable row is replaced, as it always was
+        txn.put_dedup(
+            store_chan, sender, client_msg_no, record
+        )  # an unreadable row is replaced, as it always was
     channel = existing or _new_channel(op["ct"])
     channel["last_seq"] = seq
     channel["version"] = view.index
-    txn.put_message(
-        chan,
-        seq,
-        {
-            "mid": op["mid"],
-            "seq": seq,
-            "from": sender,
-            "cid": op["cid"],
-            "ct": op["ct"],
-            "cmn": client_msg_no,
-            "ts": op["ts"],
-            "setting": op["setting"],
-            "payload": op["payload"],
-        },
-    )
-    view.put_channel(chan, channel)
-    if op["ct"] == c.CHANNEL_PERSON and existing is None:
-        # Both parties of a person channel are its subscribers, so conversation sync finds it for both.
-        view.add_member("subscribers", chan, sender)
-        if op.get("to"):
-            view.add_member("subscribers", chan, op["to"])
-    conversations.on_send(view, chan, sender, seq)
+    txn.put_message(store_chan, seq, _record(op, seq))
+    view.put_channel(store_chan, channel)
+    if command:
+        system = set(view.meta("system_uids") or ()) | {c.SYSTEM_UID}
+        uids = [uid for uid in _recipients(view, op, chan) if uid not in system]
+        cmdqueue.push(view, uids, store_chan, seq)
+    else:
+        if op["ct"] == c.CHANNEL_PERSON and existing is None:
+            # Both parties of a person channel are its subscribers, so conversation sync finds it for both.
+            view.add_member("subscribers", chan, sender)
+            if op.get("to"):
+                view.add_member("subscribers", chan, op["to"])
+        conversations.on_send(view, chan, sender, seq)
     if outbox.wants(view, "notify"):
-        outbox.append(view, "notify", {"ck": chan, "seq": seq})
+        outbox.append(view, "notify", {"ck": store_chan, "seq": seq})
     if outbox.wants(view, "offline"):
         # `i`: where the message sits in the log, so the leader can tell who was online at that point.
-        outbox.append(view, "offline", {"ck": chan, "seq": seq, "to": op.get("to", ""), "i": view.index})
+        outbox.append(
+            view, "offline", {"ck": store_chan, "seq": seq, "to": op.get("to", ""), "i": view.index}
+        )
     return {"r": c.R_SUCCESS, "mid": op["mid"], "seq": seq}
 
 
@@ -274,6 +318,8 @@ APPLIERS: dict[str, Callable[[EntryView, dict[str, Any]], Result]] = {
     c.OP_WEBHOOK_ADVANCE: outbox.apply_webhook_advance,
     c.OP_WEBHOOK_DEADLETTER: outbox.apply_webhook_deadletter,
     c.OP_DEADLETTER_REMOVE: outbox.apply_deadletter_remove,
+    c.OP_CMD_SYNC: cmdqueue.apply_cmd_sync,
+    c.OP_CMD_ACK: cmdqueue.apply_cmd_ack,
     c.OP_HANDLER_STATE: apply_handler_state,
     c.OP_PRESENCE: apply_presence,
     c.OP_NODE_EPOCH: apply_node_epoch,

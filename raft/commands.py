@@ -40,7 +40,24 @@ R_SEND_BAN = 25
 
 CHANNEL_PERSON = 1
 CHANNEL_GROUP = 2
+# WuKongIM's temporary channel: `/message/send` with `subscribers`, a command to an explicit uid list.
+# Only the business server sends to one (clients get reason 23), and only as a command (sync_once).
+CHANNEL_TEMP = 8
 SUPPORTED_CHANNEL_TYPES = (CHANNEL_PERSON, CHANNEL_GROUP)
+
+# Header flags of a message, as the fixed header's low bits carry them (node.wire.protocol has the same
+# values; a test checks that they agree). Stored in a send op as `hf`, absent when 0.
+HF_NO_PERSIST = 0x01
+HF_RED_DOT = 0x02
+HF_SYNC_ONCE = 0x04
+HF_ALL = HF_NO_PERSIST | HF_RED_DOT | HF_SYNC_ONCE
+# A command message (sync_once) is stored in the channel's command channel, WuKongIM's cmd channel: the
+# stored id plus this suffix. Its seqs never count as unread, it is in no conversation, and every
+# recipient finds it in their command queue (`/message/sync`).
+CMD_SUFFIX = "____cmd"
+# The command queue of one user keeps at most this many commands not yet acknowledged; the oldest go.
+CMD_QUEUE_MAX = 1000
+MAX_TOPIC_BYTES = 255
 
 # Identifier caps keep every LMDB key (511 bytes at most) in range: the longest, a dedup key, is
 # channel (2 + 129) + sender (1 + 64) + client_msg_no (1 + 128) bytes.
@@ -77,6 +94,10 @@ OP_WEBHOOK_CONFIG = "webhook_config"
 OP_WEBHOOK_ADVANCE = "webhook_advance"
 OP_WEBHOOK_DEADLETTER = "webhook_deadletter"
 OP_DEADLETTER_REMOVE = "deadletter_remove"
+# /message/sync hands out a user's queued commands (`cmd_sync` records how far), /message/syncack drops
+# what the last sync handed out (`cmd_ack`): both replicated, so any node may answer either.
+OP_CMD_SYNC = "cmd_sync"
+OP_CMD_ACK = "cmd_ack"
 # The webhook streams and the event name each one posts as: the one table that the config, apply and
 # delivery read.
 WEBHOOK_EVENT_OF_STREAM = {"notify": "msg.notify", "offline": "msg.offline", "online": "user.onlinestatus"}
@@ -192,6 +213,19 @@ def check_op(op: Any, *, uid_rule: bool = True) -> Op:
         if "to" in op:
             _uid(op, "to", allow_empty=True, rule=uid_rule)
         _bool(op, "api")
+        # Header flags, expire and topic came later: an older entry has none of them (all zero).
+        if "hf" in op:
+            _int(op, "hf", 1, HF_ALL)
+        if "exp" in op:
+            _int(op, "exp", 1, (1 << 32) - 1)
+        if "tp" in op:
+            _id(op, "tp", max_bytes=MAX_TOPIC_BYTES)
+        if "subs" in op:
+            if op["ct"] != CHANNEL_TEMP or not op.get("api"):
+                raise BadCommand("subs is only for a temporary channel sent by the business server")
+            _uids(op, "subs", rule=uid_rule)
+        if op["ct"] == CHANNEL_TEMP and ("subs" not in op or not int(op.get("hf", 0)) & HF_SYNC_ONCE):
+            raise BadCommand("a temporary channel message needs subs and the sync_once flag")
     elif kind == OP_TOKEN:
         _uid(op, "uid", rule=uid_rule)
         _int(op, "flag", 0, 255)
@@ -275,6 +309,10 @@ def check_op(op: Any, *, uid_rule: bool = True) -> Op:
         for seq in seqs:
             if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
                 raise BadCommand("every seq must be a non-negative integer")
+    elif kind in (OP_CMD_SYNC, OP_CMD_ACK):
+        _uid(op, "uid", rule=uid_rule)
+        if kind == OP_CMD_SYNC:
+            _int(op, "upto", 0, (1 << 63) - 1)
     elif kind == OP_HANDLER_STATE:
         _id(op, "name")
         if not isinstance(op.get("enabled"), bool):
@@ -300,9 +338,17 @@ def send_op(
     setting: int,
     payload: bytes,
     api: bool = False,
+    header: int = 0,
+    expire: int = 0,
+    topic: str = "",
+    subscribers: list[str] | None = None,
 ) -> Op:
     """A message. `channel_id` is the stored id (`person_channel_id` for a person channel, whose other
-    party is `receiver`; "" for a group). `api`: sent by the business server (channel-level checks only)."""
+    party is `receiver`; "" for a group). `api`: sent by the business server (channel-level checks only).
+
+    `header`: the HF_* flag bits, `expire` and `topic` travel to every RECV; each is left out of the op
+    when zero or empty, so an ordinary message costs no more log bytes than before. `subscribers`: the
+    uid list of a temporary channel (CHANNEL_TEMP)."""
     op: dict[str, Any] = {
         "t": OP_SEND,
         "cid": channel_id,
@@ -317,7 +363,25 @@ def send_op(
     }
     if api:
         op["api"] = True
+    if header:
+        op["hf"] = header
+    if expire:
+        op["exp"] = expire
+    if topic:
+        op["tp"] = topic
+    if subscribers is not None:
+        op["subs"] = subscribers
     return check_op(op)
+
+
+def cmd_sync_op(uid: str, upto: int) -> Op:
+    """/message/sync handed `uid` its queued commands up to queue position `upto`."""
+    return check_op({"t": OP_CMD_SYNC, "uid": uid, "upto": upto})
+
+
+def cmd_ack_op(uid: str) -> Op:
+    """/message/syncack: drop the commands the last /message/sync of `uid` handed out."""
+    return check_op({"t": OP_CMD_ACK, "uid": uid})
 
 
 def token_op(uid: str, token: str, device_flag: int, device_level: int) -> Op:

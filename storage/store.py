@@ -39,6 +39,10 @@ DB_NAMES = (
     "presence_left",
     "outbox",
     "deadletters",
+    # uid ‖ queue position (u64 BE) -> a command message (channel key, seq) not yet acknowledged.
+    "cmd_queue",
+    # uid -> that user's command queue: last position given, acknowledged up to, handed out by the last sync.
+    "cmd_state",
 )
 MEMBER_DBS = ("subscribers", "blacklist", "whitelist")
 

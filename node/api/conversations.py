@@ -8,7 +8,7 @@ from node.api.app import propose
 from node.api.fields import CHANNEL, U32, UID, F, Json, Route, parse, stored_channel
 from node.cluster.proposer import Proposer
 from node.shapes import message_json
-from raft.commands import CHANNEL_PERSON, conversation_op, person_peer
+from raft.commands import CHANNEL_PERSON, SYSTEM_UID, conversation_op, person_peer
 from raft.conversations import conversations_of
 from storage.keys import channel_key, part
 from storage.store import Store, Txn
@@ -55,10 +55,15 @@ def routes(store: Store, proposer: Proposer) -> dict[str, Route]:
         result: list[Json] = []
         with store.read() as txn:
             rows = conversations_of(txn, uid)[:CONVERSATIONS_MAX]
+            # A person conversation with a system uid is left out, as WuKongIM leaves it out (commands
+            # never make a conversation: they live in the command queue, /message/sync).
+            system = set(txn.meta("system_uids") or ()) | {SYSTEM_UID}
             for row in rows:
                 shown_id = row["channel_id"]
                 if row["channel_type"] == CHANNEL_PERSON:
                     shown_id = person_peer(shown_id, uid)
+                    if shown_id in system:
+                        continue
                 client_seq = known.get((shown_id, row["channel_type"]))
                 if row["channel_type"] in excluded and client_seq is None:
                     continue

@@ -15,6 +15,9 @@ from typing import Any
 
 from raft.commands import (
     CHANNEL_PERSON,
+    HF_NO_PERSIST,
+    HF_RED_DOT,
+    HF_SYNC_ONCE,
     MAX_ID_BYTES,
     MAX_UID_BYTES,
     MAX_UIDS_PER_OP,
@@ -29,6 +32,8 @@ I63 = (1 << 63) - 1
 UID_PATTERN = f"^[^{PERSON_SEPARATOR}]*$"  # raft.commands.valid_uid, as JSON Schema says it
 
 Json = dict[str, Any]
+# WuKongIM's message `header` fields and the flag bit each sets (the fixed header's bits on the wire).
+HEADER_FLAGS = {"no_persist": HF_NO_PERSIST, "red_dot": HF_RED_DOT, "sync_once": HF_SYNC_ONCE}
 
 
 class HttpError(Exception):
@@ -46,7 +51,8 @@ def bad(msg: str) -> HttpError:
 @dataclass(frozen=True)
 class F:
     """One request field. kind: str, uid (str without `@`), int, flag (0/1), uids (list of uids), obj, b64,
-    ints (list of u8), objs (list of objects, at most `high`), strs (list of strings, at most `high`)."""
+    ints (list of u8), objs (list of objects, at most `high`), strs (list of strings, at most `high`),
+    header (WuKongIM's message header object, parsed into the HF_* flag bits)."""
 
     name: str
     kind: str = "str"
@@ -136,6 +142,18 @@ class F:
             for v in value:
                 F(self.name, max_bytes=self.max_bytes).parse({self.name: v})
             return value
+        if self.kind == "header":
+            if not isinstance(value, dict):
+                raise bad(f"{self.name} must be an object")
+            bits = 0
+            for key, bit in HEADER_FLAGS.items():
+                flag = value.get(key, 0)
+                if flag is None:
+                    continue
+                if not isinstance(flag, int) or isinstance(flag, bool) or flag not in (0, 1):
+                    raise bad(f"{self.name}.{key} must be 0 or 1")
+                bits |= bit if flag else 0
+            return bits
         raise AssertionError(self.kind)
 
     def schema(self) -> Json:
@@ -179,9 +197,12 @@ class F:
                 "maxItems": 256,
                 "items": {"type": "integer", "minimum": 0, "maximum": 255},
             }
+        elif self.kind == "header":
+            flag = {"type": "integer", "minimum": 0, "maximum": 1, "default": 0}
+            out = {"type": "object", "properties": {key: dict(flag) for key in HEADER_FLAGS}}
         else:
             out = {"type": "object"}
-        if self.default is not None:
+        if self.default is not None and self.kind != "header":
             out["default"] = self.default
         if self.description:
             out["description"] = self.description

@@ -15,6 +15,8 @@ from node.wire.protocol import Reason
 from raft.apply import Result
 from raft.commands import (
     CHANNEL_PERSON,
+    CHANNEL_TEMP,
+    HF_SYNC_ONCE,
     MAX_CHANNEL_ID_BYTES,
     MAX_PAYLOAD_BYTES,
     MAX_UID_BYTES,
@@ -55,13 +57,33 @@ def person_login(channel_type: int, login_uid: str, channel_id: str) -> None:
         raise bad("login_uid is required for a person channel")
 
 
+_FNV64_OFFSET, _FNV64_PRIME = 0xCBF29CE484222325, 0x100000001B3
+
+
+def temp_channel_id(subscribers: list[str]) -> str:
+    """The temporary channel of a uid list, named as WuKongIM names it: FNV-1a 64 of the uids joined by
+    commas, in decimal."""
+    value = _FNV64_OFFSET
+    for byte in ",".join(subscribers).encode():
+        value = ((value ^ byte) * _FNV64_PRIME) & 0xFFFFFFFFFFFFFFFF
+    return str(value)
+
+
 # How long a send waits beyond the commit timeout: the proposer answers every send by then.
 ANSWER_SLACK_S = 5.0
 
 
 def routes(store: Store, channel_pool: EventPool[Any], commit_timeout_s: float) -> dict[str, Route]:
     async def send_one(
-        sender: str, channel_id: str, channel_type: int, payload: bytes, client_msg_no: str
+        sender: str,
+        channel_id: str,
+        channel_type: int,
+        payload: bytes,
+        client_msg_no: str,
+        *,
+        header: int = 0,
+        expire: int = 0,
+        subscribers: list[str] | None = None,
     ) -> Json:
         """One send through the channel pool (same order and batching as client sends), to its commit."""
         done = trio.Event()
@@ -79,6 +101,9 @@ def routes(store: Store, channel_pool: EventPool[Any], commit_timeout_s: float) 
             payload=payload,
             api=True,
             reply=reply,
+            header=header,
+            expire=expire,
+            subscribers=subscribers,
         )
         if isinstance(send, int):
             return {"r": send}
@@ -90,17 +115,32 @@ def routes(store: Store, channel_pool: EventPool[Any], commit_timeout_s: float) 
         return {**box[0], "cmn": send.client_msg_no}
 
     async def message_send(body: Json, query: Any) -> Json:
-        if body["subscribers"]:
-            raise bad(
-                "sending to a subscriber list (a temporary channel) is not supported; use /message/sendbatch"
-            )
-        if not body["channel_id"]:
-            raise bad("channel_id is required")
-        if body["channel_type"] == CHANNEL_PERSON and not valid_uid(body["channel_id"]):
-            raise bad(f"channel_id {UID_RULE}")  # a person channel is named by the receiver's uid
+        header = body["header"]
+        subscribers = body["subscribers"]
         sender = body["from_uid"] or SYSTEM_UID
+        if subscribers:
+            # WuKongIM (`api/message.go`): a message to an explicit uid list is a command to a temporary
+            # channel (type 8) named after the list; it is never given with a channel.
+            if body["channel_id"]:
+                raise bad("channel_id and subscribers cannot both be given")
+            if not header & HF_SYNC_ONCE:
+                raise bad("subscribers needs header.sync_once 1 (a message to a uid list is a command)")
+            channel_id, channel_type = temp_channel_id(subscribers), CHANNEL_TEMP
+        else:
+            if not body["channel_id"]:
+                raise bad("channel_id is required")
+            channel_id, channel_type = body["channel_id"], body["channel_type"]
+            if channel_type == CHANNEL_PERSON and not valid_uid(channel_id):
+                raise bad(f"channel_id {UID_RULE}")  # a person channel is named by the receiver's uid
         result = await send_one(
-            sender, body["channel_id"], body["channel_type"], body["payload"], body["client_msg_no"]
+            sender,
+            channel_id,
+            channel_type,
+            body["payload"],
+            body["client_msg_no"],
+            header=header,
+            expire=body["expire"],
+            subscribers=subscribers or None,
         )
         reason = int(result["r"])
         if reason != Reason.SUCCESS:
@@ -113,9 +153,10 @@ def routes(store: Store, channel_pool: EventPool[Any], commit_timeout_s: float) 
         async with trio.open_nursery() as nursery:
 
             async def one(uid: str) -> None:
-                results.append(
-                    (uid, await send_one(body["from_uid"], uid, CHANNEL_PERSON, body["payload"], ""))
+                answer = await send_one(
+                    body["from_uid"], uid, CHANNEL_PERSON, body["payload"], "", header=body["header"]
                 )
+                results.append((uid, answer))
 
             for uid in body["subscribers"]:
                 nursery.start_soon(one, uid)
@@ -262,12 +303,16 @@ def routes(store: Store, channel_pool: EventPool[Any], commit_timeout_s: float) 
             "POST",
             message_send,
             (
-                F("header", "obj"),
+                F("header", "header", default=0),
                 F("client_msg_no", default=""),
                 F("from_uid", "uid", default="", max_bytes=MAX_UID_BYTES),
                 F("channel_id", default=""),
                 F("channel_type", "int", default=0, high=255),
-                F("subscribers", "uids"),
+                F(
+                    "subscribers",
+                    "uids",
+                    description="a command (header.sync_once 1) to these uids: WuKongIM's temporary channel",
+                ),
                 F("payload", "b64", required=True, max_bytes=MAX_PAYLOAD_BYTES * 2),
                 F("expire", "int", default=0, high=U32),
                 F("is_stream", "flag", default=0),
@@ -278,7 +323,7 @@ def routes(store: Store, channel_pool: EventPool[Any], commit_timeout_s: float) 
             "POST",
             message_sendbatch,
             (
-                F("header", "obj"),
+                F("header", "header", default=0),
                 F("from_uid", "uid", required=True, max_bytes=MAX_UID_BYTES),
                 F("subscribers", "uids", required=True),
                 F("payload", "b64", required=True, max_bytes=MAX_PAYLOAD_BYTES * 2),

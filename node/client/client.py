@@ -32,6 +32,7 @@ from node.wire.protocol import (
     LATEST_VERSION,
     PING_FRAME,
     SETTING_NO_ENCRYPT,
+    SETTING_TOPIC,
     Connack,
     Connect,
     Disconnect,
@@ -353,8 +354,11 @@ class Client:
         client_msg_no: str | None,
         setting: int,
         flags: int,
+        expire: int = 0,
+        topic: str = "",
     ) -> tuple[int, bytes]:
-        """Allocate a client_seq, register its ack waiter, and encode the SEND frame."""
+        """Allocate a client_seq, register its ack waiter, and encode the SEND frame (a topic sets the
+        setting's topic bit; expire travels from protocol version 3)."""
         if len(self._pending) >= MAX_PENDING_ACKS:
             raise ClientError(f"{MAX_PENDING_ACKS} SENDs already await their SENDACK")
         seq = self._next_seq
@@ -369,8 +373,19 @@ class Client:
         else:
             wire_payload = session.encrypt(payload)
             msg_key = session.send_msg_key(seq, client_msg_no, channel_id, channel_type, wire_payload)
+        if topic:
+            setting |= SETTING_TOPIC
         packet = Send(
-            setting, seq, client_msg_no, channel_id, channel_type, wire_payload, msg_key, flags=flags
+            setting,
+            seq,
+            client_msg_no,
+            channel_id,
+            channel_type,
+            wire_payload,
+            msg_key,
+            expire=expire,
+            topic=topic,
+            flags=flags,
         )
         try:
             frame = encode(packet, self.version)
@@ -395,10 +410,14 @@ class Client:
         client_msg_no: str | None = None,
         setting: int = 0,
         flags: int = FLAG_RED_DOT,
+        expire: int = 0,
+        topic: str = "",
         timeout_s: float = 10.0,
     ) -> Sendack:
         """Send one message and wait for its SENDACK (whatever its reason code)."""
-        seq, frame = self._prepare_send(channel_id, channel_type, payload, client_msg_no, setting, flags)
+        seq, frame = self._prepare_send(
+            channel_id, channel_type, payload, client_msg_no, setting, flags, expire, topic
+        )
         waiter = self._pending[seq]
         try:
             with _bounded(timeout_s, f"SENDACK for client_seq {seq}"):

@@ -42,7 +42,7 @@ from raft.commands import (
     webhook_config_op,
     webhook_deadletter_op,
 )
-from storage.keys import split_channel_key
+from storage.keys import channel_key
 from storage.store import Store, Txn
 
 log = logging.getLogger("imnode.webhook")
@@ -155,16 +155,21 @@ def _message(txn: Txn, event: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _offline_message(txn: Txn, event: dict[str, Any]) -> dict[str, Any] | None:
-    """A msg.offline object (the message and its `to_uids`); None when nobody is left to tell."""
-    row = txn.message(event["ck"], event["seq"])
+    """A msg.offline object (the message and its `to_uids`); None when nobody is left to tell.
+
+    A no_persist message is not stored: its event carries it (`m`). A command's stored row lives in the
+    command channel, so the recipients come from the row itself (its uid list, or its original channel).
+    """
+    row = event.get("m") if isinstance(event.get("m"), dict) else txn.message(event["ck"], event["seq"])
     if row is None:
         return None
     message = message_json(row)
-    _channel_id, channel_type, _used = split_channel_key(event["ck"])
-    if channel_type == CHANNEL_PERSON:
+    if row["ct"] == CHANNEL_PERSON:
         recipients = [event.get("to") or message["channel_id"]]
+    elif "subs" in row:
+        recipients = list(dict.fromkeys(row["subs"]))
     else:
-        recipients = txn.members("subscribers", event["ck"])
+        recipients = txn.members("subscribers", channel_key(row["cid"], row["ct"]))
     to_uids = offline_uids(txn, recipients, row["from"], int(event.get("i", 0)))
     if not to_uids:
         return None

@@ -29,6 +29,8 @@ from node.wire.protocol import Reason, Sendack
 from raft.apply import Result
 from raft.commands import (
     CHANNEL_PERSON,
+    CHANNEL_TEMP,
+    HF_ALL,
     SUPPORTED_CHANNEL_TYPES,
     BadCommand,
     Op,
@@ -63,6 +65,10 @@ class ChannelSend:
     api: bool = False  # sent by the business server over HTTP: channel-level checks only
     reply: Callable[[Result], None] | None = None  # for sends without a connection (HTTP)
     trace: Trace | None = None  # a sampled send's latency trace (node/trace.py)
+    header: int = 0  # the HF_* flags (RedDot, SyncOnce, NoPersist) every RECV carries
+    expire: int = 0
+    topic: str = ""
+    subscribers: list[str] | None = None  # a temporary channel's uid list (business server only)
 
     @property
     def route_key(self) -> str:
@@ -99,13 +105,19 @@ def open_send(
     api: bool = False,
     reply: Callable[[Result], None] | None = None,
     trace: Trace | None = None,
+    header: int = 0,
+    expire: int = 0,
+    topic: str = "",
+    subscribers: list[str] | None = None,
 ) -> ChannelSend | int:
     """The one way a message enters the channel pool, from a client (SEND) or the business server (HTTP).
 
     `channel_id` is the id the sender addressed (for a person channel: the other user). Returns the send,
     under the channel's stored id, or the reason code it is refused with before anything is queued.
+    A temporary channel (`subscribers`) is the business server's alone.
     """
-    if channel_type not in SUPPORTED_CHANNEL_TYPES:
+    temporary = channel_type == CHANNEL_TEMP and api and subscribers is not None
+    if channel_type not in SUPPORTED_CHANNEL_TYPES and not temporary:
         return Reason.NOT_SUPPORT_CHANNEL_TYPE
     if not channel_id or not client_msg_no:
         return Reason.CHANNEL_ID_ERROR
@@ -128,6 +140,10 @@ def open_send(
         api,
         reply,
         trace,
+        header & HF_ALL,
+        expire,
+        topic,
+        subscribers,
     )
 
 
@@ -173,6 +189,8 @@ async def permission(ctx: ChannelContext, send: ChannelSend) -> int | None:
     """Fast path only: apply checks again against the replicated state and decides."""
     if send.trace is not None:
         send.trace.mark("channel_pool_wait")
+    if send.channel_type == CHANNEL_TEMP:
+        return None  # the business server's own uid list: nothing to check (apply agrees)
     # The sends of one channel batch mostly share sender and peer: one store read answers them all (a
     # change committed meanwhile is still caught: apply checks again).
     channel = ctx.batches.get(send.route_key)
@@ -205,6 +223,10 @@ async def store(ctx: ChannelContext, send: ChannelSend) -> int | None:
             setting=send.setting,
             payload=send.payload,
             api=send.api,
+            header=send.header,
+            expire=send.expire,
+            topic=send.topic,
+            subscribers=send.subscribers,
         )
     except BadCommand:
         # An id or payload over apply's caps: refused here as apply would refuse it (reason 15), as a

@@ -113,6 +113,8 @@ class CommittedStream:
                 trace.mark("distribute_wait")
             if op["ct"] == CHANNEL_PERSON:
                 recipients = [op["from"], op["to"]] if op.get("to") else [op["from"]]
+            elif "subs" in op:
+                recipients = list(dict.fromkeys(op["subs"]))  # a temporary channel's uid list
             else:
                 recipients = members[channel_key(op["cid"], op["ct"])]
             origin = self._origins.pop(result["mid"], None)
@@ -136,7 +138,11 @@ class CommittedStream:
     def _group_members(self, deliveries: list[Delivery]) -> dict[bytes, list[str]]:
         """The subscribers of each group channel among `deliveries`: one short read transaction per entry,
         none when the entry holds person messages only."""
-        groups = {channel_key(d.op["cid"], d.op["ct"]) for d in deliveries if d.op["ct"] != CHANNEL_PERSON}
+        groups = {
+            channel_key(d.op["cid"], d.op["ct"])
+            for d in deliveries
+            if d.op["ct"] != CHANNEL_PERSON and "subs" not in d.op
+        }
         if not groups:
             return {}
         with self._store.read() as txn:

@@ -24,9 +24,9 @@ from node.gateway.connection import Connection
 from node.gateway.registry import Registry
 from node.pools.eventbus import EventPool
 from node.trace import Trace
-from node.wire.protocol import SETTING_NO_ENCRYPT, Recv, encode
+from node.wire.protocol import FLAG_NO_PERSIST, FLAG_RED_DOT, SETTING_NO_ENCRYPT, Recv, encode
 from raft.apply import Result
-from raft.commands import CHANNEL_PERSON, person_peer
+from raft.commands import CHANNEL_PERSON, SYSTEM_UID, person_peer
 
 PUSH = "push"
 PUSH_BATCH = "push_batch"
@@ -73,18 +73,24 @@ def recv_frame(conn: Connection, op: dict[str, Any], result: Result, recipient: 
     # A person channel shows the other party: the receiver sees the sender, the sender's other devices
     # see the receiver.
     channel_id = person_peer(op["cid"], recipient) if op["ct"] == CHANNEL_PERSON else op["cid"]
+    # WuKongIM (`event_pushonline.go`) shows the system sender as "" and raises no red dot on the
+    # sender's own other devices.
+    from_uid = "" if op["from"] == SYSTEM_UID else op["from"]
+    flags = int(op.get("hf", 0))
+    if recipient == op["from"]:
+        flags &= ~FLAG_RED_DOT
     payload = op["payload"]
     setting = op["setting"]
     msg_key = ""
     if conn.session is not None and not setting & SETTING_NO_ENCRYPT:
         payload = conn.session.encrypt(payload)
         msg_key = conn.session.recv_msg_key(
-            result["mid"], result["seq"], op["cmn"], op["ts"], op["from"], channel_id, op["ct"], payload
+            result["mid"], result["seq"], op["cmn"], op["ts"], from_uid, channel_id, op["ct"], payload
         )
     packet = Recv(
         setting=setting,
         msg_key=msg_key,
-        from_uid=op["from"],
+        from_uid=from_uid,
         channel_id=channel_id,
         channel_type=op["ct"],
         client_msg_no=op["cmn"],
@@ -92,6 +98,9 @@ def recv_frame(conn: Connection, op: dict[str, Any], result: Result, recipient: 
         message_seq=result["seq"],
         timestamp=op["ts"],
         payload=payload,
+        expire=int(op.get("exp", 0)),
+        topic=op.get("tp", ""),
+        flags=flags,
     )
     return encode(packet, conn.version)
 
@@ -99,6 +108,9 @@ def recv_frame(conn: Connection, op: dict[str, Any], result: Result, recipient: 
 async def push_online(ctx: PushContext, ev: PushEvent) -> int | None:
     tuning = ctx.tuning
     due = trio.current_time() + tuning.recv_resend_interval_s
+    # A no_persist message is not resent (WuKongIM retries stored messages only): it cannot be synced
+    # either, so a RECV lost with its connection is simply gone, as the sender asked.
+    resend = not int(ev.op.get("hf", 0)) & FLAG_NO_PERSIST
     # A traced delivery's events (one per shard) share one trace: the first RECV queued claims it.
     trace, ev.trace = ev.trace, None
     taken = time.perf_counter() if trace is not None else 0.0
@@ -112,7 +124,8 @@ async def push_online(ctx: PushContext, ev: PushEvent) -> int | None:
                 continue  # never echo a message to the device that sent it
             frame = recv_frame(conn, ev.op, ev.result, uid)
             if conn.send_frame(frame):
-                conn.track_recv(ev.result["mid"], frame, due, tuning.recv_inflight_max)
+                if resend:
+                    conn.track_recv(ev.result["mid"], frame, due, tuning.recv_inflight_max)
                 ctx.delivered += 1
                 if trace is not None:
                     if not trace.claimed:

@@ -192,6 +192,9 @@ async def forward(ctx: UserContext, ev: SendEvent) -> int | None:
         conn=ev.conn,
         client_seq=packet.client_seq,
         trace=ev.trace,
+        header=packet.flags,  # RedDot, SyncOnce, NoPersist travel with the message (DUP is masked)
+        expire=packet.expire,
+        topic=packet.topic,
     )
     if isinstance(send, int):
         return send

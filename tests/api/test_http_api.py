@@ -805,6 +805,7 @@ KIND_TYPES = {"str": "string", "uid": "string", "b64": "string", "int": "integer
 KIND_TYPES["uids"] = "array"
 KIND_TYPES |= {"ints": "array", "obj": "object", "ints32": "array", "ints63": "array", "objs": "array"}
 KIND_TYPES["strs"] = "array"
+KIND_TYPES["header"] = "object"
 
 
 def _check_field_schema(where: str, f: F, schema: dict[str, Any]) -> None:
@@ -820,6 +821,8 @@ def _check_field_schema(where: str, f: F, schema: dict[str, Any]) -> None:
     if f.kind == "uids":
         assert schema["maxItems"] == MAX_UIDS_PER_OP and schema["items"]["type"] == "string", where
         assert schema["items"]["pattern"] == "^[^@]*$", where
+    if f.kind == "header":
+        assert set(schema["properties"]) == {"no_persist", "red_dot", "sync_once"}, where
 
 
 async def test_openapi_lists_every_route_with_its_fields(node: RunningNode, api: Api) -> None:

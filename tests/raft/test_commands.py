@@ -57,6 +57,8 @@ BUILT: dict[str, Callable[[], c.Op]] = {
     c.OP_WEBHOOK_ADVANCE: lambda: c.webhook_advance_op("notify", 0, 1),
     c.OP_WEBHOOK_DEADLETTER: lambda: c.webhook_deadletter_op("online", 0, 1, "HTTP 500", 5),
     c.OP_DEADLETTER_REMOVE: lambda: c.deadletter_remove_op("offline", [1, 2]),
+    c.OP_CMD_SYNC: lambda: c.cmd_sync_op("alice", 3),
+    c.OP_CMD_ACK: lambda: c.cmd_ack_op("alice"),
 }
 
 
