@@ -47,6 +47,7 @@ class Tuning:
     handler_retries: int = 3
     dead_letters_max: int = 1000
     batch_window_ms: float = 2.0
+    batch_window_busy_ms: float = 50.0
     batch_max_bytes: int = 256 << 10
     pending_per_channel_max: int = 10_000
     proposals_in_flight: int = 64
@@ -249,6 +250,8 @@ def _check_tuning(source: str, tuning: Tuning) -> None:
             f"{source}: tuning.outbound_queue_bytes: must be at least {queue_floor} (2 MiB and twice "
             "max_frame_bytes: a RECV of the largest message must fit)"
         )
+    if tuning.batch_window_busy_ms < tuning.batch_window_ms:
+        raise ConfigError(f"{source}: tuning.batch_window_busy_ms: must be at least batch_window_ms")
     if tuning.log_compaction_min_entries < 2:
         raise ConfigError(f"{source}: tuning.log_compaction_min_entries: must be at least 2")
     # PySyncObj asserts these at start (heartbeats every 0.1 s); say so here, naming the key.

@@ -101,8 +101,10 @@ class Node:
         self.proposer = Proposer(
             self.raft,
             batch_window_ms=tuning.batch_window_ms,
+            batch_window_busy_ms=tuning.batch_window_busy_ms,
             batch_max_bytes=tuning.batch_max_bytes,
             commit_timeout_s=tuning.commit_timeout_s,
+            max_in_flight=tuning.proposals_in_flight,
         )
         self.registry = Registry()
         numeric_id = self.spec.numeric_id

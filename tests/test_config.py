@@ -271,3 +271,8 @@ def test_external_addresses_for_route_are_checked(tmp_path: Path) -> None:
             tmp_path, VALID.replace('data_dir = "data/n2"\n', f'data_dir = "data/n2"\n{line}\n')
         )
         assert words in message, message
+
+
+def test_the_busy_batch_window_may_not_be_shorter_than_the_window(tmp_path: Path) -> None:
+    message = load_error(tmp_path, VALID.replace("batch_window_ms = 1.5", "batch_window_busy_ms = 1.0"))
+    assert "tuning.batch_window_busy_ms: must be at least batch_window_ms" in message
