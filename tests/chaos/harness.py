@@ -426,7 +426,7 @@ async def run_chaos(
                 writers_nursery.cancel_scope.deadline = trio.current_time() + 120
             readers_nursery.cancel_scope.cancel()
         for node in run.nodes:
-            await trio.to_thread.run_sync(lambda node=node: cluster.wait_caught_up(node, 60))
+            await trio.to_thread.run_sync(cluster.wait_caught_up, node, 60)
         if cluster.links is not None:
             fault(
                 run,

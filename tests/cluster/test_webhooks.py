@@ -190,8 +190,8 @@ async def test_events_survive_failures_a_receiver_outage_and_a_leader_kill_9(tmp
             assert offline and all(o["to_uids"] == ["carol"] for o in offline), [
                 o["to_uids"] for o in offline
             ]
-            online = [s for event, body, _ in receiver.posts if event == "user.onlinestatus" for s in body]
-            assert any(s.startswith("alice-0-1-") for s in online)
+            statuses = [s for event, body, _ in receiver.posts if event == "user.onlinestatus" for s in body]
+            assert any(s.startswith("alice-0-1-") for s in statuses)
         finally:
             await trio.to_thread.run_sync(cluster.stop_all)
             nursery.cancel_scope.cancel()

@@ -1,7 +1,8 @@
 """The real WuKongIM JS SDK (npm `wukongimjssdk`, driven by sdk_driver.mjs under Node.js) on a real 3-node
-cluster: it connects, receives a live message, gets back online on its own after its node installs a
-snapshot (which closes every client without DISCONNECT), and stops reconnecting once kicked, as with
-WuKongIM. Also, without the SDK: the device-level login rules across nodes.
+cluster: it connects, receives live messages (its conversation's unread badge raised only by those with
+RedDot), gets back online on its own after its node installs a snapshot (which closes every client without
+DISCONNECT), and stops reconnecting once kicked, as with WuKongIM. Also, without the SDK: the device-level
+login rules across nodes.
 
 The packages are installed by `npm ci` from tests/js/package-lock.json into tests/js/node_modules the
 first time (and whenever the lock file is newer). Skipped, saying so, only where Node.js is not installed.
@@ -9,6 +10,7 @@ first time (and whenever the lock file is newer). Skipped, saying so, only where
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import subprocess
@@ -91,6 +93,15 @@ class SdkDriver:
     def opened(self) -> int:
         return len(self.of("ws_open"))
 
+    async def send_text(self, channel_id: str, channel_type: int, text: str) -> dict[str, Any]:
+        """Send a text message as an app does (`chatManager.send`, which sets RedDot); its SENDACK."""
+        before = len(self.of("sendack"))
+        assert self.process.stdin is not None
+        command = {"send": {"channel_id": channel_id, "channel_type": channel_type, "text": text}}
+        await self.process.stdin.send_all(json.dumps(command).encode() + b"\n")
+        [ack] = await self.wait_for("a SENDACK", lambda: self.of("sendack")[before:])
+        return ack
+
 
 @asynccontextmanager
 async def js_sdk(node_binary: str, ws_url: str, uid: str, token: str, log: Path) -> AsyncIterator[SdkDriver]:
@@ -168,8 +179,13 @@ def roles(cluster: Cluster) -> tuple[str, str]:
     return follower, other
 
 
-def received(sdk: SdkDriver, message_id: int) -> Callable[[], list[dict[str, Any]]]:
+def received(sdk: SdkDriver, message_id: int | str) -> Callable[[], list[dict[str, Any]]]:
     return lambda: [m for m in sdk.of("message") if m["message_id"] == str(message_id)]
+
+
+def conversation_after(sdk: SdkDriver, message_id: int | str) -> Callable[[], list[dict[str, Any]]]:
+    """The SDK's conversation as its conversation manager left it after the message `message_id`."""
+    return lambda: [c for c in sdk.of("conversation") if c["last_message_id"] == str(message_id)]
 
 
 async def restart_behind_a_snapshot(cluster: Cluster, behind: str, entry: str) -> None:
@@ -223,8 +239,9 @@ async def test_the_js_sdk_receives_live_reconnects_after_a_snapshot_and_stays_ki
         assert (message["text"], message["message_id"]) == ("hello from alice", str(ack.message_id))
         [conversation] = await sdk.wait_for("the conversation", lambda: sdk.of("conversation"))
         assert (conversation["channel_id"], conversation["action"]) == ("alice", 0)  # 0: added
-        # The unread badge counts a message whose RECV carries RedDot: `conversation["unread"]` and
-        # `message["red_dot"]` hold what the SDK made of it (1 and True once RECV keeps the SEND's flags).
+        # The client sends with RedDot, as apps do: the SDK raises the conversation's unread badge.
+        assert message["red_dot"] is True
+        assert (conversation["unread"], conversation["all_unread"]) == (1, 1)
 
         # Its node dies and comes back through a snapshot install: the SDK sees closes without DISCONNECT,
         # keeps trying (every 3 s) while the node is down, and is back online once it serves again.
@@ -262,6 +279,73 @@ async def test_the_js_sdk_receives_live_reconnects_after_a_snapshot_and_stays_ki
         await trio.sleep(2 * SDK_RECONNECT_DELAY_S)  # proving an absence: no condition to wait on
         assert sdk.opened() == opened, "the SDK reconnected after a kick"
         assert await connections_of(cluster, behind, "jsweb") == []
+
+
+async def test_the_js_sdk_counts_unread_for_live_messages_with_red_dot_only(
+    node_binary: str, cluster: Cluster, tmp_path: Path
+) -> None:
+    """The unread badge an app shows is the SDK's conversation manager's count, raised only by a message
+    whose RECV carries RedDot. Live messages to a JS SDK on one node, from another node: the sender's own
+    JS SDK (`chatManager.send` sets RedDot on every message, as TangSengDaoDao's apps send chat messages),
+    `/message/send` with and without `header.red_dot` (what a business server sends), and a client with
+    and without the flag. The sender's own other device gets its message without RedDot."""
+    reader_node, sender_node = roles(cluster)
+    await set_token(cluster, reader_node, "jsbob", "bob-web", 1, 0)
+    await set_token(cluster, sender_node, "jscarol", "carol-web", 1, 0)
+    await set_token(cluster, sender_node, "jscarol", "carol-app", 0, 1)
+    reader_ws = f"ws://{cluster.config.node(reader_node).ws}"
+    sender_ws = f"ws://{cluster.config.node(sender_node).ws}"
+    async with (
+        js_sdk(node_binary, reader_ws, "jsbob", "bob-web", tmp_path / "bob.log") as bob,
+        js_sdk(node_binary, sender_ws, "jscarol", "carol-web", tmp_path / "carol.log") as carol_web,
+        open_client(*cluster.tcp(sender_node), "jscarol", token="carol-app") as carol_app,
+    ):
+        await bob.wait_for("a connection", lambda: bob.status() == CONNECTED)
+        await carol_web.wait_for("a connection", lambda: carol_web.status() == CONNECTED)
+
+        async def badge_after(message_id: int | str, red_dot: bool, unread: int) -> None:
+            [message] = await bob.wait_for(f"message {message_id}", received(bob, message_id))
+            assert (message["channel_id"], message["from_uid"]) == ("jscarol", "jscarol")
+            assert message["red_dot"] is red_dot, message
+            [conversation] = await bob.wait_for(
+                f"the conversation after message {message_id}", conversation_after(bob, message_id)
+            )
+            assert conversation["channel_id"] == "jscarol"
+            assert (conversation["unread"], conversation["all_unread"]) == (unread, unread), conversation
+
+        async def api_send(header: dict[str, int] | None) -> int:
+            body: dict[str, Any] = {
+                "from_uid": "jscarol",
+                "channel_id": "jsbob",
+                "channel_type": 1,
+                "payload": base64.b64encode(b'{"content":"from the business server","type":1}').decode(),
+            }
+            if header is not None:
+                body["header"] = header
+            status, answer = await http_json(
+                cluster.http(sender_node), "POST", "/message/send", body, headers={"token": MANAGER_TOKEN}
+            )
+            assert status == 200, answer
+            return int(answer["message_id"])
+
+        # The app's own send: RedDot set by the SDK.
+        ack = await carol_web.send_text("jsbob", 1, "hello from carol's browser")
+        assert ack["reason"] == Reason.SUCCESS
+        await badge_after(ack["message_id"], True, 1)
+        # A business server's send: red_dot only when its header says so (WuKongIM's default is 0).
+        await badge_after(await api_send(None), False, 1)
+        await badge_after(await api_send({"red_dot": 0}), False, 1)
+        await badge_after(await api_send({"red_dot": 1}), True, 2)
+        # A client's send, without and with the flag.
+        plain = await carol_app.send("jsbob", 1, b'{"content":"no badge","type":1}', flags=0)
+        assert plain.reason_code == Reason.SUCCESS
+        await badge_after(plain.message_id, False, 2)
+        dotted = await carol_app.send("jsbob", 1, b'{"content":"badge","type":1}')
+        assert dotted.reason_code == Reason.SUCCESS
+        await badge_after(dotted.message_id, True, 3)
+        # The sender's own browser gets the app's message without RedDot (WuKongIM `event_pushonline.go`).
+        [echo] = await carol_web.wait_for("the sender's own message", received(carol_web, dotted.message_id))
+        assert (echo["channel_id"], echo["red_dot"]) == ("jsbob", False)
 
 
 async def test_login_rules_by_device_level_across_nodes(cluster: Cluster) -> None:

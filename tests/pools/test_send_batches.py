@@ -10,7 +10,7 @@ from node.wire.protocol import Reason, Recvack, encode
 from tests.conftest import http_json, running_node, single_node_config, wait_for
 from tests.pools.batch_plugins import CHANNEL_REJECTED, DISTRIBUTED, USER_REJECTED
 
-PLUGINS = tuple(
+PLUGINS: tuple[tuple[str, dict[str, object]], ...] = tuple(
     (f"tests.pools.batch_plugins:{name}", {}) for name in ("user_step", "channel_step", "distribute_watch")
 )
 

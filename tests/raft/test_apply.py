@@ -6,7 +6,7 @@ import os
 import tempfile
 import zlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import cbor2
 import pytest
@@ -456,7 +456,7 @@ def test_members_on_a_missing_group(store: Store) -> None:
 
 
 def test_decode_entry_rejects_garbage() -> None:
-    assert c.decode_entry(c.encode_entry([{"t": "x"}])) == [{"t": "x"}]
+    assert c.decode_entry(c.encode_entry([cast(c.Op, {"t": "x"})])) == [{"t": "x"}]
     with pytest.raises(c.BadCommand):
         c.decode_entry(b"\xff\x00garbage")
     with pytest.raises(c.BadCommand):

@@ -207,7 +207,7 @@ async def test_leader_kill_9_under_pipelined_load_loses_and_duplicates_nothing(c
         by_cmn: dict[str, list[tuple[int, int]]] = {}
         for m in stored:
             by_cmn.setdefault(str(m["client_msg_no"]), []).append(
-                (int(m["message_id"]), int(m["message_seq"]))
+                (int(str(m["message_id"])), int(str(m["message_seq"])))
             )
         duplicates = {cmn: rows for cmn, rows in by_cmn.items() if len(rows) > 1}
         assert not duplicates, f"{node_id}: duplicated sends {list(duplicates)[:5]}"

@@ -4,7 +4,8 @@
 - DISCONNECT only for a kick: an idle timeout and a snapshot install close without one;
 - login rules by device level (WuKongIM `user/handler/event_connect.go`);
 - a banned user is refused at CONNECT, and `/user/token` answers it as WuKongIM does;
-- msg.offline counts a user offline without a master device online (real apply into a real LMDB).
+- msg.offline counts a user offline without a master device online (real apply into a real LMDB, and end
+  to end through a real webhook receiver).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import trio
 
 from node.client import ConnectRefused, open_client
 from node.cluster.webhooks import offline_uids
+from node.config import WebhookSettings
 from node.wire.crypto import generate_keypair
 from node.wire.protocol import (
     LATEST_VERSION,
@@ -32,6 +34,7 @@ from raft.apply import apply_ops
 from raft.commands import node_epoch_op, presence_change, presence_op
 from storage.store import Store
 from tests.api.test_http_api import TOKEN, Api
+from tests.cluster.test_webhooks import Receiver
 from tests.conftest import RunningNode, running_node, single_node_config, wait_for
 
 TEXT = b'{"content":"hello","type":1}'
@@ -120,6 +123,19 @@ async def test_an_idle_timeout_closes_without_disconnect(tmp_path: Path) -> None
             rest = await read_until_closed(stream)
         assert rest == b""  # closed, no DISCONNECT: an SDK reconnects
         assert node.node.gateway.idle_timeouts == 1
+
+
+async def test_a_shutdown_closes_without_disconnect(tmp_path: Path) -> None:
+    """A node stopping (SIGTERM cancels the node as leaving this block does) closes its clients' sockets
+    without a DISCONNECT, so the SDKs reconnect to another node or when it is back."""
+    async with running_node(single_node_config(tmp_path / "n1")) as node:
+        stream = await trio.open_tcp_stream(*node.tcp)
+        _private, public = generate_keypair()
+        await stream.send_all(encode(Connect(5, 0, "d", "stays", "", 0, public), 5))
+        [connack] = await raw_frames(stream, 1)
+        assert connack[0] >> 4 == 2  # CONNACK
+    async with stream:
+        assert await read_until_closed(stream) == b""
 
 
 async def test_a_snapshot_install_closes_every_client_without_disconnect(tmp_path: Path) -> None:
@@ -227,6 +243,57 @@ def test_offline_means_no_master_device_online(tmp_path: Path) -> None:
             assert offline_uids(txn, ["web_only", "phone"], "sender", 4) == ["web_only", "phone"]
     finally:
         store.close()
+
+
+async def test_msg_offline_lists_a_user_online_on_the_web_only(tmp_path: Path) -> None:
+    """End to end (real node, real webhook receiver): a recipient online with a slave device only (a browser)
+    is still in msg.offline's `to_uids`, so it gets a phone push, though it received the message live; one
+    with a master device (an app) online is not (WuKongIM `event_distribute.go`)."""
+    receiver = Receiver()
+    hook = WebhookSettings(
+        url=receiver.url, events=("msg.offline",), backoff_initial_s=0.05, backoff_max_s=0.2, attempts=1000
+    )
+    config = single_node_config(tmp_path / "n1", manager_token=TOKEN, token_auth=True, webhook=hook)
+    async with trio.open_nursery() as nursery:
+        await receiver.up(nursery)
+        async with running_node(config) as node:
+            api = Api(node.http)
+
+            def offline_of(message_id: int) -> list[list[str]]:
+                return [
+                    body["to_uids"]
+                    for event, body, _id in receiver.posts
+                    if event == "msg.offline" and body["message_id"] == message_id
+                ]
+
+            # Until the leader has published the webhook settings, a send writes no event: wait for one.
+            marker = await api.send("alice", "nobody", 1, b"marker", cmn="marker")
+            await wait_for(lambda: bool(offline_of(marker["message_id"])), 20, "the first msg.offline")
+            await api.post("/user/token", {"uid": "alice", "token": "a", "device_flag": 0, "device_level": 1})
+            await api.post("/user/token", {"uid": "webby", "token": "w", "device_flag": 1, "device_level": 0})
+            await api.post("/user/token", {"uid": "appy", "token": "p", "device_flag": 0, "device_level": 1})
+            await api.post(
+                "/channel",
+                {"channel_id": "g", "channel_type": 2, "subscribers": ["alice", "webby", "appy", "gone"]},
+            )
+            async with (
+                open_client(*node.tcp, "alice", token="a") as alice,
+                open_client(*node.tcp, "webby", token="w", device_flag=1) as webby,
+                open_client(*node.tcp, "appy", token="p") as appy,
+            ):
+                # Presence commits through Raft: send once both are online in it.
+                with trio.fail_after(10):
+                    while len(await api.post("/user/onlinestatus", ["webby", "appy"])) < 2:  # noqa: ASYNC110
+                        await trio.sleep(0.02)
+                ack = await alice.send("g", 2, TEXT)
+                assert ack.reason_code == Reason.SUCCESS
+                for device in (webby, appy):  # both online, both got it live
+                    assert (await device.recv()).message_id == ack.message_id
+                await wait_for(
+                    lambda: bool(offline_of(ack.message_id)), 20, "msg.offline of the group message"
+                )
+        nursery.cancel_scope.cancel()
+    assert [sorted(to_uids) for to_uids in offline_of(ack.message_id)] == [["gone", "webby"]]
 
 
 async def test_a_disconnect_packet_is_never_sent_on_a_close_by_the_client(node: RunningNode) -> None:

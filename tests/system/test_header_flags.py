@@ -159,8 +159,17 @@ async def test_a_command_reaches_an_offline_user_once_through_message_sync(node:
 async def test_a_system_conversation_is_left_out_of_conversation_sync(node: RunningNode) -> None:
     await api_send(node, channel_id="bob", channel_type=1, header={"red_dot": 1})  # from the system uid
     await api_send(node, from_uid="alice", channel_id="bob", channel_type=1)
+    await api_send(node, from_uid="notices", channel_id="bob", channel_type=1, header={"red_dot": 1})
+    rows = await post(node, "/conversation/sync", {"uid": "bob"})
+    assert sorted((r["channel_id"], r["unread"]) for r in rows) == [("alice", 1), ("notices", 1)]
+    # A uid made a system uid (/user/systemuids_add, as TangSengDaoDao does for its notice accounts): its
+    # conversation is left out too, and comes back once it is an ordinary uid again.
+    await post(node, "/user/systemuids_add", {"uids": ["notices"]})
     rows = await post(node, "/conversation/sync", {"uid": "bob"})
     assert [(r["channel_id"], r["unread"]) for r in rows] == [("alice", 1)]
+    await post(node, "/user/systemuids_remove", {"uids": ["notices"]})
+    rows = await post(node, "/conversation/sync", {"uid": "bob"})
+    assert sorted(r["channel_id"] for r in rows) == ["alice", "notices"]
 
 
 async def test_subscribers_send_a_command_to_a_temporary_channel(node: RunningNode) -> None:
@@ -223,8 +232,29 @@ async def test_bad_input_gets_400_naming_the_field(
 async def test_openapi_describes_the_new_routes_and_the_header(node: RunningNode) -> None:
     status, doc = await http_json(node.http, "GET", "/openapi.json")
     assert status == 200
-    for path in ("/message/sync", "/message/syncack"):
-        assert "post" in doc["paths"][path]
+    # Every route issue 14 added, with its method.
+    added = {
+        "/message/sync": "post",
+        "/message/syncack": "post",
+        "/messages": "post",
+        "/message": "post",
+        "/message/byclientmsgno": "get",
+        "/channel/last_message": "get",
+        "/conversation/syncMessages": "post",
+        "/route/batch": "post",
+        "/conn/kick": "post",
+        "/conn/remove": "post",
+        "/channel/subscriber_remove_all": "post",
+        "/channel/blacklist_remove_all": "post",
+        "/channel/whitelist_remove_all": "post",
+    }
+    assert {path: list(doc["paths"].get(path, {})) for path in added} == {
+        path: [method] for path, method in added.items()
+    }
+    route = doc["paths"]["/route"]["get"]
+    assert "intranet" in {p["name"] for p in route["parameters"]}
+    info = doc["paths"]["/channel/info"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert "allow_stranger" in info["properties"]
     send = doc["paths"]["/message/send"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert set(send["properties"]["header"]["properties"]) == {"no_persist", "red_dot", "sync_once"}
     ack = doc["paths"]["/message/syncack"]["post"]["requestBody"]["content"]["application/json"]["schema"]

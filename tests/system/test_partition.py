@@ -82,7 +82,7 @@ async def test_a_partitioned_leader_acks_nothing_and_the_majority_goes_on(cluste
         ack = await retry.send("bob", 1, b"during the cut", client_msg_no="cut-1")
         assert ack.reason_code == Reason.SUCCESS
     for node_id in ("n1", "n2", "n3"):
-        await trio.to_thread.run_sync(lambda n=node_id: cluster.wait_caught_up(n, 30))
+        await trio.to_thread.run_sync(cluster.wait_caught_up, node_id, 30)
         payloads = await channel_payloads(cluster, node_id)
         assert sorted(payloads) == [b"during the cut", b"majority"], (node_id, payloads)
     verify = await trio.to_thread.run_sync(lambda: cluster.cli("admin", "verify", "--timeout", "30"))
