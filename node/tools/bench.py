@@ -7,10 +7,11 @@ send time): a message counts as delivered only when a recipient decrypted it, it
 client drops it otherwise) and its payload names this run.
 
 The default, 200 sends/s in total, stays below what the example 3-node cluster takes on a 2-core machine,
-so latencies are those of a cluster keeping up; `--rate max` (every sender keeps --window sends in flight)
-measures throughput. A run connects (`connect_s`), sends for --duration (`send_s`), then drains
-(`drain_s`: waits for the SENDACKs in flight and for deliveries until none is missing, or none came for
-10 s). At the end:
+so latencies are those of a cluster keeping up. A fixed rate is spread evenly: each sender sends at its
+share of the rate, the senders' starts staggered over one interval (not all at the same instant).
+`--rate max` (every sender keeps --window sends in flight) measures throughput. A run connects
+(`connect_s`), sends for --duration (`send_s`), then drains (`drain_s`: waits for the SENDACKs in flight
+and for deliveries until none is missing, or none came for 10 s). At the end:
 
 - `acked_per_s`, `delivered_per_s`: the count divided by the seconds from the first send to the last
   SENDACK (delivery) counted; the live lines use the same definition, so the last one matches the summary,

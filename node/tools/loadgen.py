@@ -260,7 +260,13 @@ class Bench:
         sending = self.args.senders or self.args.clients
         per_client = None if self.args.rate == "max" else float(self.args.rate) / sending
         interval = 1.0 / per_client if per_client else 0.0
-        next_at = time.perf_counter()
+        # Senders start spread over one interval, so a fixed rate arrives evenly: in lockstep every sender
+        # fired at the same instant, and `--rate 100` from 20 clients measured bursts of 20 (17 ms p50
+        # where one message alone takes 3).
+        next_at = time.perf_counter() + interval * index / sending
+        if interval:
+            with trio.move_on_after(max(0.0, next_at - time.perf_counter())):
+                await self.stop_sending.wait()
         tally = self.tally
         async with trio.open_nursery() as nursery:
             counter = 0
