@@ -11,13 +11,11 @@ import functools
 import logging
 import os
 import resource
-import ssl
 import sys
 import time
 from collections.abc import Callable
 from typing import Any, cast
 
-import httpx
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as serve_http
@@ -33,6 +31,7 @@ from node.api import operations as operations_api
 from node.api import users as users_api
 from node.api.app import HttpApi
 from node.api.fields import HttpError, Route
+from node.api.peers import Peers
 from node.cluster.ids import Snowflake
 from node.cluster.membership import Membership
 from node.cluster.presence import Presence
@@ -49,7 +48,6 @@ from node.pools.eventbus import EventPool
 from node.pools.pusher import PushContext, build_pusher_pool, resend_due
 from node.pools.user import UserContext, build_user_pool
 from node.stats import StatsHistory, Totals
-from node.tls import client_context
 from node.trace import Tracer
 from raft import outbox
 from raft.bridge import RaftNode
@@ -153,6 +151,8 @@ class Node:
         self.webhooks = Webhooks(config.webhook, self.store, self.proposer, self.raft.is_leader, webhook_tls)
         self.stats = StatsHistory(self._totals, self.tracer)
         self.listening: Listening | None = None
+        # The other nodes' HTTP API: the console's fan-out and `/conn/*` handed to the node holding one.
+        self.peers = Peers(config, self.spec.id, self._own_http)
         self.http = HttpApi(self._routes(), config.manager_token, body_timeout_s=tuning.http_body_timeout_s)
         self._register_metrics()
 
@@ -200,7 +200,7 @@ class Node:
                 stats=self.stats,
                 store=store,
                 registry=self.registry,
-                own_http=lambda: self.listening.http if self.listening else spec.http,
+                peers=self.peers,
             ),
         }
 
@@ -210,23 +210,16 @@ class Node:
         spec = next((n for n in self.config.nodes.values() if n.numeric_id == numeric_id), None)
         if spec is None:
             raise HttpError(400, f"no node with numeric id {numeric_id}")
-        scheme = "https" if self.config.tls.http else "http"
-        verify: ssl.SSLContext | bool = False
-        if self.config.tls.http:
-            verify = client_context(self.config.source, "tls.ca_file", self.config.tls.ca_file)
-        headers = {"token": self.config.manager_token} if self.config.manager_token else {}
-        timeout_s = self.config.tuning.http_body_timeout_s
-        with trio.move_on_after(timeout_s):
-            try:
-                async with httpx.AsyncClient(verify=verify, timeout=timeout_s, trust_env=False) as client:
-                    answer = await client.post(f"{scheme}://{spec.http}{path}", json=body, headers=headers)
-                result = answer.json()
-            except (httpx.HTTPError, ValueError) as exc:
-                raise HttpError(400, f"node {spec.id} ({spec.http}) did not answer {path}: {exc!r}") from None
-            if answer.status_code != 200 or not isinstance(result, dict):
-                raise HttpError(400, f"node {spec.id} answered {path} with {answer.status_code}: {result}")
-            return result
-        raise HttpError(400, f"node {spec.id} ({spec.http}) did not answer {path} within {timeout_s:g} s")
+        answer = await self.peers.call(
+            spec.id, "POST", path, body=body, timeout_s=self.config.tuning.http_body_timeout_s
+        )
+        if not answer["ok"] or not isinstance(answer["body"], dict):
+            why = answer.get("error") or f"answered {answer['body']!r}"
+            raise HttpError(400, f"node {spec.id} ({spec.http}) did not answer {path}: {why}")
+        return dict(answer["body"])
+
+    def _own_http(self) -> str:
+        return self.listening.http if self.listening else self.spec.http
 
     def _listening_addresses(self) -> operations_api.Addresses | None:
         at = self.listening

@@ -18,17 +18,15 @@ data call needs the manager token like the rest of the API.
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
-import httpx
 import trio
 
-from node import tls
 from node.api.app import PlainText
 from node.api.fields import F, HttpError, Json, Route, bad, stored_channel
+from node.api.peers import Peers
 from node.config import Config
 from node.gateway.registry import Registry
 from node.stats import StatsHistory
@@ -39,7 +37,6 @@ from storage.store import Store
 
 # What `/admin/cluster` may ask of the members: reads only, so a console cannot turn it into a write relay.
 FANOUT_PATHS = ("/admin/status", "/admin/stats", "/admin/handlers", "/admin/deadletters", "/connz", "/route")
-FANOUT_TIMEOUT_S = 2.0
 REPLAY_TIMEOUT_S = 60.0  # one POST per dead letter, each bounded by the webhook's own timeout
 LIST_MAX = 1000  # subscribers and list entries shown per channel
 STATIC = {
@@ -72,59 +69,6 @@ def static_routes() -> dict[str, Route]:
     }
 
 
-class Members:
-    """Asks other nodes' admin endpoints, with the manager token from the config, each call bounded."""
-
-    def __init__(self, config: Config, node_id: str, own_http: Callable[[], str]) -> None:
-        self._config = config
-        self._node_id = node_id
-        self._own_http = own_http  # this node's bound address (its config may say port 0)
-        self._verify: ssl.SSLContext | bool = False
-        self._scheme = "http"
-        if config.tls.http:
-            self._scheme = "https"
-            self._verify = tls.client_context(config.source, "tls.ca_file", config.tls.ca_file)
-
-    def ids(self) -> list[str]:
-        return list(self._config.nodes)
-
-    async def call(
-        self,
-        node_id: str,
-        method: str,
-        path: str,
-        *,
-        params: Json | None = None,
-        body: Json | None = None,
-        timeout_s: float = FANOUT_TIMEOUT_S,
-    ) -> Json:
-        """{"ok": True, "body": answer} or {"ok": False, "error": why} (a refusal, or the node is down)."""
-        address = self._own_http() if node_id == self._node_id else self._config.node(node_id).http
-        url = f"{self._scheme}://{address}{path}"
-        headers = {"token": self._config.manager_token} if self._config.manager_token else {}
-        with trio.move_on_after(timeout_s):
-            try:
-                async with httpx.AsyncClient(
-                    verify=self._verify, timeout=timeout_s, trust_env=False
-                ) as client:
-                    answer = await client.request(method, url, params=params, json=body, headers=headers)
-            except httpx.HTTPError as exc:
-                return {"ok": False, "error": f"down: {type(exc).__name__} {exc}".strip()}
-            try:
-                parsed = answer.json()
-            except ValueError:
-                parsed = None
-            if answer.status_code != 200:
-                msg = parsed.get("msg") if isinstance(parsed, dict) else answer.text[:200]
-                return {
-                    "ok": False,
-                    "error": f"HTTP {answer.status_code}: {msg}",
-                    "status": answer.status_code,
-                }
-            return {"ok": True, "body": parsed}
-        return {"ok": False, "error": f"down: no answer within {timeout_s:g} s"}
-
-
 def routes(
     *,
     node_id: str,
@@ -133,10 +77,8 @@ def routes(
     stats: StatsHistory,
     store: Store,
     registry: Registry,
-    own_http: Callable[[], str],
+    peers: Peers,
 ) -> dict[str, Route]:
-    """`own_http`: the address this node's HTTP API is bound to."""
-    members = Members(config, node_id, own_http)
     name_of_numeric = {spec.numeric_id: name for name, spec in config.nodes.items()}
 
     async def admin_stats(body: Json, query: Any) -> Json:
@@ -150,19 +92,19 @@ def routes(
         answers: dict[str, Json] = {}
 
         async def ask(member: str) -> None:
-            answers[member] = await members.call(member, "GET", path, params=params)
+            answers[member] = await peers.call(member, "GET", path, params=params)
 
         async with trio.open_nursery() as nursery:
-            for member in members.ids():
+            for member in peers.ids():
                 nursery.start_soon(ask, member)
-        return {"path": path, "asked_by": node_id, "nodes": [{"id": m, **answers[m]} for m in members.ids()]}
+        return {"path": path, "asked_by": node_id, "nodes": [{"id": m, **answers[m]} for m in peers.ids()]}
 
     async def admin_kick(body: Json, query: Any) -> Json:
         target = body["node"] or node_id
         if target not in config.nodes:
             raise bad(f"no node named {target!r} (configured: {', '.join(config.nodes)})")
         if target != node_id:
-            answer = await members.call(
+            answer = await peers.call(
                 target, "POST", "/admin/kick", body={"node": target, "id": body["id"]}
             )
             if not answer["ok"]:
@@ -180,7 +122,7 @@ def routes(
         leader = status()["leader"]
         if leader is None or leader not in config.nodes:
             raise HttpError(409, "no leader known: webhooks are delivered (and replayed) by the leader")
-        answer = await members.call(
+        answer = await peers.call(
             leader, "POST", "/admin/deadletters/replay", body={}, timeout_s=REPLAY_TIMEOUT_S
         )
         if not answer["ok"]:
