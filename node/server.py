@@ -77,13 +77,14 @@ class Node:
         self.tls_context = tls.server_context(config)
         tuning = config.tuning
         self.store = Store(os.path.join(self.spec.data_dir, "store"), map_size=tuning.store_map_bytes)
+        # The cluster secret: it authenticates Raft traffic and every node-to-node call. Never empty.
+        self.cluster_secret = config.raft_password or local_secret(os.path.join(self.spec.data_dir, "raft"))
         self.raft = RaftNode(
             RaftSettings(
                 self_addr=self.spec.raft,
                 partners=config.partners(node_id),
                 data_dir=os.path.join(self.spec.data_dir, "raft"),
-                # Never None: PySyncObj without a password unpickles whatever reaches its port.
-                password=config.raft_password or local_secret(os.path.join(self.spec.data_dir, "raft")),
+                password=self.cluster_secret,
                 # Never None: PySyncObj would then bind every interface (0.0.0.0), not the configured host.
                 bind_addr=self.spec.raft_bind or self.spec.raft,
                 min_timeout_s=tuning.raft_min_timeout_s,
