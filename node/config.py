@@ -157,7 +157,11 @@ class Config:
 
     cluster_name: str = "imnode"
     manager_token: str = ""
-    raft_password: str = ""
+    # The cluster secret (Raft transport, node-to-node calls): given here, or read from `secret_file`
+    # (absolute; a cluster config defaults it to <config name>.secret beside the file). Both empty: a node
+    # alone, which keeps its own in its data dir.
+    secret: str = ""
+    secret_file: str = ""
     encryption: bool = True
     token_auth: bool = False
     initial_members: tuple[str, ...] = (DEFAULT_NODE_ID,)
@@ -288,13 +292,20 @@ def load(path: str | None) -> Config:
     cluster_keys = {
         "name": str,
         "manager_token": str,
-        "raft_password": str,
+        "secret": str,
+        "secret_file": str,
         "encryption": bool,
         "token_auth": bool,
         "initial_members": list,
         "entry_point_plugins": bool,
     }
     for key, value in cluster.items():
+        if key == "raft_password":
+            raise ConfigError(
+                f"{source}: cluster.raft_password: replaced by the cluster secret; drop the key and let "
+                "`imnode cluster up` create a secret file, or set cluster.secret_file (see "
+                "cluster.example.toml). Every node must run this version: the Raft transport changed"
+            )
         if key not in cluster_keys:
             raise _unknown(source, f"cluster.{key}", cluster_keys)
         _check_type(source, f"cluster.{key}", value, cluster_keys[key])
@@ -343,12 +354,15 @@ def load(path: str | None) -> Config:
     if not members:
         raise ConfigError(f"{source}: cluster.initial_members: must name at least one node")
 
-    if len(nodes) > 1 and not cluster.get("raft_password"):
-        # Without it PySyncObj unpickles whatever reaches a Raft port: anyone who can connect runs code.
-        raise ConfigError(
-            f"{source}: cluster.raft_password: required when the file names more than one node "
-            "(the nodes authenticate their Raft traffic with it; use a long random string)"
-        )
+    for key in ("secret", "manager_token"):
+        if cluster.get(key):
+            _check_secret(source, f"cluster.{key}", cluster[key])
+    if cluster.get("secret") and cluster.get("secret_file"):
+        raise ConfigError(f"{source}: cluster.secret and cluster.secret_file: set one, not both")
+    secret_file = cluster.get("secret_file", "")
+    if not secret_file and not cluster.get("secret") and len(nodes) > 1:
+        # Every node started from this file reads the same secret; `imnode cluster up` creates it.
+        secret_file = os.path.splitext(os.path.basename(path))[0] + ".secret"
     plugins = _plugins(source, doc.get("plugins", []))
     webhook = _webhook(source, doc.get("webhook", {}), base_dir)
     tls = _tls(source, doc.get("tls", {}), base_dir, nodes)
@@ -357,7 +371,8 @@ def load(path: str | None) -> Config:
     return Config(
         cluster_name=cluster.get("name", "imnode"),
         manager_token=cluster.get("manager_token", ""),
-        raft_password=cluster.get("raft_password", ""),
+        secret=cluster.get("secret", ""),
+        secret_file=_path(base_dir, secret_file) if secret_file else "",
         encryption=cluster.get("encryption", True),
         token_auth=cluster.get("token_auth", False),
         initial_members=tuple(members),
@@ -370,6 +385,29 @@ def load(path: str | None) -> Config:
         source=source,
         base_dir=base_dir,
     )
+
+
+# Values this project's docs and examples have shown: copied into a config, they are no secret.
+PLACEHOLDER_SECRETS = frozenset(
+    {
+        "change-me-manager-token",
+        "change-me-raft-password",
+        "change-me-cluster-secret",
+    }
+)
+SECRET_MIN_BYTES = 16
+MAKE_A_SECRET = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+
+
+def _check_secret(source: str, key: str, value: str) -> None:
+    """A secret must be long and not a value shown in docs: either can be guessed by anyone."""
+    lowered = value.lower()
+    if value in PLACEHOLDER_SECRETS or "change-me" in lowered or "changeme" in lowered:
+        raise ConfigError(f"{source}: {key}: a placeholder, not a secret; make one with {MAKE_A_SECRET}")
+    if len(value.encode()) < SECRET_MIN_BYTES:
+        raise ConfigError(
+            f"{source}: {key}: shorter than {SECRET_MIN_BYTES} bytes; make a good one with {MAKE_A_SECRET}"
+        )
 
 
 def _externals(source: str, prefix: str, values: dict[str, Any]) -> None:

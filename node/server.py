@@ -28,6 +28,7 @@ from node.api import console as console_api
 from node.api import conversations as conversations_api
 from node.api import messages as messages_api
 from node.api import operations as operations_api
+from node.api import peer_auth
 from node.api import users as users_api
 from node.api.app import HttpApi
 from node.api.fields import HttpError, Route
@@ -37,7 +38,7 @@ from node.cluster.membership import Membership
 from node.cluster.presence import Presence
 from node.cluster.proposer import Proposer
 from node.cluster.webhooks import Webhooks
-from node.config import Config, Listening, NodeSpec
+from node.config import Config, ConfigError, Listening, NodeSpec
 from node.gateway.listeners import Gateway
 from node.gateway.registry import Registry
 from node.metrics import Metrics, Sample
@@ -52,7 +53,7 @@ from node.trace import Tracer
 from raft import outbox
 from raft.bridge import RaftNode
 from raft.machine import RaftSettings
-from raft.secret import local_secret
+from raft.secret import SecretError, local_secret, read_secret_file
 from storage.store import Store
 
 log = logging.getLogger("imnode.node")
@@ -67,6 +68,23 @@ def _split(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def cluster_secret(config: Config, spec: NodeSpec) -> str:
+    """The secret from the config, its secret file, or (a node alone) the node's own; a ConfigError says
+    what to do when the file is missing or unsafe."""
+    if config.secret:
+        return config.secret
+    try:
+        if config.secret_file:
+            return read_secret_file(config.secret_file)
+        return local_secret(os.path.join(spec.data_dir, "raft"))
+    except (SecretError, OSError) as exc:
+        raise ConfigError(
+            f"{config.source}: cluster.secret_file: {exc}. `imnode cluster up --config {config.source}` "
+            "creates the secret file once (or `imnode cluster secret`); copy that same file, mode 0600, "
+            "to every machine of the cluster"
+        ) from None
+
+
 class Node:
     """One node, built from its parts. Each part gets the few things it uses; nothing gets the Node."""
 
@@ -78,7 +96,7 @@ class Node:
         tuning = config.tuning
         self.store = Store(os.path.join(self.spec.data_dir, "store"), map_size=tuning.store_map_bytes)
         # The cluster secret: it authenticates Raft traffic and every node-to-node call. Never empty.
-        self.cluster_secret = config.raft_password or local_secret(os.path.join(self.spec.data_dir, "raft"))
+        self.cluster_secret = cluster_secret(config, self.spec)
         self.raft = RaftNode(
             RaftSettings(
                 self_addr=self.spec.raft,
@@ -153,8 +171,13 @@ class Node:
         self.stats = StatsHistory(self._totals, self.tracer)
         self.listening: Listening | None = None
         # The other nodes' HTTP API: the console's fan-out and `/conn/*` handed to the node holding one.
-        self.peers = Peers(config, self.spec.id, self._own_http)
-        self.http = HttpApi(self._routes(), config.manager_token, body_timeout_s=tuning.http_body_timeout_s)
+        self.peers = Peers(config, self.spec.id, self._own_http, self._member_ids, self.cluster_secret)
+        self.http = HttpApi(
+            self._routes(),
+            config.manager_token,
+            body_timeout_s=tuning.http_body_timeout_s,
+            peer_key=peer_auth.derive_key(self.cluster_secret),
+        )
         self._register_metrics()
 
     def _routes(self) -> dict[str, Route]:
@@ -218,6 +241,11 @@ class Node:
             why = answer.get("error") or f"answered {answer['body']!r}"
             raise HttpError(400, f"node {spec.id} ({spec.http}) did not answer {path}: {why}")
         return dict(answer["body"])
+
+    def _member_ids(self) -> list[str]:
+        """The current Raft members by node id (an address no config table names is left out)."""
+        ids = {spec.raft: node_id for node_id, spec in self.config.nodes.items()}
+        return [ids[address] for address in self.raft.members() if address in ids]
 
     def _own_http(self) -> str:
         return self.listening.http if self.listening else self.spec.http

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import secrets
 import signal
 import subprocess
 import sys
@@ -34,7 +35,7 @@ def write_cluster_toml(
         "[cluster]",
         'name = "test-cluster"',
         f'manager_token = "{MANAGER_TOKEN}"',
-        'raft_password = "test-raft-password"',
+        f'secret = "{secrets.token_urlsafe(24)}"',
         f"initial_members = {json.dumps([f'n{i}' for i in range(1, initial + 1)])}",
         "",
     ]

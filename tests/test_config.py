@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from node.config import DEFAULT_NODE_ID, Config, ConfigError, NodeSpec, Tuning, load
-from raft.secret import SECRET_FILE, local_secret
+from raft.secret import SECRET_FILE, SecretError, local_secret, read_secret_file
+from tests.conftest import REPO
 
 FILE = "cluster.toml"
 
@@ -37,8 +38,8 @@ VALID = (
     """
 [cluster]
 name = "test-cluster"
-manager_token = "secret"
-raft_password = "raftpw"
+manager_token = "a-manager-token-of-some-length"
+secret = "a-cluster-secret-of-some-length"
 encryption = false
 token_auth = true
 initial_members = ["n1", "n2"]
@@ -84,7 +85,8 @@ def test_a_valid_file_loads(tmp_path: Path) -> None:
     config = load(write(tmp_path, VALID))
     assert config.source == FILE
     assert config.cluster_name == "test-cluster"
-    assert (config.manager_token, config.raft_password) == ("secret", "raftpw")
+    assert config.manager_token == "a-manager-token-of-some-length"
+    assert (config.secret, config.secret_file) == ("a-cluster-secret-of-some-length", "")
     assert (config.encryption, config.token_auth) == (False, True)
     assert config.initial_members == ("n1", "n2")
     assert set(config.nodes) == {"n1", "n2"}
@@ -100,7 +102,7 @@ def test_a_valid_file_loads(tmp_path: Path) -> None:
 
 
 def test_initial_members_default_to_every_node(tmp_path: Path) -> None:
-    config = load(write(tmp_path, '[cluster]\nraft_password = "pw"\n' + NODE_1 + NODE_2))
+    config = load(write(tmp_path, NODE_1 + NODE_2))
     assert config.initial_members == ("n1", "n2")
     assert config.cluster_name == "imnode"
 
@@ -226,23 +228,61 @@ def test_log_compaction_min_entries_pysyncobj_would_refuse_is_a_config_error(tmp
     assert "tuning.log_compaction_min_entries" in message
 
 
-def test_a_file_naming_several_nodes_requires_raft_password(tmp_path: Path) -> None:
-    # Without it PySyncObj would unpickle whatever reaches the Raft ports (remote code execution).
-    for cluster in ("", '[cluster]\nraft_password = ""\n'):
-        message = load_error(tmp_path, cluster + NODE_1 + NODE_2)
-        assert "cluster.raft_password: required" in message
-    assert load(write(tmp_path, NODE_1)).raft_password == ""  # one node: it generates its own secret
+def test_a_file_naming_several_nodes_reads_a_shared_secret_file_beside_it(tmp_path: Path) -> None:
+    config = load(write(tmp_path, NODE_1 + NODE_2))
+    assert config.secret == ""
+    assert config.secret_file == os.path.join(str(tmp_path), Path(FILE).stem + ".secret")
+    named = load(write(tmp_path, '[cluster]\nsecret_file = "keys/c.secret"\n' + NODE_1 + NODE_2))
+    assert named.secret_file == os.path.join(str(tmp_path), "keys", "c.secret")
+    one = load(write(tmp_path, NODE_1))  # one node: it generates its own secret in its data dir
+    assert (one.secret, one.secret_file) == ("", "")
 
 
-def test_the_local_raft_secret_is_made_once_and_kept_private(tmp_path: Path) -> None:
+@pytest.mark.parametrize("key", ["secret", "manager_token"])
+@pytest.mark.parametrize(
+    "value",
+    ["x", "fifteen-bytes!!", "change-me-raft-password", "change-me-manager-token", "CHANGEME-please-0123"],
+)
+def test_a_short_or_placeholder_secret_is_a_config_error_naming_the_key(
+    tmp_path: Path, key: str, value: str
+) -> None:
+    message = load_error(tmp_path, f'[cluster]\n{key} = "{value}"\n' + NODE_1 + NODE_2)
+    assert f"cluster.{key}:" in message and "secrets.token_urlsafe" in message
+
+
+def test_raft_password_is_refused_with_what_replaces_it(tmp_path: Path) -> None:
+    message = load_error(
+        tmp_path, '[cluster]\nraft_password = "long-enough-but-gone-now"\n' + NODE_1 + NODE_2
+    )
+    assert "cluster.raft_password: replaced by the cluster secret" in message
+
+
+def test_secret_and_secret_file_together_are_refused(tmp_path: Path) -> None:
+    both = '[cluster]\nsecret = "a-cluster-secret-of-some-length"\nsecret_file = "c.secret"\n'
+    assert "set one, not both" in load_error(tmp_path, both + NODE_1 + NODE_2)
+
+
+def test_the_example_config_names_no_secret_literal() -> None:
+    example = load(str(REPO / "cluster.example.toml"))
+    assert example.secret == "" and example.manager_token == ""
+    assert example.secret_file.endswith("cluster.example.secret")
+
+
+def test_the_secret_file_is_made_once_and_kept_private(tmp_path: Path) -> None:
     secret = local_secret(str(tmp_path))
     path = tmp_path / SECRET_FILE
     assert path.stat().st_mode & 0o777 == 0o600
     assert len(secret) >= 32 and local_secret(str(tmp_path)) == secret  # stable across restarts
     assert local_secret(str(tmp_path / "other")) != secret
     os.chmod(path, 0o644)
-    with pytest.raises(PermissionError, match="readable by others"):
+    with pytest.raises(SecretError, match="readable by others"):
         local_secret(str(tmp_path))
+    os.chmod(path, 0o600)
+    path.write_text("short\n")
+    with pytest.raises(SecretError, match="shorter than 16 bytes"):
+        read_secret_file(str(path))
+    with pytest.raises(SecretError, match="no cluster secret file"):
+        read_secret_file(str(tmp_path / "absent.secret"))
 
 
 def test_external_addresses_for_route_are_checked(tmp_path: Path) -> None:

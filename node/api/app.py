@@ -20,6 +20,7 @@ from urllib.parse import parse_qs
 
 import trio
 
+from node.api import peer_auth
 from node.api.fields import F, HttpError, Json, Route, bad, openapi_document, parse
 from node.cluster.proposer import Proposer
 from node.wire.protocol import Reason
@@ -52,15 +53,31 @@ async def propose(proposer: Proposer, ops: list[Op]) -> None:
             raise bad(result.get("err") or Reason(reason).name.lower())
 
 
+@dataclass
+class _PeerCall:
+    """A request signed by a member: its signature, which the answer is signed over."""
+
+    signature: str | None = None
+
+
 class HttpApi:
     """The ASGI application over a route table."""
 
-    def __init__(self, routes: Mapping[str, Route], manager_token: str, *, body_timeout_s: float) -> None:
+    def __init__(
+        self,
+        routes: Mapping[str, Route],
+        manager_token: str,
+        *,
+        body_timeout_s: float,
+        peer_key: bytes | None = None,
+    ) -> None:
         self.routes = dict(routes)
         self.routes["/openapi.json"] = Route(
             "GET", self.openapi, body="none", summary="This API's OpenAPI 3.0 description"
         )
         self._manager_token = manager_token
+        # Other members sign their calls with this (node/api/peer_auth.py) instead of sending the token.
+        self._peer_key = peer_key
         self._body_timeout_s = body_timeout_s
         self.requests = 0
         self.errors = 0
@@ -81,8 +98,9 @@ class HttpApi:
         if scope["type"] != "http":
             return
         self.requests += 1
+        peer = _PeerCall()
         try:
-            status, answer = 200, await self._handle(scope, receive)
+            status, answer = 200, await self._handle(scope, receive, peer)
         except HttpError as exc:
             self.errors += 1
             status, answer = exc.status, {"msg": exc.msg, "status": exc.status}
@@ -97,25 +115,26 @@ class HttpApi:
             body, content_type = answer.text.encode(), answer.content_type
         else:
             body, content_type = json.dumps(answer, separators=(",", ":")).encode(), b"application/json"
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode())],
-            }
-        )
+        headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+        if peer.signature and self._peer_key:
+            signature = peer_auth.sign_answer(self._peer_key, peer.signature, status, body)
+            headers.append((peer_auth.ANSWER_SIGNATURE_HEADER.encode(), signature.encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
         log.debug("%s %s -> %d", scope["method"], scope["path"], status)
 
-    async def _handle(self, scope: dict[str, Any], receive: Receive) -> Any:
+    async def _handle(self, scope: dict[str, Any], receive: Receive, peer: _PeerCall) -> Any:
         route = self.routes.get(scope["path"])
         if route is None:
             raise HttpError(404, f"no such path: {scope['path']}")
         if scope["method"] != route.method:
             raise HttpError(405, f"{scope['path']} takes {route.method}")
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        # A member's call is checked once its body is in (the signature covers it); anyone else's here.
+        peer_signed = bool(self._peer_key) and peer_auth.SIGNATURE_HEADER in headers
         token = self._manager_token
-        if token and not route.public:
-            given = dict(scope["headers"]).get(b"token", b"").decode("latin-1")
+        if token and not route.public and not peer_signed:
+            given = headers.get("token", "")
             if not hmac.compare_digest(given.encode(), token.encode()):
                 raise HttpError(401, "missing or wrong token header")
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
@@ -133,6 +152,16 @@ class HttpApi:
         if body_time.cancelled_caught:
             # Answering before the body is complete makes Hypercorn close the connection after the answer.
             raise HttpError(408, f"request body not received within {limit_s:g} s")
+        if peer_signed and self._peer_key:
+            query_string = scope.get("query_string", b"").decode("latin-1")
+            target = f"{scope['path']}?{query_string}" if query_string else scope["path"]
+            peer.signature = peer_auth.verify_request(self._peer_key, scope["method"], target, headers, raw)
+            if peer.signature is None:
+                raise HttpError(
+                    401,
+                    "node-to-node signature not valid (another cluster secret, or a clock "
+                    f"more than {peer_auth.MAX_SKEW_S:g} s off)",
+                )
         if route.body == "none":
             args: dict[str, Any] = {k: v[0] for k, v in query.items() if v}
             for f in route.query:  # a query string carries text: integers arrive as digits

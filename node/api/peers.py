@@ -1,28 +1,44 @@
-"""Calls from one node to the others' HTTP API (TLS and manager token as configured, every call bounded)."""
+"""Calls from one node to the others' HTTP API: only to current members, signed with the cluster secret
+(node/api/peer_auth.py; never the manager token), every answer authenticated, size-capped and time-limited."""
 
 from __future__ import annotations
 
+import json
 import ssl
 from collections.abc import Callable
+from urllib.parse import urlencode
 
 import httpx
 import trio
 
 from node import tls
+from node.api import peer_auth
 from node.api.fields import Json
 from node.config import Config
 
 FANOUT_TIMEOUT_S = 2.0
+# The largest answer taken from a peer (a full /connz page is well under it); a bigger one is refused
+# after this many bytes instead of being held whole.
+ANSWER_MAX_BYTES = 4 << 20
 
 
 class Peers:
-    """Asks other nodes' HTTP API, with the manager token from the config, each call bounded: the console's
-    fan-out and every operation handed to the node that holds a connection (`/conn/*`, `/admin/kick`)."""
+    """Asks other members' HTTP API, each call bounded: the console's fan-out and every operation handed to
+    the node that holds a connection (`/conn/*`, `/admin/kick`)."""
 
-    def __init__(self, config: Config, node_id: str, own_http: Callable[[], str]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        node_id: str,
+        own_http: Callable[[], str],
+        members: Callable[[], list[str]],
+        secret: str,
+    ) -> None:
         self._config = config
         self._node_id = node_id
         self._own_http = own_http  # this node's bound address (its config may say port 0)
+        self._members = members  # node ids of the current Raft membership (the config only bootstraps it)
+        self._key = peer_auth.derive_key(secret)
         self._verify: ssl.SSLContext | bool = False
         self._scheme = "http"
         if config.tls.http:
@@ -30,7 +46,8 @@ class Peers:
             self._verify = tls.client_context(config.source, "tls.ca_file", config.tls.ca_file)
 
     def ids(self) -> list[str]:
-        return list(self._config.nodes)
+        """The current members, by node id: a node configured but never joined (or removed) is not asked."""
+        return self._members()
 
     async def call(
         self,
@@ -43,23 +60,40 @@ class Peers:
         timeout_s: float = FANOUT_TIMEOUT_S,
     ) -> Json:
         """{"ok": True, "body": answer} or {"ok": False, "error": why} (a refusal, or the node is down)."""
+        if node_id != self._node_id and node_id not in self._members():
+            return {"ok": False, "error": f"{node_id} is not a member of the cluster", "status": 409}
         address = self._own_http() if node_id == self._node_id else self._config.node(node_id).http
-        url = f"{self._scheme}://{address}{path}"
-        headers = {"token": self._config.manager_token} if self._config.manager_token else {}
+        target = f"{path}?{urlencode(params)}" if params else path
+        content = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()
+        headers = peer_auth.sign_request(self._key, method, target, self._node_id, content)
+        if body is not None:
+            headers["content-type"] = "application/json"
         with trio.move_on_after(timeout_s):
             try:
-                async with httpx.AsyncClient(
-                    verify=self._verify, timeout=timeout_s, trust_env=False
-                ) as client:
-                    answer = await client.request(method, url, params=params, json=body, headers=headers)
+                async with (
+                    httpx.AsyncClient(verify=self._verify, timeout=timeout_s, trust_env=False) as client,
+                    client.stream(
+                        method, f"{self._scheme}://{address}{target}", content=content, headers=headers
+                    ) as answer,
+                ):
+                    raw = bytearray()
+                    async for chunk in answer.aiter_bytes():
+                        raw += chunk
+                        if len(raw) > ANSWER_MAX_BYTES:
+                            return {"ok": False, "error": f"answer larger than {ANSWER_MAX_BYTES} bytes"}
             except httpx.HTTPError as exc:
                 return {"ok": False, "error": f"down: {type(exc).__name__} {exc}".strip()}
+            given = answer.headers.get(peer_auth.ANSWER_SIGNATURE_HEADER, "")
+            signed = headers[peer_auth.SIGNATURE_HEADER]
+            if not peer_auth.verify_answer(self._key, signed, answer.status_code, bytes(raw), given):
+                # Whatever listens there does not hold the cluster secret: not one of ours.
+                return {"ok": False, "error": "answer not signed with the cluster secret"}
             try:
-                parsed = answer.json()
+                parsed = json.loads(raw)
             except ValueError:
                 parsed = None
             if answer.status_code != 200:
-                msg = parsed.get("msg") if isinstance(parsed, dict) else answer.text[:200]
+                msg = parsed.get("msg") if isinstance(parsed, dict) else bytes(raw[:200]).decode("latin-1")
                 return {
                     "ok": False,
                     "error": f"HTTP {answer.status_code}: {msg}",

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from node.config import DEFAULT_NODE_ID, Config, ConfigError, Listening, load
 from node.tools import bench
 from node.tools import operator as op
+from raft.secret import SecretError, create_secret_file, read_secret_file
 
 if TYPE_CHECKING:
     from node.server import Node
@@ -162,8 +164,36 @@ def _raise_stop(signum: int, frame: Any) -> None:
     raise _Stop(signal.Signals(signum).name)
 
 
+def _ensure_secret(config: Config) -> None:
+    """Create the config's cluster secret file once; refuse one that is unusable before any node starts."""
+    if not config.secret_file:
+        return
+    if create_secret_file(config.secret_file):
+        op.say(
+            f"created the cluster secret {config.secret_file} (mode 0600, random): every node of this "
+            "cluster needs this same file; copy it (scp -p) to the other machines, never into a repository"
+        )
+    try:
+        read_secret_file(config.secret_file)
+    except SecretError as exc:
+        raise ConfigError(f"{config.source}: cluster.secret_file: {exc}") from None
+
+
+def cmd_cluster_secret(args: argparse.Namespace) -> int:
+    config = load(args.config)
+    if not config.secret_file:
+        how = "cluster.secret in the file" if config.secret else "each node's own, in its data dir"
+        raise op.OperatorError(f"{args.config} names no secret file (its secret: {how})")
+    existed = os.path.exists(config.secret_file)
+    _ensure_secret(config)
+    if existed:
+        op.say(f"{config.secret_file}: the cluster secret is there and usable (mode 0600)")
+    return 0
+
+
 def cmd_cluster_up(args: argparse.Namespace) -> int:
     config = load(args.config)
+    _ensure_secret(config)
     # Every port of every member before anything starts: a second `cluster up` (or any other process on a
     # port) is named here, instead of nodes dying on their ports while the first cluster answers.
     for node_id in config.initial_members:
@@ -686,6 +716,18 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("--config", required=True, help=config_help)
     remove.add_argument("--node", required=True, help="the member to remove")
     remove.set_defaults(func=cmd_cluster_remove)
+
+    secret = cluster_commands.add_parser(
+        "secret",
+        parents=[common],
+        help="create the cluster secret file the config names (cluster up does it too)",
+        description="Create the config's cluster.secret_file (default: <config name>.secret beside the "
+        "config) with a random secret, mode 0600, unless it exists; check an existing one. Every node of "
+        "the cluster needs the same file: copy it to the other machines (scp -p) and keep it out of "
+        "repositories. The secret authenticates Raft traffic and node-to-node calls.",
+    )
+    secret.add_argument("--config", required=True, help=config_help)
+    secret.set_defaults(func=cmd_cluster_secret)
 
     bench_parser = commands.add_parser(
         "bench",

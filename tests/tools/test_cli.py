@@ -62,8 +62,9 @@ def test_every_command_has_a_help_text_for_config() -> None:
             timeout=60,
             check=True,
         ).stdout
-        # argparse prints "--config CONFIG" and then the help text, on the same line or the next.
-        after = shown.split("--config CONFIG", 1)[1].lstrip(" ").split("\n", 2)
+        # argparse prints "--config CONFIG" and then the help text, on the same line or the next (the last
+        # time: the usage line names it too).
+        after = shown.rsplit("--config CONFIG", 1)[1].lstrip(" ").split("\n", 2)
         assert (after[0] or after[1]).strip(), f"imnode {' '.join(command)} --help:\n{shown}"
 
 

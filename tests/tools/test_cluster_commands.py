@@ -275,3 +275,38 @@ def test_node_log_names_the_node_on_every_line_with_requests_leader_and_webhook_
         if "[n1]" not in line and not line.startswith(("imnode n1:", "imnode node n1:"))
     ]
     assert not unnamed, "\n".join(unnamed)
+
+
+def test_cluster_up_on_the_example_makes_one_private_secret_that_every_node_uses(tmp_path: Path) -> None:
+    """The example as shipped, with only its ports moved to free ones: no secret in it, none needed."""
+    text = (REPO / "cluster.example.toml").read_text()
+    ports = sorted({int(p) for p in re.findall(r'"127\.0\.0\.1:(\d+)"', text)})
+    fresh: set[int] = set()
+    while len(fresh) < len(ports):
+        fresh.add(free_port())
+    for old, new in zip(ports, sorted(fresh), strict=True):
+        text = text.replace(f"127.0.0.1:{old}\"", f"127.0.0.1:{new}\"")
+    config = tmp_path / "cluster.example.toml"
+    config.write_text(text)
+    secret = tmp_path / "cluster.example.secret"
+    running = ClusterUp(config)
+    try:
+        assert "created the cluster secret" in running.wait_for("created the cluster secret")
+        running.leader()
+        assert secret.stat().st_mode & 0o777 == 0o600
+        assert len(secret.read_text().strip()) >= 32
+        code, report, table = admin_status(config)
+        assert code == 0, table
+    finally:
+        running.stop()
+    before = secret.read_text()
+    again = ClusterUp(config)  # the same file is used again, never replaced
+    try:
+        again.leader()
+        assert "created the cluster secret" not in again.output()
+    finally:
+        again.stop()
+    assert secret.read_text() == before
+    os.chmod(secret, 0o644)
+    refused = imnode(config, "cluster", "up", timeout_s=60)
+    assert refused.returncode == cli.EXIT_CONFIG and "readable by others" in refused.stderr
