@@ -295,7 +295,7 @@ def test_cluster_up_on_the_example_makes_one_private_secret_that_every_node_uses
         running.leader()
         assert secret.stat().st_mode & 0o777 == 0o600
         assert len(secret.read_text().strip()) >= 32
-        code, report, table = admin_status(config)
+        code, _, table = admin_status(config)
         assert code == 0, table
     finally:
         running.stop()
