@@ -37,6 +37,13 @@ class Tuning:
     recv_resend_attempts: int = 5
     recv_inflight_max: int = 4096
     recv_inflight_bytes: int = 4 << 20
+    # What all clients together can make a node hold (the limits above are per connection): connections
+    # per uid, per peer address and per node (past one: CONNACK reason 22 and a close), and the bytes
+    # queued or kept for resending over every connection (past it the connection holding most is cut).
+    connections_per_uid: int = 64
+    connections_per_address: int = 10_000
+    connections_per_node: int = 20_000
+    held_bytes_per_node: int = 256 << 20
     send_rate_per_s: float = 2000.0
     send_burst: int = 4000
     user_pool_shards: int = 8
@@ -253,6 +260,12 @@ def _check_tuning(source: str, tuning: Tuning) -> None:
         raise ConfigError(
             f"{source}: tuning.outbound_queue_bytes: must be at least {queue_floor} (2 MiB and twice "
             "max_frame_bytes: a RECV of the largest message must fit)"
+        )
+    # One connection at both of its own bounds must fit, or it would be cut for a single large message.
+    if tuning.held_bytes_per_node < tuning.outbound_queue_bytes + tuning.recv_inflight_bytes:
+        raise ConfigError(
+            f"{source}: tuning.held_bytes_per_node: must be at least outbound_queue_bytes + "
+            "recv_inflight_bytes (what one connection may hold)"
         )
     if tuning.batch_window_busy_ms < tuning.batch_window_ms:
         raise ConfigError(f"{source}: tuning.batch_window_busy_ms: must be at least batch_window_ms")

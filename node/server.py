@@ -20,7 +20,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as serve_http
 
-from node import plugins, tls
+from node import memory, plugins, tls
 from node.api import admin as admin_api
 from node.api import channels as channels_api
 from node.api import commands as commands_api
@@ -274,6 +274,7 @@ class Node:
     # -- running -----------------------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[Listening] = trio.TASK_STATUS_IGNORED) -> None:
         sys.setswitchinterval(SWITCH_INTERVAL_S)
+        memory.map_large_buffers()  # clients' large frames: freed memory goes back (node/memory.py)
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.raft.run)

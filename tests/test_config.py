@@ -316,3 +316,10 @@ def test_external_addresses_for_route_are_checked(tmp_path: Path) -> None:
 def test_the_busy_batch_window_may_not_be_shorter_than_the_window(tmp_path: Path) -> None:
     message = load_error(tmp_path, VALID.replace("batch_window_ms = 1.5", "batch_window_busy_ms = 1.0"))
     assert "tuning.batch_window_busy_ms: must be at least batch_window_ms" in message
+
+
+def test_the_node_wide_held_bytes_must_take_what_one_connection_may_hold(tmp_path: Path) -> None:
+    message = load_error(tmp_path, VALID.replace("batch_window_ms = 1.5", "held_bytes_per_node = 4194304"))
+    assert "tuning.held_bytes_per_node: must be at least outbound_queue_bytes + recv_inflight" in message
+    message = load_error(tmp_path, VALID.replace("batch_window_ms = 1.5", "connections_per_uid = 0"))
+    assert "tuning.connections_per_uid: must be positive" in message

@@ -6,7 +6,8 @@ everything queued (`take_frames`) and writes it. Everything else (pools, handler
 `send_packet` / `send_frame`, which never block: a connection whose RECV queue is full (in frames) or whose
 queues together hold too many bytes is a client that stopped reading, and it is disconnected rather than
 allowed to grow the node (its messages stay stored for sync). The RECVs kept for resending are bounded in
-count and in bytes too.
+count and in bytes too. Over all connections, what they hold (queued and kept for resending) is counted in a
+`HeldBytes` shared by the node: past its limit the connection holding most is cut, whoever it is.
 
 Two queues: control frames (SENDACK, PONG, SUBACK, a refused CONNACK: everything `send_packet` queues but
 RECV and DISCONNECT) and the rest (RECVs of fan-out, resends, the CONNACK, a closing DISCONNECT). The writer
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import trio
@@ -39,6 +41,40 @@ class InflightRecv:
     due: float
 
 
+class HeldBytes:
+    """The bytes every connection of a node holds together: queued to write, and RECVs kept for resending.
+
+    Each connection adds and subtracts its own changes (an integer add per frame: the send path never
+    scans). Only a frame that would take the total past `limit` looks at the connections, and cuts the
+    one holding most until the frame fits: one client that stops reading or acknowledging cannot make
+    the node hold more, and everyone else is served. A cut connection's bytes stop counting at once (it
+    is detached), so the frames queued right after it do not cut anyone else for bytes about to be freed.
+    """
+
+    def __init__(self, limit: int, connections: Callable[[], Iterable[Connection]]) -> None:
+        self.limit = limit
+        self.total = 0
+        self.cuts = 0
+        self._connections = connections
+
+    @classmethod
+    def unbounded(cls, total: int = 0) -> HeldBytes:
+        """A connection's own, counting nothing shared (a test's, or a cut connection's)."""
+        held = cls(1 << 62, tuple)
+        held.total = total
+        return held
+
+    def make_room(self, needed: int) -> None:
+        """Cut the connections holding most until `needed` more bytes fit (or nothing is left to cut)."""
+        while self.total + needed > self.limit:
+            holders = [c for c in self._connections() if c.held is self and c.holding()]
+            if not holders:
+                return
+            largest = max(holders, key=Connection.holding)
+            self.cuts += 1
+            largest.cut(f"the node holds over {self.limit} bytes for its clients and this one holds most")
+
+
 class Connection:
     """State of one client connection, owned by the trio thread."""
 
@@ -51,6 +87,7 @@ class Connection:
         outbound_frames: int,
         outbound_bytes: int,
         inflight_bytes: int,
+        held: HeldBytes | None = None,
     ) -> None:
         self.id = conn_id
         self.transport = transport
@@ -87,6 +124,8 @@ class Connection:
         self.pending_bytes = 0
         self.inflight_bytes_max = inflight_bytes
         self.inflight_bytes = 0  # Invariant: the sum of len(frame) over `inflight`
+        # Invariant: pending_bytes + inflight_bytes are counted in `held` (the node's, until cut).
+        self.held = held if held is not None else HeldBytes.unbounded()
         self.cancel_scope: trio.CancelScope | None = None
         # Sampled latency traces waiting for the frames queued before them to reach the socket.
         self.write_traces: list[tuple[Trace, str]] = []
@@ -94,6 +133,10 @@ class Connection:
 
     def __repr__(self) -> str:
         return f"<Connection {self.id} {self.transport} uid={self.uid!r} flag={self.device_flag}>"
+
+    def holding(self) -> int:
+        """The bytes this connection holds: queued to write, and RECVs kept for resending."""
+        return self.pending_bytes + self.inflight_bytes
 
     def send_packet(self, packet: Packet) -> bool:
         """Encode at the version this client connected with and queue it; False if the connection is gone.
@@ -133,10 +176,14 @@ class Connection:
         if self.pending_bytes + len(frame) > self.outbound_bytes_max:
             self.abort(f"outbound queue over {self.outbound_bytes_max} bytes: the client is not reading")
             return False
+        if self.held.total + len(frame) > self.held.limit:
+            self.held.make_room(len(frame))
+            return not self.closed.is_set()  # this one may have been the one holding most
         return True
 
     def _queued(self, frame: bytes) -> None:
         self.pending_bytes += len(frame)
+        self.held.total += len(frame)
         self.sent_frames += 1
         self._writable.set()
 
@@ -178,6 +225,7 @@ class Connection:
     def written(self, nbytes: int) -> None:
         """The writer has handed `nbytes` of queued frames to the transport: they no longer count."""
         self.pending_bytes -= nbytes
+        self.held.total -= nbytes
 
     def track_recv(self, message_id: int, frame: bytes, due: float, max_inflight: int) -> None:
         self.untrack_recv(message_id)
@@ -188,14 +236,20 @@ class Connection:
             # Bounded: the oldest unacknowledged RECV stops being resent; it stays stored for sync.
             self.untrack_recv(next(iter(self.inflight)))
             self.dropped_recvs += 1
+        if self.held.total + len(dup) > self.held.limit:
+            self.held.make_room(len(dup))
+            if self.closed.is_set():
+                return  # cut for holding most: nothing to resend on a closed connection
         self.inflight[message_id] = InflightRecv(dup, 0, due)
         self.inflight_bytes += len(dup)
+        self.held.total += len(dup)
 
     def untrack_recv(self, message_id: int) -> None:
         """Stop resending a RECV (acknowledged, given up, or replaced)."""
         item = self.inflight.pop(message_id, None)
         if item is not None:
             self.inflight_bytes -= len(item.frame)
+            self.held.total -= len(item.frame)
 
     def release(self) -> None:
         """Drop what a finished connection still holds: queued frames and RECVs awaiting RECVACK.
@@ -205,6 +259,7 @@ class Connection:
         """
         self.outbound.close()  # the last receive side closed: trio drops the buffered frames
         self.control.clear()
+        self.held.total -= self.holding()
         self.pending_bytes = 0
         self.inflight.clear()
         self.inflight_bytes = 0
@@ -218,12 +273,20 @@ class Connection:
             try:
                 self._outbound_send.send_nowait(frame)
                 self.pending_bytes += len(frame)
+                self.held.total += len(frame)
             except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
                 pass
         self.close_reason = reason or self.close_reason or "closed"
         self.closed.set()
         self._outbound_send.close()
         self._writable.set()
+
+    def cut(self, reason: str) -> None:
+        """Abort, and stop counting what this connection holds in the node's total at once: it is freed
+        when the connection's task ends, a few scheduling steps later (`release`)."""
+        self.held.total -= self.holding()
+        self.held = HeldBytes.unbounded(self.holding())
+        self.abort(reason)
 
     def abort(self, reason: str) -> None:
         """Close at once, without draining (a peer that does not read would never let the writer finish)."""

@@ -11,6 +11,12 @@ A client must send CONNECT within `connect_timeout_s` and then something (a PING
 as in WuKongIM, a DISCONNECT means a kick (reason 12), and the SDKs stop reconnecting after one (the JS SDK
 after any DISCONNECT, the Android SDK treats it as a kick), so a client cut for a timeout must only see
 the socket close and reconnect.
+
+Past `connections_per_node` or `connections_per_address` (peer host, WebSocket included), a new connection
+is answered its CONNECT with CONNACK reason 22 (rate limit: the SDKs report it and retry later, where an
+auth failure would make them give up on the credentials) and closed, without reaching the user pool. At
+most `REFUSING_MAX` such connections wait for their CONNECT, for at most `REFUSE_WAIT_S`; beyond that they
+are closed at once.
 """
 
 from __future__ import annotations
@@ -19,18 +25,19 @@ import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Final
 
 import trio
 import trio_websocket
 
 from node.config import Tuning
 from node.gateway import events as ev
-from node.gateway.connection import Connection
-from node.gateway.registry import Registry
+from node.gateway.connection import Connection, HeldBytes
+from node.gateway.registry import Registry, peer_host
 from node.gateway.transports import TRANSPORT_ERRORS, TcpTransport, Transport, WebSocketTransport
 from node.trace import Tracer
 from node.wire.protocol import (
+    Connack,
     Connect,
     Disconnect,
     FrameDecoder,
@@ -42,10 +49,18 @@ from node.wire.protocol import (
     Send,
     Sub,
     Suback,
+    encode,
     negotiate_version,
 )
 
 log = logging.getLogger("imnode.gateway")
+
+# Connections over a connection limit kept open to answer their CONNECT with a refusal: bounded in number
+# and time, so a flood past the limits costs the node a few tasks, not one per connection attempt.
+REFUSING_MAX: Final = 64
+REFUSE_WAIT_S: Final = 2.0
+# A refused connection's CONNECT is small (uid, token, key); nothing larger is buffered for it.
+REFUSED_FRAME_MAX: Final = 16 << 10
 
 
 class _Closed(Exception):
@@ -64,6 +79,10 @@ class Gateway:
         self.protocol_errors = 0
         self.connect_timeouts = 0
         self.idle_timeouts = 0
+        self.refused_connections = 0
+        self._refusing = 0
+        # Shared by every connection: what they hold together, bounded by held_bytes_per_node.
+        self.held = HeldBytes(tuning.held_bytes_per_node, registry.by_id.values)
 
     # -- listeners ---------------------------------------------------------------------------------------
     async def serve_tcp(
@@ -160,6 +179,10 @@ class Gateway:
 
     # -- one connection ----------------------------------------------------------------------------------
     async def serve(self, transport: Transport, kind: str, remote: str) -> None:
+        over = self._over_connection_limit(remote)
+        if over:
+            await self._refuse(transport, remote, over)
+            return
         conn = Connection(
             self.registry.next_id(),
             kind,
@@ -167,6 +190,7 @@ class Gateway:
             outbound_frames=self.tuning.outbound_queue_frames,
             outbound_bytes=self.tuning.outbound_queue_bytes,
             inflight_bytes=self.tuning.recv_inflight_bytes,
+            held=self.held,
         )
         self.registry.add(conn)
         self.accepted += 1
@@ -186,6 +210,48 @@ class Gateway:
                 # Ordered after this uid's other events in its shard; try_submit so a full pool can't
                 # keep a dead connection's task alive (the registry entry is already gone).
                 self.user_events.try_submit(conn.uid, ev.CLOSE, ev.ConnEvent(conn))
+            with trio.move_on_after(1) as scope:
+                scope.shield = True
+                try:
+                    await transport.aclose()
+                except TRANSPORT_ERRORS:
+                    pass
+
+    def _over_connection_limit(self, remote: str) -> str:
+        """Which connection limit a new connection from `remote` is past ("" if none)."""
+        if len(self.registry) >= self.tuning.connections_per_node:
+            return f"connections_per_node ({self.tuning.connections_per_node})"
+        if self.registry.of_address(peer_host(remote)) >= self.tuning.connections_per_address:
+            return f"connections_per_address ({self.tuning.connections_per_address})"
+        return ""
+
+    async def _refuse(self, transport: Transport, remote: str, limit: str) -> None:
+        """Answer the CONNECT of a connection past a limit with CONNACK reason 22, then close it."""
+        self.refused_connections += 1
+        log.info("connection from %s refused: past %s", remote, limit)
+        try:
+            if self._refusing >= REFUSING_MAX:
+                return  # already answering as many as we keep: close at once
+            self._refusing += 1
+            try:
+                decoder = FrameDecoder(max_remaining=REFUSED_FRAME_MAX)
+                with trio.move_on_after(min(REFUSE_WAIT_S, self.tuning.connect_timeout_s)):
+                    packet = None
+                    while packet is None:
+                        data = await transport.receive()
+                        if not data:
+                            return
+                        decoder.feed(data)
+                        packet = decoder.next_packet()
+                    if isinstance(packet, Connect):
+                        version = negotiate_version(packet.version)
+                        refusal = Connack(time_diff=0, reason_code=Reason.RATE_LIMIT, server_version=version)
+                        await transport.send([encode(refusal, version)])
+            except (ProtocolError, *TRANSPORT_ERRORS):
+                pass  # a bad or vanished peer: it is being closed anyway
+            finally:
+                self._refusing -= 1
+        finally:
             with trio.move_on_after(1) as scope:
                 scope.shield = True
                 try:
@@ -339,6 +405,9 @@ class Gateway:
             "protocol_errors": self.protocol_errors,
             "connect_timeouts": self.connect_timeouts,
             "idle_timeouts": self.idle_timeouts,
+            "refused_connections": self.refused_connections,
+            "held_bytes": self.held.total,
+            "held_bytes_cuts": self.held.cuts,
         }
 
 

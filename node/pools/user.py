@@ -16,7 +16,7 @@ from typing import Any
 
 import trio
 
-from node.cluster.presence import Presence, replace_older
+from node.cluster.presence import Presence, login_replaces, replace_older
 from node.config import Config
 from node.gateway.connection import Connection
 from node.gateway.events import (
@@ -83,6 +83,22 @@ async def auth(ctx: UserContext, ev: ConnectEvent) -> int | None:
         ev.conn.device_level = (user or {}).get("levels", {}).get(str(packet.device_flag), 0)
     if person.get("ban"):
         return Reason.BAN  # a banned user (`/channel/info` ban on its person channel), as WuKongIM
+    return None
+
+
+async def uid_limit(ctx: UserContext, ev: ConnectEvent) -> int | None:
+    """At most `connections_per_uid` connections of one uid on this node (each can hold its own queues):
+    past it, CONNACK reason 22. Counted as the login would leave them, so a reconnect of a device that
+    replaces its older connection is never refused."""
+    packet, level = ev.packet, ev.conn.device_level
+    staying = sum(
+        1
+        for older in ctx.registry.of_uid(packet.uid)
+        if older.device_flag != packet.device_flag
+        or login_replaces(older.device_id, packet.device_id, level) is None
+    )
+    if staying >= ctx.config.tuning.connections_per_uid:
+        return Reason.RATE_LIMIT
     return None
 
 
@@ -258,6 +274,7 @@ def build_user_pool(ctx: UserContext) -> EventPool[UserContext]:
     )
     pool.event_type(CONNECT, on_reject=reject_connect)
     pool.register(CONNECT, "auth", auth, retries=0, timeout_s=None)
+    pool.register(CONNECT, "uid_limit", uid_limit, retries=0, timeout_s=None)
     pool.register(CONNECT, "connack", connack, retries=0, timeout_s=None)
     pool.event_type(SEND, on_reject=reject_send)
     pool.register(SEND, "decrypt", decrypt, retries=0, timeout_s=None)
