@@ -21,6 +21,8 @@ from urllib.parse import parse_qs
 import trio
 
 from node.api.fields import F, HttpError, Json, Route, bad, openapi_document, parse
+from node.api.guard import Site, WebGuard
+from node.api.http1 import SUPPORTED_VERSIONS
 from node.cluster.proposer import Proposer
 from node.wire.protocol import Reason
 from raft.commands import BadCommand, Op
@@ -52,16 +54,27 @@ async def propose(proposer: Proposer, ops: list[Op]) -> None:
             raise bad(result.get("err") or Reason(reason).name.lower())
 
 
+def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        name = name.lower()
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"", b"0")):
+            return True
+    return False
+
+
 class HttpApi:
     """The ASGI application over a route table."""
 
-    def __init__(self, routes: Mapping[str, Route], manager_token: str, *, body_timeout_s: float) -> None:
+    def __init__(
+        self, routes: Mapping[str, Route], manager_token: str, *, body_timeout_s: float, guard: WebGuard
+    ) -> None:
         self.routes = dict(routes)
         self.routes["/openapi.json"] = Route(
             "GET", self.openapi, body="none", summary="This API's OpenAPI 3.0 description"
         )
         self._manager_token = manager_token
         self._body_timeout_s = body_timeout_s
+        self._guard = guard
         self.requests = 0
         self.errors = 0
 
@@ -81,8 +94,11 @@ class HttpApi:
         if scope["type"] != "http":
             return
         self.requests += 1
+        own: Site | None = None
         try:
-            status, answer = 200, await self._handle(scope, receive)
+            # First: a Host the node does not serve (DNS rebinding) gets nothing, not even a 404.
+            own = self._guard.check_host(scope["headers"])
+            status, answer = 200, await self._handle(scope, receive, own)
         except HttpError as exc:
             self.errors += 1
             status, answer = exc.status, {"msg": exc.msg, "status": exc.status}
@@ -101,23 +117,37 @@ class HttpApi:
             {
                 "type": "http.response.start",
                 "status": status,
-                "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode())],
+                "headers": [
+                    (b"content-type", content_type),
+                    (b"content-length", str(len(body)).encode()),
+                    *self._guard.response_headers(own),
+                ],
             }
         )
         await send({"type": "http.response.body", "body": body})
         log.debug("%s %s -> %d", scope["method"], scope["path"], status)
 
-    async def _handle(self, scope: dict[str, Any], receive: Receive) -> Any:
+    async def _handle(self, scope: dict[str, Any], receive: Receive, own: Site | None) -> Any:
+        if scope.get("http_version") not in SUPPORTED_VERSIONS:
+            # The HTTP/2 preface, let through as a request by node/api/http1.py: answered in HTTP/1.1.
+            raise HttpError(505, "this node speaks HTTP/1.1 only")
         route = self.routes.get(scope["path"])
         if route is None:
             raise HttpError(404, f"no such path: {scope['path']}")
         if scope["method"] != route.method:
             raise HttpError(405, f"{scope['path']} takes {route.method}")
+        headers = scope["headers"]
+        # Before the token: a page on another origin is refused whatever it carries.
+        self._guard.check_origin(headers, own)
         token = self._manager_token
         if token and not route.public:
-            given = dict(scope["headers"]).get(b"token", b"").decode("latin-1")
+            given = dict(headers).get(b"token", b"").decode("latin-1")
             if not hmac.compare_digest(given.encode(), token.encode()):
                 raise HttpError(401, "missing or wrong token header")
+        if route.method == "POST":
+            # Every POST (the writes, and the reads WuKongIM puts on POST) takes JSON only: a form or a
+            # `no-cors` fetch from another page cannot send that type. Checked before the body is read.
+            self._guard.check_content_type(headers, _has_body(headers))
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         raw = b""
         # A client dribbling its body would otherwise hold the request, and what it sent, as long as it likes.

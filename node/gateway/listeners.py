@@ -19,7 +19,7 @@ import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 import trio_websocket
@@ -52,11 +52,23 @@ class _Closed(Exception):
     """The peer closed its side."""
 
 
+class OriginCheck(Protocol):
+    def allows(self, origin: str | None) -> bool: ...
+
+
 class Gateway:
     def __init__(
-        self, tuning: Tuning, registry: Registry, user_events: ev.EventSink, tracer: Tracer | None = None
+        self,
+        tuning: Tuning,
+        registry: Registry,
+        user_events: ev.EventSink,
+        tracer: Tracer | None = None,
+        *,
+        ws_origins: OriginCheck | None = None,
     ) -> None:
         self.tuning = tuning
+        # Which pages may open a WebSocket connection (node/api/guard.py); None: any.
+        self.ws_origins = ws_origins
         self.tracer = tracer or Tracer(0)
         self.registry = registry
         self.user_events = user_events
@@ -64,6 +76,7 @@ class Gateway:
         self.protocol_errors = 0
         self.connect_timeouts = 0
         self.idle_timeouts = 0
+        self.origins_refused = 0
 
     # -- listeners ---------------------------------------------------------------------------------------
     async def serve_tcp(
@@ -125,9 +138,25 @@ class Gateway:
             try:
                 async with trio.open_nursery() as nursery:
                     with trio.move_on_after(self.tuning.connect_timeout_s) as handshake:
+                        if isinstance(wrapped, trio.SSLStream):
+                            # The TLS handshake first, on its own: a plain-TCP client or an old TLS
+                            # version fails it at once and is closed (as on tcp_tls), where trio-websocket
+                            # would wait for an upgrade request until the connect timeout.
+                            await wrapped.do_handshake()
                         request = await trio_websocket.wrap_server_stream(
                             nursery, wrapped, max_message_size=self.tuning.max_frame_bytes + 16
                         )
+                        origin = _header(request.headers, "origin")
+                        if self.ws_origins is not None and not self.ws_origins.allows(origin):
+                            # A page on another origin must not log in as anyone through the browser.
+                            self.origins_refused += 1
+                            await request.reject(
+                                403,
+                                body=f"origin {origin} may not connect: list it in "
+                                "cluster.ws_allowed_origins".encode("latin-1", "replace"),
+                            )
+                            nursery.cancel_scope.cancel()
+                            return
                         ws = await request.accept()
                     if handshake.cancelled_caught:
                         self.connect_timeouts += 1
@@ -339,7 +368,17 @@ class Gateway:
             "protocol_errors": self.protocol_errors,
             "connect_timeouts": self.connect_timeouts,
             "idle_timeouts": self.idle_timeouts,
+            "ws_origins_refused": self.origins_refused,
         }
+
+
+def _header(headers: Any, name: str) -> str | None:
+    """A header of a WebSocket upgrade request (trio-websocket gives (name, value) pairs)."""
+    for key, value in headers:
+        key = key.decode("latin-1") if isinstance(key, bytes) else key
+        if key.lower() == name:
+            return value.decode("latin-1") if isinstance(value, bytes) else str(value)
+    return None
 
 
 class _ReadBatch:
