@@ -497,3 +497,20 @@ async def test_wss_closes_a_handshake_that_is_not_tls12_at_once_as_tcp_tls_does(
         trust = certs.client_context()
         async with open_client(*split(listening.wss), "alice", websocket=True, ssl_context=trust) as alice:
             await alice.ping()
+
+
+async def test_the_https_listener_answers_an_http2_preface_in_http11(tmp_path: Path, certs: Certs) -> None:
+    """ALPN picks http/1.1, but Hypercorn would still switch on a prior-knowledge preface inside TLS."""
+    async with running_node(tls_node_config(tmp_path / "n1", certs)) as node:
+        context = certs.client_context()
+        context.set_alpn_protocols(["http/1.1"])
+        with trio.fail_after(10):
+            raw = await trio.open_tcp_stream(*split(node.listening.http))
+            stream = trio.SSLStream(raw, context, server_hostname="127.0.0.1")
+            async with stream:
+                await stream.send_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+                reply = b""
+                with trio.move_on_after(5):  # HTTP/2 would keep the connection open
+                    while b"only" not in reply and (chunk := await stream.receive_some(65536)):
+                        reply += chunk
+        assert reply.startswith(b"HTTP/1.1 505 "), reply[:80]
