@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import os
 import tomllib
 import urllib.parse
@@ -184,6 +185,13 @@ class Config:
     source: str = "<defaults>"
     # The config file's folder: plugin modules are imported from it too ("" for the embedded defaults).
     base_dir: str = ""
+    # Browsers (node/api/guard.py): host names the HTTP API answers to besides the node's own addresses,
+    # localhost and its external_* hosts; origins (scheme://host[:port]) whose pages may call the HTTP API
+    # besides the node's own; origins whose pages may open a WebSocket client connection besides the
+    # cluster's own HTTP origins ("*": any page).
+    allowed_hosts: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+    ws_allowed_origins: tuple[str, ...] = ()
 
     def node(self, node_id: str) -> NodeSpec:
         try:
@@ -311,6 +319,9 @@ def load(path: str | None) -> Config:
         "token_auth": bool,
         "initial_members": list,
         "entry_point_plugins": bool,
+        "allowed_hosts": list,
+        "allowed_origins": list,
+        "ws_allowed_origins": list,
     }
     for key, value in cluster.items():
         if key == "raft_password":
@@ -397,6 +408,11 @@ def load(path: str | None) -> Config:
         entry_point_plugins=cluster.get("entry_point_plugins", True),
         source=source,
         base_dir=base_dir,
+        allowed_hosts=_hosts(source, "cluster.allowed_hosts", cluster.get("allowed_hosts", [])),
+        allowed_origins=_origins(source, "cluster.allowed_origins", cluster.get("allowed_origins", [])),
+        ws_allowed_origins=_origins(
+            source, "cluster.ws_allowed_origins", cluster.get("ws_allowed_origins", []), any_ok=True
+        ),
     )
 
 
@@ -421,6 +437,62 @@ def _check_secret(source: str, key: str, value: str) -> None:
         raise ConfigError(
             f"{source}: {key}: shorter than {SECRET_MIN_BYTES} bytes; make a good one with {MAKE_A_SECRET}"
         )
+
+
+ORIGIN_SCHEMES = {"http": 80, "https": 443}
+
+
+def canonical_origin(value: str) -> str | None:
+    """`scheme://host:port` (lowercase, the port spelled out), or None if `value` is no http(s) origin."""
+    try:
+        parts = urllib.parse.urlsplit(value.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in ORIGIN_SCHEMES or not parts.hostname or parts.path or parts.query:
+        return None
+    if parts.fragment or parts.username is not None or parts.password is not None:
+        return None
+    host = parts.hostname.lower()
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{host}:{port or ORIGIN_SCHEMES[parts.scheme]}"
+
+
+def _origins(source: str, key: str, values: list[Any], *, any_ok: bool = False) -> tuple[str, ...]:
+    out = []
+    for value in values:
+        if any_ok and value == "*":
+            out.append("*")
+            continue
+        origin = canonical_origin(value) if isinstance(value, str) else None
+        if origin is None:
+            example = '"https://app.example.com" or "http://10.0.0.5:8080"' + (' or "*"' if any_ok else "")
+            raise ConfigError(
+                f"{source}: {key}: {value!r} is not an origin (scheme://host[:port], no path: {example})"
+            )
+        out.append(origin)
+    return tuple(out)
+
+
+def _hosts(source: str, key: str, values: list[Any]) -> tuple[str, ...]:
+    out = []
+    for value in values:
+        host = value.strip("[]").lower() if isinstance(value, str) else ""
+        if not host or any(c in host for c in "/@ ") or (":" in host and not _is_ipv6(host)):
+            raise ConfigError(
+                f"{source}: {key}: {value!r} is not a host name (no scheme, port or path: "
+                '"im.example.com" or "10.0.0.5")'
+            )
+        out.append(host)
+    return tuple(out)
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _externals(source: str, prefix: str, values: dict[str, Any]) -> None:

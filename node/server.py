@@ -32,6 +32,8 @@ from node.api import peer_auth
 from node.api import users as users_api
 from node.api.app import HttpApi
 from node.api.fields import HttpError, Route
+from node.api.guard import WebGuard, WsOriginCheck
+from node.api.http1 import http11_only
 from node.api.peers import Peers
 from node.cluster.ids import Snowflake
 from node.cluster.membership import Membership
@@ -142,7 +144,13 @@ class Node:
         )
         self.user_pool = build_user_pool(self.user_ctx)
         self.tracer = Tracer(tuning.trace_sample_every)
-        self.gateway = Gateway(tuning, self.registry, self.user_pool, self.tracer)
+        self.gateway = Gateway(
+            tuning,
+            self.registry,
+            self.user_pool,
+            self.tracer,
+            ws_origins=WsOriginCheck(config, self.spec.id, self._own_http),
+        )
         self.pools: dict[str, EventPool[Any]] = {
             "user": self.user_pool,
             "channel": self.channel_pool,
@@ -177,6 +185,7 @@ class Node:
             config.manager_token,
             body_timeout_s=tuning.http_body_timeout_s,
             peer_key=peer_auth.derive_key(self.cluster_secret),
+            guard=WebGuard(config, self.spec.id, self._own_http, self._ws_urls),
         )
         self._register_metrics()
 
@@ -249,6 +258,17 @@ class Node:
 
     def _own_http(self) -> str:
         return self.listening.http if self.listening else self.spec.http
+
+    def _ws_urls(self) -> list[str]:
+        """Every WebSocket URL of the cluster's nodes (this one's as bound): what the console's page may
+        connect to (its Content-Security-Policy)."""
+        urls: list[str] = []
+        at = self.listening
+        for spec in self.config.nodes.values():
+            ws, wss = (at.ws, at.wss) if at is not None and spec.id == self.spec.id else (spec.ws, spec.wss)
+            urls += [f"ws://{ws}", *([f"wss://{wss}"] if wss else [])]
+            urls += [url for url in (spec.external_ws, spec.external_wss) if url]
+        return urls
 
     def _listening_addresses(self) -> operations_api.Addresses | None:
         at = self.listening
@@ -341,6 +361,7 @@ class Node:
             self.store.close()
 
     def _http_config(self, host: str, port: int) -> HypercornConfig:
+        http11_only()  # neither listener speaks HTTP/2 (h2c upgrade, prior knowledge): node/api/http1.py
         config = HypercornConfig()
         config.bind = [f"{host}:{port}"]
         config.accesslog = None

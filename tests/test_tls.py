@@ -12,6 +12,7 @@ import ssl
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import httpx
@@ -326,7 +327,7 @@ def test_admin_commands_reach_an_https_node_with_tls_ca_file(tmp_path: Path, cer
     config = tmp_path / "node.toml"
     body = f"""
         [cluster]
-        manager_token = "t0ken"
+        manager_token = "tls-admin-t0ken-0123"
 
         [nodes.n1]
         numeric_id = 1
@@ -436,3 +437,80 @@ def test_a_missing_webhook_ca_file_is_a_config_error_before_anything_opens(tmp_p
     config = dataclasses.replace(single_node_config(tmp_path / "n1"), webhook=webhook)
     with pytest.raises(ConfigError, match=r"webhook\.ca_file: cannot read .*absent\.pem"):
         Node(config, "n1")
+
+
+# -- the wss port refuses what is not a TLS 1.2+ handshake at once, as tcp_tls does -------------------------
+async def closed_within(address: str, hello: bytes, limit_s: float) -> float:
+    """Seconds until the node closes a connection that sent `hello` (fails past `limit_s`)."""
+    started = trio.current_time()
+    with trio.fail_after(limit_s):
+        stream = await trio.open_tcp_stream(*split(address))
+        async with stream:
+            await stream.send_all(hello)
+            try:
+                while await stream.receive_some(65536):
+                    pass  # a TLS alert, then the close
+            except trio.BrokenResourceError:
+                pass  # reset by the node: closed all the same
+    return trio.current_time() - started
+
+
+def tls10_client_hello() -> bytes:
+    """The first flight of a client that speaks TLS 1.0 at most (what an old SDK or a scanner sends)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_ciphers("ALL:@SECLEVEL=0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # that is the point: an old version
+        context.minimum_version = ssl.TLSVersion.TLSv1
+        context.maximum_version = ssl.TLSVersion.TLSv1
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = context.wrap_bio(incoming, outgoing)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        client.do_handshake()
+    hello = outgoing.read()
+    assert hello[:3] == b"\x16\x03\x01" and hello[9:11] == b"\x03\x01", hello[:12]  # ClientHello, TLS 1.0
+    return hello
+
+
+@pytest.mark.parametrize(
+    "hello",
+    [
+        pytest.param(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n", id="plain-upgrade"),
+        pytest.param(b"\x00\x00\x00\x00 not tls at all", id="plain-bytes"),
+        pytest.param(None, id="tls-1.0-client-hello"),
+    ],
+)
+async def test_wss_closes_a_handshake_that_is_not_tls12_at_once_as_tcp_tls_does(
+    tmp_path: Path, certs: Certs, hello: bytes | None
+) -> None:
+    config = tls_node_config(tmp_path / "n1", certs)
+    # A connect timeout far above "at once": the node must not wait for it.
+    config = dataclasses.replace(config, tuning=dataclasses.replace(config.tuning, connect_timeout_s=30.0))
+    first = hello if hello is not None else tls10_client_hello()
+    async with running_node(config) as node:
+        listening = node.listening
+        assert await closed_within(listening.tcp_tls, first, 5) < 2
+        assert await closed_within(listening.wss, first, 5) < 2
+        # The listener serves on.
+        trust = certs.client_context()
+        async with open_client(*split(listening.wss), "alice", websocket=True, ssl_context=trust) as alice:
+            await alice.ping()
+
+
+async def test_the_https_listener_answers_an_http2_preface_in_http11(tmp_path: Path, certs: Certs) -> None:
+    """ALPN picks http/1.1, but Hypercorn would still switch on a prior-knowledge preface inside TLS."""
+    async with running_node(tls_node_config(tmp_path / "n1", certs)) as node:
+        context = certs.client_context()
+        context.set_alpn_protocols(["http/1.1"])
+        with trio.fail_after(10):
+            raw = await trio.open_tcp_stream(*split(node.listening.http))
+            stream = trio.SSLStream(raw, context, server_hostname="127.0.0.1")
+            async with stream:
+                await stream.send_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+                reply = b""
+                with trio.move_on_after(5):  # HTTP/2 would keep the connection open
+                    while b"only" not in reply and (chunk := await stream.receive_some(65536)):
+                        reply += chunk
+        assert reply.startswith(b"HTTP/1.1 505 "), reply[:80]

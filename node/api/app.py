@@ -22,6 +22,8 @@ import trio
 
 from node.api import peer_auth
 from node.api.fields import F, HttpError, Json, Route, bad, openapi_document, parse
+from node.api.guard import Site, WebGuard
+from node.api.http1 import SUPPORTED_VERSIONS
 from node.cluster.proposer import Proposer
 from node.wire.protocol import Reason
 from raft.commands import BadCommand, Op
@@ -60,6 +62,14 @@ class _PeerCall:
     signature: str | None = None
 
 
+def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        name = name.lower()
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"", b"0")):
+            return True
+    return False
+
+
 class HttpApi:
     """The ASGI application over a route table."""
 
@@ -69,6 +79,7 @@ class HttpApi:
         manager_token: str,
         *,
         body_timeout_s: float,
+        guard: WebGuard,
         peer_key: bytes | None = None,
     ) -> None:
         self.routes = dict(routes)
@@ -79,6 +90,7 @@ class HttpApi:
         # Other members sign their calls with this (node/api/peer_auth.py) instead of sending the token.
         self._peer_key = peer_key
         self._body_timeout_s = body_timeout_s
+        self._guard = guard
         self.requests = 0
         self.errors = 0
 
@@ -98,9 +110,12 @@ class HttpApi:
         if scope["type"] != "http":
             return
         self.requests += 1
+        own: Site | None = None
         peer = _PeerCall()
         try:
-            status, answer = 200, await self._handle(scope, receive, peer)
+            # First: a Host the node does not serve (DNS rebinding) gets nothing, not even a 404.
+            own = self._guard.check_host(scope["headers"])
+            status, answer = 200, await self._handle(scope, receive, own, peer)
         except HttpError as exc:
             self.errors += 1
             status, answer = exc.status, {"msg": exc.msg, "status": exc.status}
@@ -115,7 +130,11 @@ class HttpApi:
             body, content_type = answer.text.encode(), answer.content_type
         else:
             body, content_type = json.dumps(answer, separators=(",", ":")).encode(), b"application/json"
-        headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+        headers = [
+            (b"content-type", content_type),
+            (b"content-length", str(len(body)).encode()),
+            *self._guard.response_headers(own),
+        ]
         if peer.signature and self._peer_key:
             signature = peer_auth.sign_answer(self._peer_key, peer.signature, status, body)
             headers.append((peer_auth.ANSWER_SIGNATURE_HEADER.encode(), signature.encode()))
@@ -123,13 +142,21 @@ class HttpApi:
         await send({"type": "http.response.body", "body": body})
         log.debug("%s %s -> %d", scope["method"], scope["path"], status)
 
-    async def _handle(self, scope: dict[str, Any], receive: Receive, peer: _PeerCall) -> Any:
+    async def _handle(
+        self, scope: dict[str, Any], receive: Receive, own: Site | None, peer: _PeerCall
+    ) -> Any:
+        if scope.get("http_version") not in SUPPORTED_VERSIONS:
+            # The HTTP/2 preface, let through as a request by node/api/http1.py: answered in HTTP/1.1.
+            raise HttpError(505, "this node speaks HTTP/1.1 only")
         route = self.routes.get(scope["path"])
         if route is None:
             raise HttpError(404, f"no such path: {scope['path']}")
         if scope["method"] != route.method:
             raise HttpError(405, f"{scope['path']} takes {route.method}")
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        raw_headers = scope["headers"]
+        # Before the token: a page on another origin is refused whatever it carries.
+        self._guard.check_origin(raw_headers, own)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw_headers}
         # A member's call is checked once its body is in (the signature covers it); anyone else's here.
         peer_signed = bool(self._peer_key) and peer_auth.SIGNATURE_HEADER in headers
         token = self._manager_token
@@ -137,6 +164,10 @@ class HttpApi:
             given = headers.get("token", "")
             if not hmac.compare_digest(given.encode(), token.encode()):
                 raise HttpError(401, "missing or wrong token header")
+        if route.method == "POST":
+            # Every POST (the writes, and the reads WuKongIM puts on POST) takes JSON only: a form or a
+            # `no-cors` fetch from another page cannot send that type. Checked before the body is read.
+            self._guard.check_content_type(raw_headers, _has_body(raw_headers))
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         raw = b""
         # A client dribbling its body would otherwise hold the request, and what it sent, as long as it likes.

@@ -25,7 +25,7 @@ import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import trio
 import trio_websocket
@@ -67,11 +67,23 @@ class _Closed(Exception):
     """The peer closed its side."""
 
 
+class OriginCheck(Protocol):
+    def allows(self, origin: str | None) -> bool: ...
+
+
 class Gateway:
     def __init__(
-        self, tuning: Tuning, registry: Registry, user_events: ev.EventSink, tracer: Tracer | None = None
+        self,
+        tuning: Tuning,
+        registry: Registry,
+        user_events: ev.EventSink,
+        tracer: Tracer | None = None,
+        *,
+        ws_origins: OriginCheck | None = None,
     ) -> None:
         self.tuning = tuning
+        # Which pages may open a WebSocket connection (node/api/guard.py); None: any.
+        self.ws_origins = ws_origins
         self.tracer = tracer or Tracer(0)
         self.registry = registry
         self.user_events = user_events
@@ -83,6 +95,7 @@ class Gateway:
         self._refusing = 0
         # Shared by every connection: what they hold together, bounded by held_bytes_per_node.
         self.held = HeldBytes(tuning.held_bytes_per_node, registry.by_id.values)
+        self.origins_refused = 0
 
     # -- listeners ---------------------------------------------------------------------------------------
     async def serve_tcp(
@@ -144,9 +157,25 @@ class Gateway:
             try:
                 async with trio.open_nursery() as nursery:
                     with trio.move_on_after(self.tuning.connect_timeout_s) as handshake:
+                        if isinstance(wrapped, trio.SSLStream):
+                            # The TLS handshake first, on its own: a plain-TCP client or an old TLS
+                            # version fails it at once and is closed (as on tcp_tls), where trio-websocket
+                            # would wait for an upgrade request until the connect timeout.
+                            await wrapped.do_handshake()
                         request = await trio_websocket.wrap_server_stream(
                             nursery, wrapped, max_message_size=self.tuning.max_frame_bytes + 16
                         )
+                        origin = _header(request.headers, "origin")
+                        if self.ws_origins is not None and not self.ws_origins.allows(origin):
+                            # A page on another origin must not log in as anyone through the browser.
+                            self.origins_refused += 1
+                            await request.reject(
+                                403,
+                                body=f"origin {origin} may not connect: list it in "
+                                "cluster.ws_allowed_origins".encode("latin-1", "replace"),
+                            )
+                            nursery.cancel_scope.cancel()
+                            return
                         ws = await request.accept()
                     if handshake.cancelled_caught:
                         self.connect_timeouts += 1
@@ -408,7 +437,17 @@ class Gateway:
             "refused_connections": self.refused_connections,
             "held_bytes": self.held.total,
             "held_bytes_cuts": self.held.cuts,
+            "ws_origins_refused": self.origins_refused,
         }
+
+
+def _header(headers: Any, name: str) -> str | None:
+    """A header of a WebSocket upgrade request (trio-websocket gives (name, value) pairs)."""
+    for key, value in headers:
+        key = key.decode("latin-1") if isinstance(key, bytes) else key
+        if key.lower() == name:
+            return value.decode("latin-1") if isinstance(value, bytes) else str(value)
+    return None
 
 
 class _ReadBatch:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,6 +37,18 @@ def chromium_or_skip() -> str:
     return CHROMIUM if os.path.isfile(CHROMIUM) else str(shutil.which("chromium"))
 
 
+def wait_for_number(page: Any, expression: str, above: float, timeout_s: float = TIMEOUT_MS / 1000) -> None:
+    """Poll a number the page computes until it exceeds `above` (bounded). Not `wait_for_function`:
+    Playwright compiles its predicate with `new Function`, which the console's CSP (no 'unsafe-eval')
+    refuses; `evaluate` runs through the DevTools protocol, outside the page's CSP."""
+    deadline = time.monotonic() + timeout_s
+    value = page.evaluate(expression)
+    while not value > above:
+        assert time.monotonic() < deadline, f"{expression} = {value}, not above {above} within {timeout_s} s"
+        page.wait_for_timeout(50)  # the charts redraw once a second
+        value = page.evaluate(expression)
+
+
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     executable = chromium_or_skip()
@@ -55,8 +68,18 @@ def page(browser: Any) -> Iterator[Any]:
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    # What the node's Content-Security-Policy blocked (a script, a style, a WebSocket port it does not list)
+    # shows as a console error only: the page would just half work.
+    page.on(
+        "console",
+        lambda message: (
+            errors.append(message.text)
+            if message.type == "error" and "Content Security Policy" in message.text
+            else None
+        ),
+    )
     try:
         yield page
     finally:
         context.close()
-    assert not errors, f"uncaught errors in the page: {errors}"
+    assert not errors, f"uncaught errors or CSP violations in the page: {errors}"

@@ -14,7 +14,7 @@ from pathlib import Path
 from playwright.sync_api import expect, sync_playwright
 
 from tests.cluster_harness import MANAGER_TOKEN, Cluster, write_cluster_toml
-from tests.console.conftest import CHROMIUM, CHROMIUM_ARGS
+from tests.console.conftest import CHROMIUM, CHROMIUM_ARGS, wait_for_number
 
 HERE = Path(__file__).resolve().parent
 
@@ -55,9 +55,8 @@ def main() -> None:
                 page.click("#login-form button")
                 expect(page.locator("#members tr[data-role=leader]")).to_have_count(1)
                 # A minute of charts under load.
-                page.wait_for_function(
-                    "Number(document.querySelector('#chart-sends').dataset.points) >= 3 * 45", timeout=90_000
-                )
+                points = "Number(document.querySelector('#chart-sends').dataset.points)"
+                wait_for_number(page, points, 3 * 45 - 1, timeout_s=90)
                 page.screenshot(path=str(HERE / "console-overview.png"))
                 page.click("#tabs button[data-tab=playground]")
                 a, b = page.locator("#pane-a"), page.locator("#pane-b")

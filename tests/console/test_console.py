@@ -21,6 +21,7 @@ from node.client import open_client
 from node.wire.protocol import Reason
 from tests.cluster_harness import MANAGER_TOKEN, Cluster, write_cluster_toml
 from tests.conftest import free_port
+from tests.console.conftest import wait_for_number
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")  # PySyncObj's journal in child processes
 
@@ -153,11 +154,11 @@ def test_charts_move_while_messages_flow(cluster: Cluster, page: Any) -> None:
     log_in(page, cluster)
     with Traffic(cluster) as traffic:
         # Sends acknowledged on n1, RECVs written on n2, and sampled send → SENDACK times.
-        page.wait_for_function("Number(document.querySelector('#chart-sends').dataset.last) > 0")
-        page.wait_for_function("Number(document.querySelector('#chart-deliveries').dataset.last) > 0")
-        page.wait_for_function("Number(document.querySelector('#chart-latency').dataset.max) > 0")
+        wait_for_number(page, "Number(document.querySelector('#chart-sends').dataset.last)", 0)
+        wait_for_number(page, "Number(document.querySelector('#chart-deliveries').dataset.last)", 0)
+        wait_for_number(page, "Number(document.querySelector('#chart-latency').dataset.max)", 0)
         points = int(page.locator("#chart-sends").get_attribute("data-points") or 0)
-        page.wait_for_function(f"Number(document.querySelector('#chart-sends').dataset.points) > {points}")
+        wait_for_number(page, "Number(document.querySelector('#chart-sends').dataset.points)", points)
         expect(page.locator("#chart-sends polyline")).to_have_count(3)  # one line per node
         expect(page.locator("#chart-lag polyline")).to_have_count(3)
     assert traffic.error is None, traffic.error

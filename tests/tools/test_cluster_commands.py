@@ -255,7 +255,10 @@ def test_node_log_names_the_node_on_every_line_with_requests_leader_and_webhook_
         body = {"from_uid": "alice", "channel_id": "bob", "channel_type": 1}
         body["payload"] = base64.b64encode(b"hi").decode()
         send = urllib.request.Request(
-            f"http://127.0.0.1:{ports['http']}/message/send", data=json.dumps(body).encode(), method="POST"
+            f"http://127.0.0.1:{ports['http']}/message/send",
+            data=json.dumps(body).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json"},  # urllib would say form-urlencoded: a 415
         )
         with urllib.request.urlopen(send, timeout=10) as answer:
             assert answer.status == 200

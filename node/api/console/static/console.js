@@ -10,6 +10,7 @@ const el = (tag, attrs = {}, ...children) => {
     if (k === 'class') node.className = v;
     else if (k.startsWith('on')) node.addEventListener(k.slice(2), v);
     else if (k === 'dataset') Object.assign(node.dataset, v);
+    else if (k === 'style') node.style.cssText = v; // CSSOM: the CSP refuses style attributes, not this
     else node.setAttribute(k, v);
   }
   for (const child of children) node.append(child instanceof Node ? child : String(child ?? ''));
