@@ -567,7 +567,14 @@ class SecureTransport(TCPTransport):
             # Knows the secret but is no member (yet): PySyncObj would drop it the same way.
             conn._refuse(f"{peer!r} is not a member of this cluster")
             return
+        if self._shouldConnect(node):
+            # This node dials that one; a connection claiming to come from it would take the place of ours.
+            conn._refuse(f"{peer!r} is dialled by this node, not the other way")
+            return
+        old = self._connections.get(node)
         self._connections[node] = conn
+        if old is not None and old is not conn:
+            old.disconnect()  # a stale connection of the same peer (it reconnected): no longer its node's
         conn.setOnMessageReceivedCallback(functools.partial(self._onMessageReceived, node))
         self._onNodeConnected(node)
 
