@@ -306,7 +306,8 @@ class SecureConnection(TcpConnection):
     def _reset(self, phase: int) -> None:
         self._phase = phase
         self._rbuf = bytearray()
-        self._rpos = 0
+        self._rpos = 0  # where the next frame to parse starts in _rbuf
+        self._scan = 0  # where the next frame whose length is not yet checked starts
         self._deadline = monotonic_time() + self._handshake_timeout_s
         self._nonce_i = b""
         self._nonce_r = b""
@@ -404,13 +405,17 @@ class SecureConnection(TcpConnection):
 
     def _check_lengths(self) -> bool:
         """Refuse an oversized length prefix as soon as it is read, before its body is buffered."""
-        pos, end = self._rpos, len(self._rbuf)
+        # Invariant: every frame before self._scan is whole and its length was checked.
+        pos, end = max(self._scan, self._rpos), len(self._rbuf)
         while end - pos >= _LENGTH.size:
             (length,) = _LENGTH.unpack_from(self._rbuf, pos)
             if length > self._frame_cap or length < TAG_BYTES:
                 self._refuse(f"a frame length of {length} bytes (cap {self._frame_cap})")
                 return False
+            if end - pos < _LENGTH.size + length:
+                break  # its body is still arriving; the next read checks nothing before it again
             pos += _LENGTH.size + length
+        self._scan = pos
         return True
 
     def _TcpConnection__processParseMessage(self) -> Any:
@@ -433,6 +438,7 @@ class SecureConnection(TcpConnection):
         # No whole frame left: drop what was parsed, keep the partial frame.
         del buf[:pos]
         self._rpos = 0
+        self._scan = max(self._scan - pos, 0)
         return None
 
     # -- the handshake -----------------------------------------------------------------------------------
