@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import struct
 import tempfile
 import time
@@ -27,6 +28,7 @@ from pysyncobj.node import TCPNode
 from raft.apply import Result, apply_ops
 from raft.commands import R_SYSTEM_ERROR, BadCommand, decode_entry
 from raft.safe_syncobj import SafeSyncObj
+from raft.transport import frame_cap_bytes, transport_class
 from storage.store import Store
 
 log = logging.getLogger("imnode.raft")
@@ -50,6 +52,8 @@ class RaftSettings:
     self_addr: str
     partners: tuple[str, ...]
     data_dir: str
+    # The cluster secret every member proves in raft/transport.py's handshake. None: a random one, so no
+    # other node can ever connect (a node alone).
     password: str | None = None
     bind_addr: str | None = None  # None: bind self_addr (it is also this node's identity)
     min_timeout_s: float = 0.4
@@ -89,7 +93,7 @@ class Machine(SafeSyncObj):
         self.apply_started = 0.0
         os.makedirs(settings.data_dir, exist_ok=True)
         conf = SyncObjConf(
-            password=settings.password,
+            # No PySyncObj password: its Fernet transport is replaced by raft/transport.py.
             bindAddress=settings.bind_addr,
             dynamicMembershipChange=True,
             commandsWaitLeader=False,
@@ -112,7 +116,12 @@ class Machine(SafeSyncObj):
             deserializer=self._load_snapshot,
             **settings.extra,
         )
-        super().__init__(settings.self_addr, list(settings.partners), conf)
+        transport = transport_class(
+            settings.password or secrets.token_urlsafe(32),
+            frame_cap=frame_cap_bytes(conf.appendEntriesBatchSizeBytes, conf.logCompactionBatchSize),
+            handshake_timeout_s=conf.connectionTimeout,
+        )
+        super().__init__(settings.self_addr, list(settings.partners), conf, transportClass=transport)
 
     @replicated
     def execute(self, entry: bytes) -> list[Result] | None:

@@ -21,7 +21,7 @@ from node.wire.protocol import LATEST_VERSION, FrameDecoder, Recv, Recvack, Send
 from raft.apply import Result, apply_ops
 from raft.commands import CHANNEL_PERSON, Op, decode_entry, encode_entry, person_channel_id, send_op
 from raft.permissions import send_permission
-from raft.safe_syncobj import transport_cipher
+from raft.transport import FrameOpener, FrameSealer, session_keys
 from storage.store import Store
 
 NODES = 3
@@ -96,17 +96,22 @@ def measure(rounds: int, per_entry: int) -> dict[str, float]:
             session.decrypt(s.payload)
 
     entry = encode_entry(ops())
-    raft_message = {"type": "append_entries", "term": 1, "commit_index": 1, "entries": [(entry, 2, 1)]}
-    # PySyncObj's transport: pickled, then Fernet with the cluster password.
-    fernet = transport_cipher("a cluster password")
+    # A command as PySyncObj writes it: its type byte, then the pickled call (protocol 5, as imnode sets).
+    command = b"\x00" + pickle.dumps((0, (entry,)), protocol=5)
+    raft_message = {"type": "append_entries", "term": 1, "commit_index": 1, "entries": [(command, 2, 1)]}
+    # imnode's Raft transport (raft/transport.py): cbor2 frames under AES-GCM, one session per follower.
+    to_follower, to_leader = session_keys(b"a cluster secret of 32 bytes....", b"i" * 32, b"r" * 32)
+    links = [
+        (FrameSealer(to_follower), FrameOpener(to_follower), FrameSealer(to_leader), FrameOpener(to_leader))
+        for _ in range(NODES - 1)
+    ]
 
     def raft_transport() -> None:
-        # The leader encrypts one append_entries per follower; each follower decrypts it and answers.
-        for _ in range(NODES - 1):
-            wire = fernet.encrypt(pickle.dumps(raft_message))
-            pickle.loads(fernet.decrypt(wire))
-            reply = fernet.encrypt(pickle.dumps({"type": "next_node_idx", "next_node_idx": 3, "term": 1}))
-            pickle.loads(fernet.decrypt(reply))
+        # The leader seals one append_entries per follower; each follower opens it and answers.
+        for leader_out, follower_in, follower_out, leader_in in links:
+            follower_in.open(leader_out.seal(raft_message)[4:])
+            reply = {"type": "next_node_idx", "next_node_idx": 3, "reset": False, "success": True, "term": 1}
+            leader_in.open(follower_out.seal(reply)[4:])
 
     results: list[Result] = []
     with tempfile.TemporaryDirectory() as folder:
@@ -131,7 +136,7 @@ def measure(rounds: int, per_entry: int) -> dict[str, float]:
             "SEND msg_key checked, payload decrypted": _cpu_us(verify_and_decrypt, rounds, per_entry),
             "permission read (one per send)": _cpu_us(permission, rounds, per_entry),
             "op built and checked, entry encoded": _cpu_us(lambda: encode_entry(ops()), rounds, per_entry),
-            "Raft transport (2 followers, Fernet)": _cpu_us(raft_transport, rounds, per_entry),
+            "Raft transport (2 followers, AES-GCM frames)": _cpu_us(raft_transport, rounds, per_entry),
             f"apply on {NODES} nodes (one txn per entry)": _cpu_us(apply_everywhere, rounds, per_entry),
         }
         for store in stores:

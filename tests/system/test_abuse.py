@@ -1,10 +1,12 @@
-"""Abuse: a SEND flood gets reason 22; no Raft port runs a pickle it is sent; nodes listen where told
+"""Abuse: a SEND flood gets reason 22; no Raft port runs a pickle it is sent (not even in PySyncObj's own
+Fernet frame with the right secret: raft/transport.py never unpickles); nodes listen where told
 only; hostile logins and uids (a uid with `@`, an extreme timestamp, a refused CONNECT) change nothing else.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import ipaddress
 import os
 import pickle
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from pysyncobj.encryptor import getEncryptor
 
 from node.client import ConnectRefused, open_client
 from node.wire.crypto import generate_keypair
@@ -72,30 +75,37 @@ def one_node(tmp_path: Path) -> Iterator[Cluster]:
         cluster.stop_all()
 
 
-def _send_exploits(raft_addr: str, marker: Path) -> None:
-    """Send a code-running pickle to a Raft port in every framing PySyncObj might unpickle."""
+def _send_exploits(raft_addr: str, marker: Path, secret: str) -> None:
+    """Send a code-running pickle to a Raft port in every framing PySyncObj ever unpickled, including its
+    own Fernet frame encrypted with the node's RIGHT secret; each time wait for the node's first answer
+    (a closed connection here; PySyncObj's transport answered after running the pickle), then look for
+    the marker."""
     host, port = raft_addr.rsplit(":", 1)
     evil = pickle.dumps(_Exploit(str(marker)))
-    # PySyncObj's frame: a native int length, then zlib(pickle). Without a password it unpickles that.
+    # PySyncObj's frame: a native int length, then zlib(pickle), Fernet-encrypted when it has a password.
+    fernet = getEncryptor(secret).encrypt(zlib.compress(evil))
     framed = zlib.compress(evil)
-    wire = struct.pack("i", len(framed)) + framed
-    for payload in (wire, evil, struct.pack(">I", len(evil)) + evil, os.urandom(4096)):
+    for payload in (
+        struct.pack("i", len(fernet)) + fernet,
+        struct.pack("i", len(framed)) + framed,
+        evil,
+        struct.pack(">I", len(evil)) + evil,
+        os.urandom(4096),
+    ):
         with socket.create_connection((host, int(port)), timeout=5) as sock:
-            try:
+            answer = b""
+            with contextlib.suppress(ConnectionResetError, BrokenPipeError):
                 sock.sendall(payload)
-                sock.settimeout(1)
-                sock.recv(1024)
-            except OSError:
-                pass  # the node may close on us: that is fine
+                answer = sock.recv(1)
+        assert not marker.exists()
+        assert answer == b"", "the Raft port answered a pickle instead of closing"
 
 
 async def test_a_raft_port_reached_without_the_password_runs_nothing(
     one_node: Cluster, tmp_path: Path
 ) -> None:
     marker = tmp_path / "pwned"
-    _send_exploits(one_node.config.node("n1").raft, marker)
-    await trio.sleep(0.5)  # give a vulnerable node the chance to run it (there is no event to wait for)
-    assert not marker.exists()
+    _send_exploits(one_node.config.node("n1").raft, marker, "test-raft-password")
     async with open_client(*one_node.tcp("n1"), "alice") as alice:
         assert (await alice.send("bob", 1, b"still serving")).reason_code == Reason.SUCCESS
 
@@ -117,10 +127,8 @@ async def test_a_node_without_raft_password_runs_no_pickle_from_its_raft_port(
 ) -> None:
     _process, ports = passwordless_node
     marker = tmp_path / "pwned"
-    _send_exploits(f"127.0.0.1:{ports['raft']}", marker)
-    await trio.sleep(0.5)  # give a vulnerable node the chance to run it (there is no event to wait for)
-    assert not marker.exists()
     secret = tmp_path / "data" / "raft" / SECRET_FILE
+    _send_exploits(f"127.0.0.1:{ports['raft']}", marker, secret.read_text().strip())
     assert secret.stat().st_mode & 0o777 == 0o600  # the generated secret is the owner's alone
     async with open_client("127.0.0.1", ports["tcp"], "alice") as alice:
         assert (await alice.send("bob", 1, b"still serving")).reason_code == Reason.SUCCESS
