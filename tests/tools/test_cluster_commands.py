@@ -288,7 +288,7 @@ def test_cluster_up_on_the_example_makes_one_private_secret_that_every_node_uses
     while len(fresh) < len(ports):
         fresh.add(free_port())
     for old, new in zip(ports, sorted(fresh), strict=True):
-        text = text.replace(f"127.0.0.1:{old}\"", f"127.0.0.1:{new}\"")
+        text = text.replace(f'127.0.0.1:{old}"', f'127.0.0.1:{new}"')
     config = tmp_path / "cluster.example.toml"
     config.write_text(text)
     secret = tmp_path / "cluster.example.secret"
