@@ -20,7 +20,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as serve_http
 
-from node import plugins, tls
+from node import datadir, plugins, tls
 from node.api import admin as admin_api
 from node.api import channels as channels_api
 from node.api import commands as commands_api
@@ -76,6 +76,8 @@ class Node:
         # First: a bad certificate stops the start before anything opens (ConfigError names the key).
         self.tls_context = tls.server_context(config)
         tuning = config.tuning
+        # Before anything is opened in it: refuses a data dir others can write, tightens one they can read.
+        datadir.secure(self.spec.data_dir)
         self.store = Store(os.path.join(self.spec.data_dir, "store"), map_size=tuning.store_map_bytes)
         # The cluster secret: it authenticates Raft traffic and every node-to-node call. Never empty.
         self.cluster_secret = config.raft_password or local_secret(os.path.join(self.spec.data_dir, "raft"))

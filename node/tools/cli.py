@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -112,13 +113,20 @@ def cmd_node_start(args: argparse.Namespace) -> int:
     _check_ports_free(config, node_id)
     import trio  # here, not at the top: the other commands never pay for the server's imports
 
+    from node import datadir
     from node.plugins import PluginError
     from node.server import Node
 
+    # This process is the node: everything it creates (store, journal, secret) is its owner's alone,
+    # whatever umask it was started with.
+    os.umask(datadir.PRIVATE_UMASK)
     try:
         node = Node(config, node_id)
     except PluginError as exc:
         print(f"imnode {node_id}: plugin error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except datadir.DataDirError as exc:
+        print(f"imnode {node_id}: data dir refused: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     trio.run(_serve_until_signal, node)
     return 0

@@ -19,7 +19,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-from node import tls
+from node import datadir, tls
 from node.config import Config
 
 STATUS_TIMEOUT_S = 2.0
@@ -158,7 +158,6 @@ def spawn(
     spec = config.node(node_id)
     # The node would stop on a bad certificate with this same error, in its log: say it here instead.
     tls.server_context(config)
-    os.makedirs(spec.data_dir, exist_ok=True)
     log_path = os.path.join(spec.data_dir, LOG_FILE)
     command = [
         sys.executable,
@@ -175,16 +174,23 @@ def spawn(
         command += ["--partners", ",".join(partners)]
     if log_level is not None:
         command += ["--log-level", log_level]
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=detach,  # a joined node outlives the `cluster join` command
-        )
-    with open(os.path.join(spec.data_dir, PID_FILE), "w") as pid_file:
-        pid_file.write(str(proc.pid))
+    # The data dir, its log and pid file are private like what the node creates in it (node/datadir.py),
+    # whatever umask this command runs with. The node starts with its own umask.
+    umask = os.umask(datadir.PRIVATE_UMASK)
+    try:
+        os.makedirs(spec.data_dir, mode=datadir.DIR_MODE, exist_ok=True)
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=detach,  # a joined node outlives the `cluster join` command
+            )
+        with open(os.path.join(spec.data_dir, PID_FILE), "w") as pid_file:
+            pid_file.write(str(proc.pid))
+    finally:
+        os.umask(umask)
     return NodeProcess(node_id, proc, log_path)
 
 

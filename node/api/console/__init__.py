@@ -104,9 +104,7 @@ def routes(
         if target not in config.nodes:
             raise bad(f"no node named {target!r} (configured: {', '.join(config.nodes)})")
         if target != node_id:
-            answer = await peers.call(
-                target, "POST", "/admin/kick", body={"node": target, "id": body["id"]}
-            )
+            answer = await peers.call(target, "POST", "/admin/kick", body={"node": target, "id": body["id"]})
             if not answer["ok"]:
                 raise HttpError(answer.get("status", 502), f"{target}: {answer['error']}")
             return dict(answer["body"])
