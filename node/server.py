@@ -53,7 +53,7 @@ from raft import outbox
 from raft.bridge import RaftNode
 from raft.machine import RaftSettings
 from raft.secret import local_secret
-from storage.store import Store
+from storage.store import Store, Txn
 
 log = logging.getLogger("imnode.node")
 
@@ -548,6 +548,25 @@ class Node:
                 ]
 
         m.gauge("imnode_webhook_backlog", "Webhook events waiting in the replicated outbox", webhook_backlog)
+
+        def webhook_deadletters(read: Callable[[Txn, str], int]) -> Callable[[], list[Sample]]:
+            def samples() -> list[Sample]:
+                with node.store.read() as txn:
+                    return [({"stream": s}, float(read(txn, s))) for s in outbox.STREAMS]
+
+            return samples
+
+        m.gauge(
+            "imnode_webhook_deadletters",
+            "Webhook dead letters kept (replicated; at most webhook.deadletters_max per stream)",
+            webhook_deadletters(outbox.deadletter_count),
+        )
+        m.gauge(
+            "imnode_webhook_deadletters_dropped_total",
+            "Webhook dead letters dropped, oldest first, to keep a stream within webhook.deadletters_max",
+            webhook_deadletters(outbox.deadletters_dropped),
+            kind="counter",
+        )
         m.gauge("imnode_handler_calls_total", "Handler calls", handler_series("calls"), kind="counter")
         m.gauge(
             "imnode_handler_errors_total",

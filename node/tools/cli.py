@@ -599,6 +599,10 @@ def cmd_admin_deadletters(args: argparse.Namespace) -> int:
     letters = report["deadletters"]
     pending = ", ".join(f"{stream} {count}" for stream, count in report["pending"].items())
     print(f"{len(letters)} dead letters (webhook events not yet delivered: {pending})")
+    dropped = report.get("dropped", {})  # absent from a node of an older version
+    if any(dropped.values()):
+        counts = ", ".join(f"{stream} {count}" for stream, count in dropped.items())
+        print(f"dropped, oldest first, over the cap of {report['deadletters_max']} per stream: {counts}")
     for letter in letters:
         print(
             f"  {letter['event']:18} #{letter['seq']:<8} attempts {letter['attempts']:<3} {letter['error']}"
