@@ -369,18 +369,16 @@ def cmd_cluster_remove(args: argparse.Namespace) -> int:
         raise op.OperatorError(f"{node_id} is not a member ({', '.join(current)})")
     if len(current) <= 1:
         raise op.OperatorError("cannot remove the last member")
+    if args.to is not None:
+        config.node(args.to)
+        if args.to == node_id or args.to not in current:
+            raise op.OperatorError(f"--to {args.to}: name another current member ({', '.join(current)})")
     if node_id == leader:
         op.say(f"{node_id} leads: handing leadership over first")
-        op.request(config, leader, "POST", "/admin/transfer", {})
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            status = op.cluster_status(config)
-            if status["leader"] not in (None, node_id):
-                leader = status["leader"]
-                break
-            time.sleep(0.2)
-        else:
-            raise op.OperatorError("leadership did not move within 15s; nothing was removed")
+        try:
+            leader = op.hand_over_leadership(config, leader, prefer=args.to)
+        except op.OperatorError as exc:
+            raise op.OperatorError(f"{exc}; nothing was removed") from None
         op.say(f"new leader: {leader}")
     op.request(config, leader, "POST", "/admin/members", {"action": "remove", "node": node_id}, timeout_s=30)
     op.say(f"{node_id} removed from the cluster")
@@ -697,6 +695,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     remove.add_argument("--config", required=True, help=config_help)
     remove.add_argument("--node", required=True, help="the member to remove")
+    remove.add_argument(
+        "--to",
+        help="when the member leads: hand leadership to this member first (default: the connected "
+        "followers in turn, by name)",
+    )
     remove.set_defaults(func=cmd_cluster_remove)
 
     bench_parser = commands.add_parser(
