@@ -93,6 +93,8 @@ class WebhookSettings:
     # object per POST, WuKongIM's shape (what its receivers parse). Either way one Raft commit per batch.
     offline_array: bool = False
     outbox_max: int = 100_000
+    # Dead letters kept per stream (replicated, like outbox_max); past it the oldest are dropped and counted.
+    deadletters_max: int = 10_000
     # PEM file of the CA (or CAs) an https:// receiver's certificate must chain to, instead of the system's
     # trust store: for receivers with a certificate from a private CA. Absolute once loaded.
     ca_file: str = ""
@@ -561,7 +563,15 @@ def _webhook(source: str, raw: Any, base_dir: str) -> WebhookSettings:
         if not url.startswith("https://"):
             raise ConfigError(f"{source}: webhook.ca_file: only checks an https:// url, got {url!r}")
         values["ca_file"] = _path(base_dir, values["ca_file"])
-    for key in ("attempts", "batch_max", "outbox_max", "backoff_initial_s", "backoff_max_s", "timeout_s"):
+    for key in (
+        "attempts",
+        "batch_max",
+        "outbox_max",
+        "deadletters_max",
+        "backoff_initial_s",
+        "backoff_max_s",
+        "timeout_s",
+    ):
         if key in values and values[key] <= 0:
             raise ConfigError(f"{source}: webhook.{key}: must be positive")
     return WebhookSettings(**values)

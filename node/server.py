@@ -20,7 +20,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as serve_http
 
-from node import memory, plugins, tls
+from node import datadir, memory, plugins, tls
 from node.api import admin as admin_api
 from node.api import channels as channels_api
 from node.api import commands as commands_api
@@ -56,7 +56,7 @@ from raft import outbox
 from raft.bridge import RaftNode
 from raft.machine import RaftSettings
 from raft.secret import SecretError, local_secret, read_secret_file
-from storage.store import Store
+from storage.store import Store, Txn
 
 log = logging.getLogger("imnode.node")
 
@@ -96,6 +96,8 @@ class Node:
         # First: a bad certificate stops the start before anything opens (ConfigError names the key).
         self.tls_context = tls.server_context(config)
         tuning = config.tuning
+        # Before anything is opened in it: refuses a data dir others can write, tightens one they can read.
+        datadir.secure(self.spec.data_dir)
         self.store = Store(os.path.join(self.spec.data_dir, "store"), map_size=tuning.store_map_bytes)
         # The cluster secret: it authenticates Raft traffic and every node-to-node call. Never empty.
         self.cluster_secret = cluster_secret(config, self.spec)
@@ -596,6 +598,25 @@ class Node:
                 ]
 
         m.gauge("imnode_webhook_backlog", "Webhook events waiting in the replicated outbox", webhook_backlog)
+
+        def webhook_deadletters(read: Callable[[Txn, str], int]) -> Callable[[], list[Sample]]:
+            def samples() -> list[Sample]:
+                with node.store.read() as txn:
+                    return [({"stream": s}, float(read(txn, s))) for s in outbox.STREAMS]
+
+            return samples
+
+        m.gauge(
+            "imnode_webhook_deadletters",
+            "Webhook dead letters kept (replicated; at most webhook.deadletters_max per stream)",
+            webhook_deadletters(outbox.deadletter_count),
+        )
+        m.gauge(
+            "imnode_webhook_deadletters_dropped_total",
+            "Webhook dead letters dropped, oldest first, to keep a stream within webhook.deadletters_max",
+            webhook_deadletters(outbox.deadletters_dropped),
+            kind="counter",
+        )
         m.gauge("imnode_handler_calls_total", "Handler calls", handler_series("calls"), kind="counter")
         m.gauge(
             "imnode_handler_errors_total",

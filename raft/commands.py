@@ -288,8 +288,9 @@ def check_op(op: Any, *, uid_rule: bool = True) -> Op:
         events = op.get("events")
         if not isinstance(events, list) or any(e not in WEBHOOK_EVENTS for e in events):
             raise BadCommand(f"events must be a list of {', '.join(WEBHOOK_EVENTS)}")
-        if "outbox_max" in op:
-            _int(op, "outbox_max", 1, 1 << 40)
+        for cap in ("outbox_max", "deadletters_max"):
+            if cap in op:
+                _int(op, cap, 1, 1 << 40)
     elif kind in (OP_WEBHOOK_ADVANCE, OP_WEBHOOK_DEADLETTER):
         if op.get("stream") not in WEBHOOK_STREAMS:
             raise BadCommand(f"stream must be one of {', '.join(WEBHOOK_STREAMS)}")
@@ -488,8 +489,12 @@ def handler_state_op(name: str, enabled: bool) -> Op:
     return check_op({"t": OP_HANDLER_STATE, "name": name, "enabled": enabled})
 
 
-def webhook_config_op(url: str, events: list[str], outbox_max: int) -> Op:
-    return check_op({"t": OP_WEBHOOK_CONFIG, "url": url, "events": events, "outbox_max": outbox_max})
+def webhook_config_op(url: str, events: list[str], outbox_max: int, deadletters_max: int | None = None) -> Op:
+    """`deadletters_max`: dead letters kept per stream (None: apply's default)."""
+    op = {"t": OP_WEBHOOK_CONFIG, "url": url, "events": events, "outbox_max": outbox_max}
+    if deadletters_max is not None:
+        op["deadletters_max"] = deadletters_max
+    return check_op(op)
 
 
 def webhook_advance_op(stream: str, start: int, end: int) -> Op:

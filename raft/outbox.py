@@ -7,6 +7,10 @@ leader reads from the stream's cursor, posts, and proposes `advance(stream, from
 so a deposed leader's late advance changes nothing. After the configured attempts it proposes
 `deadletter(stream, from, to, error)`, which moves the events to the dead-letter list (also replicated).
 The outbox is capped: an event pushed past the cap goes to the dead letters instead of growing the store.
+The dead letters are capped too, per stream (`deadletters_max` of the replicated settings): past it the
+oldest of the stream are dropped and counted (`deadletters_dropped:<stream>`), so a receiver that never
+answers cannot grow the store either. Apply keeps the count (`deadletters_count:<stream>`) so the cap costs
+no scan; a store written before it was kept is counted once, the same rows on every node.
 
 Events hold references, not copies: a message event is (channel key, seq); the leader builds the JSON
 when it sends. A msg.offline event also holds the entry's Raft index, so the leader's `to_uids` are the
@@ -25,6 +29,7 @@ from storage.store import Txn
 # Each stream's code is the first byte of its stored keys: streams may be added, never reordered.
 STREAMS = {stream: code for code, stream in enumerate(c.WEBHOOK_STREAMS, start=1)}
 DEFAULT_OUTBOX_MAX = 100_000
+DEFAULT_DEADLETTERS_MAX = 10_000
 _KEY = struct.Struct(">BQ")
 
 
@@ -65,16 +70,45 @@ def append(view: EntryView, stream: str, event: dict[str, Any]) -> None:
         _move_to_deadletters(view, stream, done, done + 1, "outbox full", 0)
 
 
+def deadletter_count(view: EntryView | Txn, stream: str) -> int:
+    """How many dead letters the stream holds now."""
+    counted = view.meta(f"deadletters_count:{stream}")
+    if counted is None:  # a store written before the count was kept
+        txn = view.txn if isinstance(view, EntryView) else view
+        return len(txn.scan("deadletters", bytes((STREAMS[stream],))))
+    return int(counted)
+
+
+def deadletters_dropped(view: EntryView | Txn, stream: str) -> int:
+    """How many of the stream's dead letters the cap dropped, oldest first, since the store began."""
+    return int(view.meta(f"deadletters_dropped:{stream}") or 0)
+
+
+def _keep_deadletters_capped(view: EntryView, stream: str, count: int) -> None:
+    """Record `count` (the stream's dead letters now), first dropping the oldest beyond the cap."""
+    limit = int((config(view) or {}).get("deadletters_max", DEFAULT_DEADLETTERS_MAX))
+    if count > limit:
+        oldest = view.txn.scan("deadletters", bytes((STREAMS[stream],)), limit=count - limit)
+        for raw, _value in oldest:
+            view.txn.delete("deadletters", raw)
+        count -= len(oldest)
+        view.set_meta(f"deadletters_dropped:{stream}", deadletters_dropped(view, stream) + len(oldest))
+    view.set_meta(f"deadletters_count:{stream}", count)
+
+
 def _move_to_deadletters(
     view: EntryView, stream: str, start: int, end: int, error: str, attempts: int
 ) -> None:
     txn = view.txn
+    count = deadletter_count(view, stream)
     for seq in range(start + 1, end + 1):
         event = txn.get("outbox", key(stream, seq))
         if event is not None:
             txn.put("deadletters", key(stream, seq), {"event": event, "error": error, "attempts": attempts})
             txn.delete("outbox", key(stream, seq))
+            count += 1
     view.set_meta(f"outbox_cursor:{stream}", end)
+    _keep_deadletters_capped(view, stream, count)
 
 
 def apply_webhook_config(view: EntryView, op: dict[str, Any]) -> Result:
@@ -84,8 +118,11 @@ def apply_webhook_config(view: EntryView, op: dict[str, Any]) -> Result:
             "url": op["url"],
             "events": list(op["events"]),
             "outbox_max": op.get("outbox_max", DEFAULT_OUTBOX_MAX),
+            "deadletters_max": op.get("deadletters_max", DEFAULT_DEADLETTERS_MAX),
         },
     )
+    for stream in STREAMS:  # a lowered cap holds from this entry on, not from the next dead letter
+        _keep_deadletters_capped(view, stream, deadletter_count(view, stream))
     return {"r": c.R_SUCCESS}
 
 
@@ -115,8 +152,11 @@ def apply_webhook_deadletter(view: EntryView, op: dict[str, Any]) -> Result:
 
 
 def apply_deadletter_remove(view: EntryView, op: dict[str, Any]) -> Result:
+    count = deadletter_count(view, op["stream"])
     for seq in op["seqs"]:
-        view.txn.delete("deadletters", key(op["stream"], seq))
+        if view.txn.delete("deadletters", key(op["stream"], seq)):
+            count -= 1
+    view.set_meta(f"deadletters_count:{op['stream']}", count)
     return {"r": c.R_SUCCESS}
 
 

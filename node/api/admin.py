@@ -88,6 +88,9 @@ def routes(
         with store.read() as txn:
             letters = outbox.deadletters(txn)
             pending = {s: outbox.head(txn, s) - outbox.cursor(txn, s) for s in outbox.STREAMS}
+            kept = {s: outbox.deadletter_count(txn, s) for s in outbox.STREAMS}
+            dropped = {s: outbox.deadletters_dropped(txn, s) for s in outbox.STREAMS}
+            hook = outbox.config(txn) or {}
         return {
             "deadletters": [
                 {
@@ -100,6 +103,11 @@ def routes(
                 for stream, seq, value in letters
             ],
             "pending": pending,
+            # Per stream: how many are kept (the list above shows up to 10,000), and how many the cap
+            # (`webhook.deadletters_max`, per stream) dropped, oldest first.
+            "kept": kept,
+            "dropped": dropped,
+            "deadletters_max": hook.get("deadletters_max", outbox.DEFAULT_DEADLETTERS_MAX),
             "delivery": webhooks.statistics(),
         }
 

@@ -222,8 +222,11 @@ class Webhooks:
         a url is replicated, so switching off stops new events; those already pending stay in the outbox
         (posted if a webhook is switched on again).
         """
-        op = webhook_config_op(self.settings.url, list(self.settings.events), self.settings.outbox_max)
-        wanted = {key: op[key] for key in ("url", "events", "outbox_max")}
+        settings = self.settings
+        op = webhook_config_op(
+            settings.url, list(settings.events), settings.outbox_max, settings.deadletters_max
+        )
+        wanted = {key: op[key] for key in ("url", "events", "outbox_max", "deadletters_max")}
         while self._is_leader():
             with self._store.read() as txn:
                 current = outbox.config(txn)

@@ -31,6 +31,7 @@ from raft.commands import (
     CHANNEL_PERSON,
     CHANNEL_TEMP,
     HF_ALL,
+    MAX_UID_BYTES,
     SUPPORTED_CHANNEL_TYPES,
     BadCommand,
     Op,
@@ -122,8 +123,10 @@ def open_send(
     if not channel_id or not client_msg_no:
         return Reason.CHANNEL_ID_ERROR
     if channel_type == CHANNEL_PERSON:
-        if channel_id == sender or not valid_uid(channel_id):
-            return Reason.CHANNEL_ID_ERROR  # no channel with oneself (WuKongIM), nor with a uid none can have
+        if channel_id == sender or not valid_uid(channel_id) or len(channel_id.encode()) > MAX_UID_BYTES:
+            # No channel with oneself (WuKongIM), nor with a uid none can have: with `@`, or longer than a
+            # uid (the wire allows 128 bytes, a group id's). The sender's mistake, so not SYSTEM_ERROR.
+            return Reason.CHANNEL_ID_ERROR
         stored, peer = person_channel_id(sender, channel_id), channel_id
     else:
         stored, peer = channel_id, ""

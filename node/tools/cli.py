@@ -114,13 +114,20 @@ def cmd_node_start(args: argparse.Namespace) -> int:
     _check_ports_free(config, node_id)
     import trio  # here, not at the top: the other commands never pay for the server's imports
 
+    from node import datadir
     from node.plugins import PluginError
     from node.server import Node
 
+    # This process is the node: everything it creates (store, journal, secret) is its owner's alone,
+    # whatever umask it was started with.
+    os.umask(datadir.PRIVATE_UMASK)
     try:
         node = Node(config, node_id)
     except PluginError as exc:
         print(f"imnode {node_id}: plugin error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except datadir.DataDirError as exc:
+        print(f"imnode {node_id}: data dir refused: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     trio.run(_serve_until_signal, node)
     return 0
@@ -391,18 +398,16 @@ def cmd_cluster_remove(args: argparse.Namespace) -> int:
         raise op.OperatorError(f"{node_id} is not a member ({', '.join(current)})")
     if len(current) <= 1:
         raise op.OperatorError("cannot remove the last member")
+    if args.to is not None:
+        config.node(args.to)
+        if args.to == node_id or args.to not in current:
+            raise op.OperatorError(f"--to {args.to}: name another current member ({', '.join(current)})")
     if node_id == leader:
         op.say(f"{node_id} leads: handing leadership over first")
-        op.request(config, leader, "POST", "/admin/transfer", {})
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            status = op.cluster_status(config)
-            if status["leader"] not in (None, node_id):
-                leader = status["leader"]
-                break
-            time.sleep(0.2)
-        else:
-            raise op.OperatorError("leadership did not move within 15s; nothing was removed")
+        try:
+            leader = op.hand_over_leadership(config, leader, prefer=args.to)
+        except op.OperatorError as exc:
+            raise op.OperatorError(f"{exc}; nothing was removed") from None
         op.say(f"new leader: {leader}")
     op.request(config, leader, "POST", "/admin/members", {"action": "remove", "node": node_id}, timeout_s=30)
     op.say(f"{node_id} removed from the cluster")
@@ -621,6 +626,10 @@ def cmd_admin_deadletters(args: argparse.Namespace) -> int:
     letters = report["deadletters"]
     pending = ", ".join(f"{stream} {count}" for stream, count in report["pending"].items())
     print(f"{len(letters)} dead letters (webhook events not yet delivered: {pending})")
+    dropped = report.get("dropped", {})  # absent from a node of an older version
+    if any(dropped.values()):
+        counts = ", ".join(f"{stream} {count}" for stream, count in dropped.items())
+        print(f"dropped, oldest first, over the cap of {report['deadletters_max']} per stream: {counts}")
     for letter in letters:
         print(
             f"  {letter['event']:18} #{letter['seq']:<8} attempts {letter['attempts']:<3} {letter['error']}"
@@ -715,6 +724,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     remove.add_argument("--config", required=True, help=config_help)
     remove.add_argument("--node", required=True, help="the member to remove")
+    remove.add_argument(
+        "--to",
+        help="when the member leads: hand leadership to this member first (default: the connected "
+        "followers in turn, by name)",
+    )
     remove.set_defaults(func=cmd_cluster_remove)
 
     secret = cluster_commands.add_parser(

@@ -19,10 +19,15 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-from node import tls
+from node import datadir, tls
 from node.config import Config
 
 STATUS_TIMEOUT_S = 2.0
+# Handing leadership over (`cluster remove` of the leader): each attempt asks the leader to hand over to one
+# follower, then waits this long for another member to lead; all attempts together, at most the total.
+TRANSFER_ATTEMPT_S = 5.0
+TRANSFER_TOTAL_S = 30.0
+POLL_S = 0.2
 PID_FILE = "node.pid"
 LOG_FILE = "node.log"
 NOT_A_MEMBER = "not a member"
@@ -137,6 +142,81 @@ def members(config: Config) -> tuple[str, list[str]]:
     raise OperatorError("the leader's status is missing")
 
 
+def hand_over_leadership(
+    config: Config,
+    leader: str,
+    *,
+    prefer: str | None = None,
+    attempt_s: float = TRANSFER_ATTEMPT_S,
+    timeout_s: float = TRANSFER_TOTAL_S,
+) -> str:
+    """Ask `leader` to hand over until another member leads; that member's id.
+
+    One transfer request gives no guarantee (PySyncObj's Raft TimeoutNow): the leader refuses a target that
+    is not fully caught up, which a busy leader's followers often are not for a moment, and a target that
+    is slow or gone may never call its election. So each attempt names one follower (`prefer` first, then
+    those the leader sees connected, by name, in turn) and waits up to `attempt_s` for a new leader; a
+    refusal is tried again after a short pause. The error says what was tried and what it waited for.
+    """
+    deadline = time.monotonic() + timeout_s
+    tried: list[str] = []
+    turn = 0
+    while time.monotonic() < deadline:
+        status = node_status(config, leader)
+        if status is None or status.get("role") != "leader":
+            moved = _new_leader(config, leader, status)
+            if moved is not None:
+                return moved
+            time.sleep(POLL_S)  # stepping down, or an election under way: look again
+            continue
+        followers = sorted(
+            (m for m in status["members"] if m != leader),
+            key=lambda m: (not status["connected"].get(m, False), m != prefer, m),
+        )
+        if not followers:
+            raise OperatorError(f"{leader} is the only member: there is nobody to hand leadership to")
+        target = followers[turn % len(followers)]
+        turn += 1
+        try:
+            request(config, leader, "POST", "/admin/transfer", {"node": target}, timeout_s=STATUS_TIMEOUT_S)
+        except OperatorError as exc:
+            refusal = f"to {target}: refused ({exc})"
+            if refusal not in tried:  # a busy leader refuses many in a row: say each reason once
+                say(f"transfer {refusal}; trying again")
+            tried.append(refusal)
+            time.sleep(POLL_S)
+            continue
+        moved = _wait_new_leader(config, leader, min(attempt_s, max(0.0, deadline - time.monotonic())))
+        if moved is not None:
+            return moved
+        tried.append(f"to {target}: no other leader within {attempt_s:.0f}s")
+        say(f"transfer {tried[-1]}; trying again")
+    shown = "; ".join(tried[-4:]) + (f" (and {len(tried) - 4} earlier)" if len(tried) > 4 else "")
+    raise OperatorError(
+        f"leadership did not move from {leader} within {timeout_s:.0f}s: waited for another member to be "
+        f"elected after each of {len(tried)} transfer requests ({shown or 'none was made'})"
+    )
+
+
+def _new_leader(config: Config, old: str, status: dict[str, Any] | None) -> str | None:
+    """The leader other than `old`, as `old` reports it, or as the cluster does when `old` does not answer."""
+    found = status.get("leader") if status is not None else cluster_status(config)["leader"]
+    return None if found in (None, old) else str(found)
+
+
+def _wait_new_leader(config: Config, old: str, timeout_s: float) -> str | None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = node_status(config, old)
+        if status is None or status.get("role") != "leader":
+            moved = _new_leader(config, old, status)
+            if moved is not None:
+                return moved
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(POLL_S)
+
+
 # -- processes -------------------------------------------------------------------------------------------
 @dataclass
 class NodeProcess:
@@ -158,7 +238,6 @@ def spawn(
     spec = config.node(node_id)
     # The node would stop on a bad certificate with this same error, in its log: say it here instead.
     tls.server_context(config)
-    os.makedirs(spec.data_dir, exist_ok=True)
     log_path = os.path.join(spec.data_dir, LOG_FILE)
     command = [
         sys.executable,
@@ -175,16 +254,23 @@ def spawn(
         command += ["--partners", ",".join(partners)]
     if log_level is not None:
         command += ["--log-level", log_level]
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=detach,  # a joined node outlives the `cluster join` command
-        )
-    with open(os.path.join(spec.data_dir, PID_FILE), "w") as pid_file:
-        pid_file.write(str(proc.pid))
+    # The data dir, its log and pid file are private like what the node creates in it (node/datadir.py),
+    # whatever umask this command runs with. The node starts with its own umask.
+    umask = os.umask(datadir.PRIVATE_UMASK)
+    try:
+        os.makedirs(spec.data_dir, mode=datadir.DIR_MODE, exist_ok=True)
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=detach,  # a joined node outlives the `cluster join` command
+            )
+        with open(os.path.join(spec.data_dir, PID_FILE), "w") as pid_file:
+            pid_file.write(str(proc.pid))
+    finally:
+        os.umask(umask)
     return NodeProcess(node_id, proc, log_path)
 
 

@@ -12,6 +12,7 @@ import trio
 
 from node.client import open_client
 from node.wire.protocol import Reason
+from tests.api.test_http_api import http_text
 from tests.cluster_harness import MANAGER_TOKEN, Cluster, write_cluster_toml
 from tests.conftest import free_port, http_json
 
@@ -229,6 +230,58 @@ async def test_undeliverable_events_become_dead_letters_and_replay_delivers_them
             assert sorted(m["message_id"] for m in receiver.notified()) == sorted(a.message_id for a in acks)
             assert await trio.to_thread.run_sync(dead) == []
             nursery.cancel_scope.cancel()
+    finally:
+        await trio.to_thread.run_sync(cluster.stop_all)
+
+
+async def test_dead_letters_stay_within_their_cap_on_every_node_and_the_dropped_are_counted(
+    tmp_path: Path,
+) -> None:
+    # Issue 19 item 6: anonymous login/close cycles against a receiver that never answers grew the
+    # replicated dead letters without limit (6,000 after 3,000 cycles). Capped per stream in apply.
+    receiver = Receiver()  # never started: nothing listens on its port
+    cap, cycles = 20, 40
+    config = write_cluster_toml(tmp_path / "cluster.toml", nodes=3, initial=3)
+    settings = {"attempts": 1, "backoff_initial_s": 0.05, "batch_max": 7, "events": ["user.onlinestatus"]}
+    append(config, webhook_toml(receiver, deadletters_max=cap, **settings))
+    cluster = Cluster(config)
+    try:
+        leader = await trio.to_thread.run_sync(cluster.start_all)
+        for i in range(cycles):
+            async with open_client(*cluster.tcp(f"n{i % 3 + 1}"), f"anon{i}"):
+                pass
+
+        async def report(node_id: str) -> dict[str, Any]:
+            status, body = await http_json(
+                cluster.http(node_id), "GET", "/admin/deadletters", headers={"token": MANAGER_TOKEN}
+            )
+            assert status == 200, body
+            return dict(body)
+
+        # Every login and every close is one user.onlinestatus event; all of them end as dead letters.
+        with trio.fail_after(60):
+            while (r := await report(leader))["kept"]["online"] + r["dropped"]["online"] < 2 * cycles:  # noqa: ASYNC110
+                await trio.sleep(0.1)
+        assert r["pending"]["online"] == 0 and r["deadletters_max"] == cap
+        assert (r["kept"]["online"], r["dropped"]["online"]) == (cap, 2 * cycles - cap)
+        # The newest are kept, the oldest dropped; every node holds the same list and counts.
+        seqs = [d["seq"] for d in r["deadletters"]]
+        assert seqs == list(range(2 * cycles - cap + 1, 2 * cycles + 1))
+        for node_id in ("n1", "n2", "n3"):
+            with trio.fail_after(15):
+                while (other := await report(node_id))["dropped"] != r["dropped"]:  # noqa: ASYNC110
+                    await trio.sleep(0.1)
+            assert [d["seq"] for d in other["deadletters"]] == seqs and other["kept"] == r["kept"]
+
+        _, _, text = await http_text(cluster.http(leader), "GET", "/metrics", {"token": MANAGER_TOKEN})
+        assert f'imnode_webhook_deadletters{{stream="online"}} {cap}' in text, text[-2000:]
+        assert f'imnode_webhook_deadletters_dropped_total{{stream="online"}} {2 * cycles - cap}' in text
+        listing = await trio.to_thread.run_sync(lambda: cluster.cli("admin", "deadletters"))
+        assert f"{cap} dead letters" in listing.stdout
+        assert (
+            f"over the cap of {cap} per stream: notify 0, offline 0, online {2 * cycles - cap}"
+            in listing.stdout
+        )
     finally:
         await trio.to_thread.run_sync(cluster.stop_all)
 

@@ -256,6 +256,9 @@ def test_dead_letters_are_listed_and_replayed(cluster: Cluster, page: Any) -> No
     # Every committed message became a msg.notify event the unreachable webhook refused once.
     page.locator("#dl-refresh").click()
     expect(page.locator("#dl-table tbody tr").first).to_contain_text("msg.notify", timeout=30_000)
+    expect(page.locator("#dl-dropped")).to_contain_text(
+        "0 dropped (oldest first; at most 10000 kept per stream)"
+    )
     page.locator("#replay").click()
     expect(page.locator("#dl-message")).to_contain_text("Replayed on n", timeout=60_000)
     expect(page.locator("#dl-message")).to_contain_text("0 delivered")

@@ -304,6 +304,35 @@ async def test_a_uid_with_at_cannot_write_into_another_pairs_person_conversation
             assert txn.channel(channel_key(person_channel_id("eve", "bob"), 1)) is not None
 
 
+async def test_a_send_to_a_person_uid_longer_than_a_uid_is_a_channel_id_error_not_a_system_error(
+    tmp_path: Path,
+) -> None:
+    # The wire takes channel ids of up to 128 bytes (a group's), but a uid is at most 64: a person channel
+    # named by a longer one cannot exist. The sender's mistake, so reason 16, not 15 ("retry later").
+    longest, too_long = "u" * 64, "u" * 128
+    async with running_node(single_node_config(tmp_path / "n1")) as node:
+        async with open_client(*node.tcp, "alice") as alice, open_client(*node.tcp, longest) as receiver:
+            for uid in (too_long, "u" * 65, "é" * 33):  # bytes count, not characters
+                assert (await alice.send(uid, 1, b"hi")).reason_code == Reason.CHANNEL_ID_ERROR, uid
+            assert (await alice.send(longest, 1, b"hi")).reason_code == Reason.SUCCESS
+            assert (await receiver.recv()).payload == b"hi"  # and the node goes on serving
+        payload = base64.b64encode(b"hi").decode()
+        status, answer = await http_json(
+            node.http,
+            "POST",
+            "/message/send",
+            {"from_uid": "alice", "channel_id": too_long, "channel_type": 1, "payload": payload},
+        )
+        assert status == 400 and "channel_id_error (reason 16)" in answer["msg"], answer
+        status, answer = await http_json(
+            node.http,
+            "POST",
+            "/message/sendbatch",
+            {"from_uid": "alice", "subscribers": [too_long, longest], "payload": payload},
+        )
+        assert status == 400 and "subscribers" in answer["msg"], answer  # refused whole at the edge
+
+
 async def test_a_connect_is_never_refused_for_its_timestamp(tmp_path: Path) -> None:
     i64_min, i64_max = -(1 << 63), (1 << 63) - 1
     async with running_node(single_node_config(tmp_path / "n1")) as node:

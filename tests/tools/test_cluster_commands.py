@@ -313,3 +313,52 @@ def test_cluster_up_on_the_example_makes_one_private_secret_that_every_node_uses
     os.chmod(secret, 0o644)
     refused = imnode(config, "cluster", "up", timeout_s=60)
     assert refused.returncode == cli.EXIT_CONFIG and "readable by others" in refused.stderr
+
+
+def test_cluster_remove_of_the_leader_tries_another_follower_when_the_first_does_not_take_over(
+    tmp_path: Path,
+) -> None:
+    # Issue 19 item 10: one transfer request, then 15 s of waiting, failed one try in three on a busy
+    # machine. A follower that never calls its election (stopped here; on a busy machine, slow) must cost
+    # one attempt, not the removal.
+    cluster = Cluster(write_cluster_toml(tmp_path / "cluster.toml", nodes=4, initial=4))
+    stopped: str | None = None
+    try:
+        leader = cluster.start_all()
+        for node_id in cluster.config.nodes:
+            cluster.wait_caught_up(node_id)
+        stopped = sorted(n for n in cluster.config.nodes if n != leader)[0]
+        cluster.procs[stopped].send_signal(signal.SIGSTOP)
+        removed = cluster.cli("cluster", "remove", "--node", leader, "--to", stopped)
+        output = removed.stdout + removed.stderr
+        assert removed.returncode == 0, output
+        assert f"transfer to {stopped}: " in output and "trying again" in output, output
+        new_leader = re.search(r"new leader: (n\d)", output)
+        assert new_leader is not None and new_leader[1] not in (leader, stopped), output
+        status = op.node_status(cluster.config, new_leader[1])
+        assert status is not None and leader not in status["members"] and len(status["members"]) == 3
+    finally:
+        if stopped is not None:
+            cluster.procs[stopped].send_signal(signal.SIGCONT)
+        cluster.stop_all()
+
+
+def test_hand_over_leadership_says_what_it_waited_for_when_nobody_takes_over(tmp_path: Path) -> None:
+    cluster = Cluster(write_cluster_toml(tmp_path / "cluster.toml", nodes=2, initial=2))
+    stopped: str | None = None
+    try:
+        leader = cluster.start_all()
+        stopped = next(n for n in cluster.config.nodes if n != leader)
+        cluster.wait_caught_up(stopped)
+        cluster.procs[stopped].send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(op.OperatorError) as failed:
+            op.hand_over_leadership(cluster.config, leader, attempt_s=1.0, timeout_s=3.0)
+        assert time.monotonic() - started < 3.0 + 2 * op.STATUS_TIMEOUT_S + 1.0  # bounded
+        message = str(failed.value)
+        assert message.startswith(f"leadership did not move from {leader} within 3s: waited for another")
+        assert f"to {stopped}: " in message, message
+    finally:
+        if stopped is not None:
+            cluster.procs[stopped].send_signal(signal.SIGCONT)
+        cluster.stop_all()

@@ -458,6 +458,8 @@ async function refreshDeadLetters() {
     const letters = first ? first.body.deadletters : [];
     $('#dl-table tbody').replaceChildren(...letters.map((d) => el('tr', {}, el('td', {}, d.stream), el('td', {}, d.event), el('td', {}, d.seq),
       el('td', {}, d.attempts), el('td', {}, d.error))));
+    const dropped = first ? Object.values(first.body.dropped || {}).reduce((a, b) => a + b, 0) : 0;
+    $('#dl-dropped').textContent = first ? `${dropped} dropped (oldest first; at most ${first.body.deadletters_max} kept per stream).` : '';
     if (!$('#dl-message').dataset.sticky) say('#dl-message', letters.length ? `${letters.length} dead letters.` : 'No dead letters.');
     delete $('#dl-message').dataset.sticky;
     $('#dl-pools').replaceChildren(el('tr', {}, el('th', {}, 'node'), el('th', {}, 'user'), el('th', {}, 'channel'), el('th', {}, 'pusher')),
