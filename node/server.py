@@ -127,6 +127,8 @@ class Node:
             commit_timeout_s=tuning.commit_timeout_s,
             max_in_flight=tuning.proposals_in_flight,
         )
+        # Followers' batches reach the leader's proposer as member messages (one proposal stream).
+        self.raft.on_member_message = self.proposer.on_member_message
         self.registry = Registry()
         numeric_id = self.spec.numeric_id
         self.membership = Membership(self.raft, config.nodes, self.spec.id)

@@ -20,6 +20,7 @@ To the node this module offers a narrow interface: `await propose(entry)` for a 
 from __future__ import annotations
 
 import collections
+import heapq
 import itertools
 import logging
 import threading
@@ -78,6 +79,7 @@ class _Waiter:
     error: int = SUCCESS
     called_back: float = 0.0
     apply_started: float = 0.0
+    index: int = 0  # the Raft index of the applied entry
 
 
 @dataclass
@@ -119,8 +121,8 @@ class RaftNode:
         self._machine: Machine | None = None
         self._inbox: collections.deque[tuple[Any, ...]] = collections.deque()
         self._inbox_lock = threading.Lock()
-        # (token, result, error, called_back, apply_started) per finished proposal, in callback order.
-        self._results: collections.deque[tuple[int, Any, int, float, float]] = collections.deque()
+        # (token, result, error, called_back, apply_started, index) per finished proposal, in callback order.
+        self._results: collections.deque[tuple[int, Any, int, float, float, int]] = collections.deque()
         self._token: trio.lowlevel.TrioToken | None = None
         self._wakeup = trio.Event()
         self._waiters: dict[int, _Waiter] = {}
@@ -131,13 +133,25 @@ class RaftNode:
         self.failed: collections.Counter[str] = collections.Counter()
         # Called on the trio thread, in log order, after a snapshot replaced the store.
         self.on_snapshot_installed: Callable[[], None] = lambda: None
+        # Called on the trio thread with (sender's Raft address, body) for each member message (must not
+        # block or raise: it runs in the pump that also carries committed entries).
+        self.on_member_message: Callable[[str, Any], None] = lambda address, body: None
+        # The highest index handed to the committed stream (or installed by a snapshot), and who waits for
+        # one: a follower's forwarded proposal completes only once this node has applied it too.
+        self.applied_through = store.applied_index()
+        self._applied_waiters: list[tuple[int, int, trio.Event]] = []
+        self._applied_waiter_ids = itertools.count()
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Start the machine (journal replay begins at once) and pump the crossing until cancelled."""
         self._token = trio.lowlevel.current_trio_token()
         self._machine = Machine(
-            self.settings, self.store, self._on_commit, lambda: self._post(("installed",))
+            self.settings,
+            self.store,
+            self._on_commit,
+            lambda: self._post(("installed",)),
+            on_member_message=lambda address, body: self._post(("member", address, body)),
         )
         task_status.started()
         try:
@@ -152,8 +166,15 @@ class RaftNode:
                         item = self._inbox.popleft()
                     if item[0] == "installed":
                         self.on_snapshot_installed()
+                        self._note_applied(self.store.applied_index())
+                    elif item[0] == "member":
+                        try:
+                            self.on_member_message(item[1], item[2])
+                        except Exception:
+                            log.exception("a member message from %s failed", item[1])
                     else:
                         await self._committed_send.send(item[1])
+                        self._note_applied(item[1].raft_index)
                     if self._results:
                         self._resolve_results()  # any held back while the backlog was long
         finally:
@@ -189,7 +210,7 @@ class RaftNode:
     def _wake(self) -> None:
         self._wakeup.set()
 
-    def _post_result(self, item: tuple[int, Any, int, float, float]) -> None:
+    def _post_result(self, item: tuple[int, Any, int, float, float, int]) -> None:
         with self._inbox_lock:
             self._results.append(item)
         token = self._token
@@ -219,13 +240,14 @@ class RaftNode:
                 return
             items = list(self._results)
             self._results.clear()
-        for token, result, error, called_back, apply_started in items:
+        for token, result, error, called_back, apply_started, index in items:
             waiter = self._waiters.pop(token, None)
             if waiter is not None:
                 waiter.result = result
                 waiter.error = error
                 waiter.called_back = called_back
                 waiter.apply_started = apply_started
+                waiter.index = index
                 waiter.done.set()
 
     async def propose(
@@ -237,6 +259,13 @@ class RaftNode:
         is unknown (it may still commit) and a retry must be one that dedup makes safe. `timing`, when
         given, receives the stamps of a successful proposal.
         """
+        results, _index = await self.propose_at(entry, timeout_s=timeout_s, timing=timing)
+        return results
+
+    async def propose_at(
+        self, entry: bytes, *, timeout_s: float, timing: ProposeTiming | None = None
+    ) -> tuple[list[Result], int]:
+        """As `propose`, with the Raft index the entry was applied at."""
         async with self._in_flight:
 
             def execute(callback: Callable[[Any, int], None]) -> None:
@@ -244,15 +273,15 @@ class RaftNode:
                 self.machine.execute(entry, callback=callback)
 
             try:
-                result = await self._call(execute, timeout_s, timing)
+                waiter = await self._call_waiter(execute, timeout_s, timing)
             except ProposeFailed as exc:
                 if exc.reason != STOPPED:
                     self.failed[exc.reason] += 1
                 raise
-            if result is None:
+            if waiter.result is None:
                 # Only a replayed entry returns None, and nobody waits on those.
                 raise ProposeFailed("no result", definite=False)
-            return list(result)
+            return list(waiter.result), waiter.index
 
     async def _call(
         self,
@@ -262,6 +291,14 @@ class RaftNode:
     ) -> Any:
         """Run `start(callback)` on PySyncObj and wait for the callback: the one way this node waits on
         Raft (proposals and membership changes alike). Raises ProposeFailed."""
+        return (await self._call_waiter(start, timeout_s, timing)).result
+
+    async def _call_waiter(
+        self,
+        start: Callable[[Callable[[Any, int], None]], None],
+        timeout_s: float,
+        timing: ProposeTiming | None = None,
+    ) -> _Waiter:
         if self._machine is None:  # stopping: the tick thread is gone
             raise ProposeFailed(STOPPED, definite=True)
         token = next(self._tokens)
@@ -272,7 +309,9 @@ class RaftNode:
 
         def callback(result: Any, error: int) -> None:
             # On the tick thread, right after this node applied the entry (when it succeeded).
-            self._post_result((token, result, error, time.perf_counter(), machine.apply_started))
+            self._post_result(
+                (token, result, error, time.perf_counter(), machine.apply_started, machine.applying_index)
+            )
 
         try:
             if timing is not None:
@@ -289,7 +328,32 @@ class RaftNode:
         if waiter.error != SUCCESS:
             name = FAIL_NAMES.get(waiter.error, str(waiter.error))
             raise ProposeFailed(name, definite=waiter.error in DEFINITE_FAILURES)
-        return waiter.result
+        return waiter
+
+    # -- members' own messages, and waiting for this node's apply ----------------------------------------
+    def send_to_member(self, address: str, body: Any) -> None:
+        """Send `body` (CBOR-able) to the member at Raft address `address` over the authenticated Raft
+        transport; never blocks, and is dropped if that member is not connected (callers retry)."""
+        machine = self._machine
+        if machine is not None:
+            machine.send_to_member(address, body)
+
+    def _note_applied(self, index: int) -> None:
+        if index <= self.applied_through:
+            return
+        self.applied_through = index
+        while self._applied_waiters and self._applied_waiters[0][0] <= index:
+            heapq.heappop(self._applied_waiters)[2].set()
+
+    async def wait_applied(self, index: int, *, timeout_s: float) -> bool:
+        """Until this node has applied `index` (True), or `timeout_s` passed (False)."""
+        if index <= self.applied_through:
+            return True
+        event = trio.Event()
+        heapq.heappush(self._applied_waiters, (index, next(self._applied_waiter_ids), event))
+        with trio.move_on_after(timeout_s):
+            await event.wait()
+        return event.is_set()
 
     async def add_member(self, address: str, *, timeout_s: float) -> None:
         """Add a node (PySyncObj dynamic membership; one change at a time, committed through the log)."""
@@ -352,6 +416,12 @@ class RaftNode:
         """This node leads (as far as it knows: a deposed leader learns it at the next contact)."""
         machine = self._machine
         return machine is not None and bool(machine._isLeader())
+
+    def leader_address(self) -> str | None:
+        """The Raft address of the leader this node knows of (None during an election)."""
+        machine = self._machine
+        leader = machine._getLeader() if machine is not None else None
+        return None if leader is None else str(leader.address)
 
     def is_ready(self) -> bool:
         """A leader is known and this node has quorum-backed state to serve from."""

@@ -84,6 +84,7 @@ class Machine(SafeSyncObj):
         store: Store,
         on_commit: Callable[[Committed], None],
         on_install: Callable[[], None] = lambda: None,
+        on_member_message: Callable[[str, Any], None] | None = None,
     ) -> None:
         # Everything apply needs is set before super().__init__: the tick thread starts there and replays
         # the journal at once.
@@ -91,6 +92,7 @@ class Machine(SafeSyncObj):
         self._on_commit = on_commit
         self._on_install = on_install
         self.apply_started = 0.0
+        self.applying_index = 0
         os.makedirs(settings.data_dir, exist_ok=True)
         conf = SyncObjConf(
             # No PySyncObj password: its Fernet transport is replaced by raft/transport.py.
@@ -121,7 +123,13 @@ class Machine(SafeSyncObj):
             frame_cap=frame_cap_bytes(conf.appendEntriesBatchSizeBytes, conf.logCompactionBatchSize),
             handshake_timeout_s=conf.connectionTimeout,
         )
-        super().__init__(settings.self_addr, list(settings.partners), conf, transportClass=transport)
+        super().__init__(
+            settings.self_addr,
+            list(settings.partners),
+            conf,
+            transportClass=transport,
+            on_member_message=on_member_message,
+        )
 
     @replicated
     def execute(self, entry: bytes) -> list[Result] | None:
@@ -129,6 +137,7 @@ class Machine(SafeSyncObj):
         index = self.raftLastApplied + 1
         # Read by the bridge's completion callback, which PySyncObj runs on this thread right after.
         self.apply_started = time.perf_counter()
+        self.applying_index = index
         try:
             ops = decode_entry(entry)
         except BadCommand as exc:

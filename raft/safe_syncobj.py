@@ -36,11 +36,16 @@ Only name-mangled hooks of PySyncObj are overridden (`_SyncObj__...`); the rest 
 from __future__ import annotations
 
 import _socket
+import collections
 import socket
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import pysyncobj.pickle as pysyncobj_pickle
 from pysyncobj import SyncObj
+
+from raft.transport import MEMBER_MESSAGE
 
 # PySyncObj's tcp_connection imports its Windows shim, which replaces `socket.inet_ntop` process-wide with a
 # function that raises TypeError on every other platform. Every use of PySyncObj in imnode comes through
@@ -55,6 +60,42 @@ Message = dict[str, Any]
 
 
 class SafeSyncObj(SyncObj):
+    def __init__(
+        self, *args: Any, on_member_message: Callable[[str, Any], None] | None = None, **kwargs: Any
+    ) -> None:
+        # Messages of the node's own between members (not Raft's), over the same authenticated
+        # connections: sent from any thread through `send_to_member`, delivered on the tick thread to
+        # `on_member_message(raft address, body)`. Set before SyncObj's __init__ starts the tick thread.
+        self.on_member_message = on_member_message or (lambda address, body: None)
+        self._member_outbox: collections.deque[tuple[str, Any]] = collections.deque()
+        self._member_outbox_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def send_to_member(self, address: str, body: Any) -> None:
+        """Queue `body` for the member at Raft address `address` (thread-safe, never blocks).
+
+        Sent by the tick thread on its next pass; dropped if that member is not connected then (the caller
+        times out and retries, as it would after a lost connection).
+        """
+        with self._member_outbox_lock:
+            self._member_outbox.append((address, body))
+        notifier = getattr(self, "_SyncObj__pipeNotifier", None)
+        if notifier is not None:
+            notifier.notify()
+
+    def _onTick(self, timeToWait: float = 0.0) -> None:
+        if self._member_outbox:
+            with self._member_outbox_lock:
+                queued = list(self._member_outbox)
+                self._member_outbox.clear()
+            by_address = {node.address: node for node in self._SyncObj__otherNodes}
+            transport = self._SyncObj__transport
+            for address, body in queued:
+                node = by_address.get(address)
+                if node is not None:
+                    transport.send(node, {"type": MEMBER_MESSAGE, "body": body})
+        super()._onTick(timeToWait)
+
     # PySyncObj's own (name-mangled) method names, overridden.
     def _SyncObj__sendNextNodeIdx(
         self, node: Any, reset: bool = False, nextNodeIdx: int | None = None, success: bool = False
@@ -88,6 +129,9 @@ class SafeSyncObj(SyncObj):
 
     def _SyncObj__onMessageReceived(self, node: Any, message: Message) -> None:
         kind = message.get("type")
+        if kind == MEMBER_MESSAGE:
+            self.on_member_message(node.address, message.get("body"))
+            return
         if kind == "next_node_idx" and message.get("term", self.raftCurrentTerm) != self.raftCurrentTerm:
             return  # a reply from another term says nothing about this term's log
         if kind == "append_entries":

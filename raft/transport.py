@@ -99,6 +99,9 @@ _CODE_OPCODES = frozenset(
 _STRING_OPCODES = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"})
 
 # What each PySyncObj message type may carry; anything else is refused. (pysyncobj/syncobj.py sends these.)
+# imnode's own messages between members (raft/safe_syncobj.py hands them to the node, never to PySyncObj):
+# {"type": MEMBER_MESSAGE, "body": any CBOR}.
+MEMBER_MESSAGE = "imnode"
 MESSAGE_TYPES = frozenset(
     {
         "append_entries",
@@ -108,6 +111,7 @@ MESSAGE_TYPES = frozenset(
         "apply_command",
         "apply_command_response",
         "timeout_now",
+        MEMBER_MESSAGE,
     }
 )
 

@@ -16,11 +16,21 @@ Outcomes: a failed proposal is proposed again, byte for byte, until `commit_time
 safe for every op (sends are deduplicated in apply by client_msg_no; the other ops are idempotent) and it
 covers both the definite failures (no leader during an election) and the unknown ones (a leader change
 after the entry was sent). Only after the deadline does the work fail, with SYSTEM_ERROR.
+
+One proposal stream per cluster: a follower does not make entries of its own. It forwards each batch to
+the leader's proposer as a member message over the Raft transport (raft/bridge.py `send_to_member`), and
+the leader merges it with its own work and the other followers' into one entry (three proposers each filled
+a third of what one fills, and each follower entry cost PySyncObj an extra round trip). The leader answers
+with the results and the entry's index; the follower completes its work once it has applied that index
+itself, as before (a SENDACK still means "committed, and readable here"). A forward that gets no answer in
+`FORWARD_ANSWER_S` (the leader died, the connection dropped, leadership moved) is sent again, to whoever
+leads then: dedup in apply makes a second copy of a send harmless, as for a retried proposal.
 """
 
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,6 +49,10 @@ log = logging.getLogger("imnode.proposer")
 
 Done = Callable[[list[Result]], None]
 OP_OVERHEAD_BYTES = 160  # CBOR keys and ids of one send op beside its payload
+# A forwarded batch with no answer within this is sent again (to the leader of the moment).
+FORWARD_ANSWER_S = 2.0
+# Member-message kinds: a follower's batch for the leader, and the leader's answer.
+FORWARD, ANSWER = "fwd", "ans"
 
 
 @dataclass
@@ -47,6 +61,15 @@ class _Work:
     done: Done
     size: int
     traces: Sequence[Trace] = ()  # the sampled sends among `ops` (node/trace.py)
+    forwarded_by: tuple[str, int] | None = None  # (member's Raft address, its request id): answer it
+
+
+@dataclass
+class _Forward:
+    """A batch this follower forwarded, waiting for the leader's answer."""
+
+    answered: trio.Event
+    answer: dict[str, Any] | None = None
 
 
 def _failed(count: int, text: str) -> list[Result]:
@@ -63,8 +86,12 @@ class Proposer:
         commit_timeout_s: float,
         max_in_flight: int = 64,
         batch_window_busy_ms: float | None = None,
+        forward_to_leader: bool = True,
     ) -> None:
         self._raft = raft
+        self._forward_to_leader = forward_to_leader
+        self._forwards: dict[int, _Forward] = {}
+        self._forward_ids = itertools.count(1)
         # An entry is formed only when one of these is free: while all are committing, work gathers in the
         # queue and the next entry takes all of it. (Formed first and then queued for a slot, entries stayed
         # a window's worth each however long the wait: many small entries, each paying Raft's full cost.)
@@ -81,6 +108,8 @@ class Proposer:
         self.ops = 0
         self.retries = 0
         self.timeouts = 0
+        self.forwarded = 0  # ops this node sent to the leader's proposer
+        self.forwarded_in = 0  # ops other members sent to this one while it led
         self._committing = 0
 
     def submit(self, ops: list[Op], done: Done, traces: Sequence[Trace] = ()) -> None:
@@ -88,7 +117,7 @@ class Proposer:
 
         The caller bounds how much it queues (one batch in flight per channel, a bounded pending list).
         """
-        size = sum(len(op.get("payload", b"")) + OP_OVERHEAD_BYTES for op in ops)
+        size = sum(_payload_bytes(op) + OP_OVERHEAD_BYTES for op in ops)
         self._queue.append(_Work(ops, done, size, traces))
         self._ready.set()
 
@@ -145,7 +174,7 @@ class Proposer:
                 trace.mark("proposal_wait")
         self._committing += 1
         try:
-            results = await self._propose_until_deadline(ops, timing)
+            results, index = await self._propose_until_deadline(ops, timing)
         finally:
             self._committing -= 1
         if timing is not None and timing.applied:
@@ -159,26 +188,44 @@ class Proposer:
         for work in batch:
             part = results[start : start + len(work.ops)]
             start += len(work.ops)
+            if work.forwarded_by is not None:
+                address, request = work.forwarded_by
+                self._raft.send_to_member(address, {"k": ANSWER, "id": request, "i": index, "r": part})
+                continue
             try:
                 work.done(part)
             except Exception:
                 log.exception("a proposer completion failed")
 
-    async def _propose_until_deadline(self, ops: list[Op], timing: ProposeTiming | None) -> list[Result]:
+    async def _propose_until_deadline(
+        self, ops: list[Op], timing: ProposeTiming | None
+    ) -> tuple[list[Result], int]:
+        """The ops' results and the index of the entry that holds them (0 when they failed)."""
         try:
             self._raft.store.check_room()
         except StoreFull as exc:
-            return _failed(len(ops), str(exc))
-        entry = encode_entry(ops)
+            return _failed(len(ops), str(exc)), 0
+        entry: bytes | None = None
         deadline = trio.current_time() + self._commit_timeout_s
         delay = 0.02
         while True:
             remaining = deadline - trio.current_time()
             if remaining <= 0:
                 self.timeouts += 1
-                return _failed(len(ops), "commit timed out")
+                return _failed(len(ops), "commit timed out"), 0
+            leader = self._raft.leader_address() if self._forward_to_leader else None
+            if leader is not None and leader != self._raft.settings.self_addr and not self._raft.is_leader():
+                answer = await self._forward(leader, ops, min(remaining, FORWARD_ANSWER_S))
+                if answer is not None:
+                    return await self._answered(ops, answer, deadline)
+                self.retries += 1
+                await trio.sleep(min(delay, max(0.0, deadline - trio.current_time())))
+                delay = min(delay * 2, 0.5)
+                continue
+            if entry is None:
+                entry = encode_entry(ops)
             try:
-                results = await self._raft.propose(entry, timeout_s=remaining, timing=timing)
+                results, index = await self._raft.propose_at(entry, timeout_s=remaining, timing=timing)
             except ProposeFailed as exc:
                 self.retries += 1
                 log.debug("proposal failed (%s); proposing again", exc.reason)
@@ -186,8 +233,64 @@ class Proposer:
                 delay = min(delay * 2, 0.5)
                 continue
             if len(results) != len(ops):
-                return _failed(len(ops), "entry could not be applied")
-            return results
+                return _failed(len(ops), "entry could not be applied"), 0
+            return results, index
+
+    # -- one proposal stream: followers forward, the leader proposes ---------------------------------------
+    async def _forward(self, leader: str, ops: list[Op], wait_s: float) -> dict[str, Any] | None:
+        """Send ops to the leader's proposer; its answer, or None if none came in `wait_s` (or it no
+        longer leads: then the caller tries whoever leads now)."""
+        request = next(self._forward_ids)
+        waiting = self._forwards[request] = _Forward(trio.Event())
+        self.forwarded += len(ops)
+        try:
+            self._raft.send_to_member(leader, {"k": FORWARD, "id": request, "ops": ops})
+            with trio.move_on_after(wait_s):
+                await waiting.answered.wait()
+        finally:
+            del self._forwards[request]
+        answer = waiting.answer
+        if answer is None or "err" in answer:
+            return None
+        return answer
+
+    async def _answered(
+        self, ops: list[Op], answer: dict[str, Any], deadline: float
+    ) -> tuple[list[Result], int]:
+        """A forwarded batch's results, once this node has applied the entry that holds them."""
+        results, index = answer.get("r"), answer.get("i")
+        if not isinstance(results, list) or len(results) != len(ops) or type(index) is not int:
+            return _failed(len(ops), "the leader's answer does not fit the batch"), 0
+        if index > 0:
+            remaining = max(0.0, deadline - trio.current_time())
+            if not await self._raft.wait_applied(index, timeout_s=remaining):
+                self.timeouts += 1
+                return _failed(len(ops), "committed, but not applied here in time"), 0
+        return results, index
+
+    def on_member_message(self, address: str, body: Any) -> None:
+        """A member's forwarded batch or the leader's answer (trio thread; never blocks or raises)."""
+        if not isinstance(body, dict) or type(body.get("id")) is not int:
+            log.warning("an unreadable member message from %s was dropped", address)
+            return
+        if body.get("k") == ANSWER:
+            waiting = self._forwards.get(body["id"])
+            if waiting is not None and not waiting.answered.is_set():
+                waiting.answer = body
+                waiting.answered.set()
+            return
+        ops = body.get("ops")
+        if body.get("k") != FORWARD or not isinstance(ops, list) or not ops:
+            log.warning("an unreadable member message from %s was dropped", address)
+            return
+        if not self._raft.is_leader() or not all(isinstance(op, dict) for op in ops):
+            # Not (any more) the leader: the follower asks whoever leads now.
+            self._raft.send_to_member(address, {"k": ANSWER, "id": body["id"], "err": "not_leader"})
+            return
+        size = sum(_payload_bytes(op) + OP_OVERHEAD_BYTES for op in ops)
+        self.forwarded_in += len(ops)
+        self._queue.append(_Work(ops, _no_completion, size, forwarded_by=(address, body["id"])))
+        self._ready.set()
 
     def statistics(self) -> dict[str, Any]:
         return {
@@ -196,4 +299,15 @@ class Proposer:
             "ops": self.ops,
             "retries": self.retries,
             "timeouts": self.timeouts,
+            "forwarded": self.forwarded,
+            "forwarded_in": self.forwarded_in,
         }
+
+
+def _payload_bytes(op: Op) -> int:
+    payload = op.get("payload", b"")
+    return len(payload) if isinstance(payload, (bytes, str)) else 0
+
+
+def _no_completion(results: list[Result]) -> None:
+    """Forwarded work is answered to its member instead (`_Work.forwarded_by`)."""

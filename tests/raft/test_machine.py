@@ -319,18 +319,19 @@ async def test_a_result_reaches_its_waiter_straight_from_the_tick_thread(tmp_pat
         node._token = trio.lowlevel.current_trio_token()
         waiter = _Waiter(trio.Event())
         node._waiters[7] = waiter
-        await trio.to_thread.run_sync(node._post_result, (7, [{"r": 1}], 0, 2.0, 1.0))
+        await trio.to_thread.run_sync(node._post_result, (7, [{"r": 1}], 0, 2.0, 1.0, 41))
         with trio.fail_after(COMMIT_TIMEOUT_S):
             await waiter.done.wait()
-        assert (waiter.result, waiter.error, waiter.called_back, waiter.apply_started) == (
+        assert (waiter.result, waiter.error, waiter.called_back, waiter.apply_started, waiter.index) == (
             [{"r": 1}],
             0,
             2.0,
             1.0,
+            41,
         )
         assert 7 not in node._waiters
         # A result nobody waits for any more (its proposal timed out) is dropped without a fuss.
-        await trio.to_thread.run_sync(node._post_result, (8, None, 0, 0.0, 0.0))
+        await trio.to_thread.run_sync(node._post_result, (8, None, 0, 0.0, 0.0, 0))
         await trio.testing.wait_all_tasks_blocked()
         assert not node._results
     finally:
@@ -369,7 +370,7 @@ async def test_results_wait_while_committed_entries_pile_up(tmp_path: os.PathLik
         node._inbox.extend(("commit", None) for _ in range(COMMITTED_BACKLOG_MAX + 1))
         waiter = _Waiter(trio.Event())
         node._waiters[9] = waiter
-        await trio.to_thread.run_sync(node._post_result, (9, [{"r": 1}], 0, 0.0, 0.0))
+        await trio.to_thread.run_sync(node._post_result, (9, [{"r": 1}], 0, 0.0, 0.0, 1))
         await trio.testing.wait_all_tasks_blocked()
         assert not waiter.done.is_set() and len(node._results) == 1
         node._inbox.popleft()  # the pump handed one entry on: the backlog is at the bound again

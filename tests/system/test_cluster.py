@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from node.client import ClientError, open_client
+from node.client import Client, ClientError, open_client
 from node.tools import operator as op
-from node.wire.protocol import Reason
+from node.wire.protocol import Reason, Sendack
 from tests.cluster_harness import MANAGER_TOKEN, Cluster, write_cluster_toml
 from tests.conftest import http_json
 
@@ -363,3 +363,50 @@ def test_cluster_up_starts_every_member_and_ctrl_c_stops_them_cleanly(tmp_path: 
             Cluster(config).stop_all()
     assert up.returncode == 0, "".join(lines) + rest
     assert rest.count("stopped (exit code 0)") == 3 and "cluster stopped" in rest
+
+
+async def test_followers_forward_their_sends_into_the_leaders_entries(cluster: Cluster) -> None:
+    """One proposal stream: sends taken by followers reach the leader's proposer and share its entries;
+    a SENDACK from a follower still means the message is readable on that follower."""
+    leader = await trio.to_thread.run_sync(cluster.start_all)
+    followers = [n for n in cluster.config.initial_members if n != leader]
+
+    async def proposer(node_id: str) -> dict[str, int]:
+        status, body = await http_json(
+            cluster.http(node_id), "GET", "/admin/status", headers={"token": MANAGER_TOKEN}
+        )
+        assert status == 200, body
+        return dict(body["proposer"])
+
+    before = {n: await proposer(n) for n in cluster.config.initial_members}
+    async with (
+        open_client(*cluster.tcp(followers[0]), "fa") as fa,
+        open_client(*cluster.tcp(followers[1]), "fb") as fb,
+        open_client(*cluster.tcp(leader), "ld") as ld,
+    ):
+        sends = 60
+        acks: dict[str, list[Sendack]] = {}
+
+        async def burst(client: Client, name: str, peer: str) -> None:
+            acks[name] = await client.send_many(
+                [(peer, 1, b"%s-%d" % (name.encode(), i)) for i in range(sends)]
+            )
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(burst, fa, "fa", "fb")
+            nursery.start_soon(burst, fb, "fb", "ld")
+            nursery.start_soon(burst, ld, "ld", "fa")
+        for name in ("fa", "fb", "ld"):
+            assert all(a.reason_code == Reason.SUCCESS for a in acks[name]), name
+        # Read on the follower that acknowledged, at once: the SENDACK waited for its own apply.
+        stored = await sync_person(cluster, followers[0], "fa", "fb")
+        assert len(stored) == sends
+    after = {n: await proposer(n) for n in cluster.config.initial_members}
+    for follower in followers:
+        assert after[follower]["forwarded"] - before[follower]["forwarded"] >= sends
+    assert after[leader]["forwarded_in"] - before[leader]["forwarded_in"] >= 2 * sends
+    # The leader made the entries: far fewer of them than sends.
+    leader_entries = after[leader]["entries"] - before[leader]["entries"]
+    assert leader_entries < 3 * sends / 2, after[leader]
+    verify = await trio.to_thread.run_sync(lambda: cluster.cli("admin", "verify"))
+    assert verify.returncode == 0, verify.stdout + verify.stderr
