@@ -1,6 +1,13 @@
 """The load generator behind `imnode bench` (see bench.py for what it reports and how it counts).
 
 Kept apart from bench.py so the command line imports trio and the client only when a bench runs.
+
+It shares the machine with the nodes it measures, so its own cost per message is kept low without
+cutting corners: every SEND is encrypted and signed as the SDKs do, and every RECV has its msg_key checked
+and its payload decrypted by the client before it is counted, and is acknowledged. What it saves is the
+orchestration: no task, waiter or queue per message. Each sender fills its window with one write of
+SENDs; each connection's reader task hands its SENDACKs and RECVs straight to the tally
+(`Sender.on_sendack`, `Bench.on_recv`) and acknowledges a whole read's RECVs in one write.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from node.client import Client, ClientError, open_client
 from node.config import Config
 from node.metrics import percentile
 from node.tools import operator as op
-from node.wire.protocol import Reason
+from node.wire.protocol import Reason, Recv, Sendack
 
 DRAIN_IDLE_S = 10.0  # after sending stops, wait for deliveries until none arrived for this long
 DRAIN_MAX_S = 300.0
@@ -81,6 +88,50 @@ def make_payload(run: str, sender: int, counter: int, size: int) -> bytes:
     return (body[:-1] + ',"p":"' + "x" * pad + '"}').encode()
 
 
+class Sender:
+    """One sending client's account of its SENDs in flight: client_seq -> (counter, perf_counter at write).
+
+    The client's reader calls `on_sendack` for each SENDACK; `room` wakes the sender once its window has
+    space again (or the connection ended)."""
+
+    def __init__(self, bench: Bench, index: int) -> None:
+        self.bench = bench
+        self.index = index
+        self.recipients = bench.recipients(index)
+        self.in_flight: dict[int, tuple[int, float]] = {}
+        self.room = trio.Event()
+
+    def on_sendack(self, ack: Sendack) -> None:
+        entry = self.in_flight.pop(ack.client_seq, None)
+        if entry is None:
+            return  # counted as sendack_timeout already
+        self.room.set()
+        tally = self.bench.tally
+        if ack.reason_code != Reason.SUCCESS:
+            tally.errors[reason_name(ack.reason_code)] += 1
+            return
+        counter, started = entry
+        tally.acked += 1
+        tally.last_ack_at = now = time.perf_counter()
+        tally.ack_ms.append((now - started) * 1000)
+        tally.expected[(self.index, counter)] = self.recipients
+
+    def fail_all(self, error: str) -> None:
+        self.bench.tally.errors[error] += len(self.in_flight)
+        self.in_flight.clear()
+
+    def expire(self, now: float) -> float | None:
+        """Count the sends unanswered for SENDACK_TIMEOUT_S; the time the oldest left expires (None: none)."""
+        in_flight = self.in_flight
+        while in_flight:
+            seq, (_counter, started) = next(iter(in_flight.items()))  # the oldest: dicts keep write order
+            if started + SENDACK_TIMEOUT_S > now:
+                return started + SENDACK_TIMEOUT_S
+            del in_flight[seq]
+            self.bench.tally.errors["sendack_timeout"] += 1
+        return None
+
+
 class Bench:
     def __init__(self, config: Config, args: argparse.Namespace) -> None:
         self.config = config
@@ -91,6 +142,7 @@ class Bench:
         self.drained = trio.Event()
         self.group = f"bench-{self.run_id}"
         self.stop_receiving = False
+        self.senders = [Sender(self, index) for index in range(args.senders or args.clients)]
 
     def uid(self, index: int) -> str:
         return f"bench-{self.run_id}-{index}"
@@ -132,10 +184,24 @@ class Bench:
             async def hold(index: int) -> None:
                 node_id = nodes[index % len(nodes)]
                 host, port = self.config.node(node_id).tcp.rsplit(":", 1)
-                async with open_client(host, int(port), self.uid(index), timeout_s=30) as client:
+                sender = self.senders[index] if index < len(self.senders) else None
+                async with open_client(
+                    host,
+                    int(port),
+                    self.uid(index),
+                    timeout_s=30,
+                    on_recv=lambda recv: self.on_recv(index, recv),
+                    on_sendack=None if sender is None else sender.on_sendack,
+                ) as client:
                     clients[index] = client
                     ready.release()
-                    await self._receive(client, index)
+                    await client.disconnected.wait()
+                    if sender is not None:
+                        sender.room.set()  # a sender waiting for acks sees the end now
+                    if not self.stop_receiving:
+                        # Counted, because what this recipient then misses is reported as lost: a bench
+                        # client too slow to read is disconnected by the node like any other.
+                        self.tally.errors[disconnected_error("recipient", client)] += 1
 
             for index in range(self.args.clients):
                 nursery.start_soon(hold, index)
@@ -256,8 +322,9 @@ class Bench:
     async def _send(self, client: Client, index: int, deadline: float) -> None:
         target = self.group if self.args.mode == "group" else self.uid((index + 1) % self.args.clients)
         channel_type = 2 if self.args.mode == "group" else 1
-        window = trio.Semaphore(self.args.window)
-        sending = self.args.senders or self.args.clients
+        sender = self.senders[index]
+        window = self.args.window
+        sending = len(self.senders)
         per_client = None if self.args.rate == "max" else float(self.args.rate) / sending
         interval = 1.0 / per_client if per_client else 0.0
         # Senders start spread over one interval, so a fixed rate arrives evenly: in lockstep every sender
@@ -268,76 +335,73 @@ class Bench:
             with trio.move_on_after(max(0.0, next_at - time.perf_counter())):
                 await self.stop_sending.wait()
         tally = self.tally
-        async with trio.open_nursery() as nursery:
-            counter = 0
-            while not self.stop_sending.is_set():
-                await window.acquire()
-                if self.stop_sending.is_set():
-                    break
+        run_id, size = self.run_id, self.args.payload
+        counter = 0
+        while not self.stop_sending.is_set() and not client.disconnected.is_set():
+            free = window - len(sender.in_flight)
+            if free <= 0:
+                await self._wait_for_room(sender, client)
+                continue
+            # At --rate max the whole free window goes in one write; paced, one send per interval.
+            count = 1 if interval else free
+            items = []
+            for _ in range(count):
                 counter += 1
-                nursery.start_soon(self._one, client, index, counter, target, channel_type, window)
-                tally.sent += 1
-                if interval:
-                    next_at += interval
-                    delay = next_at - time.perf_counter()
-                    if delay > 0:
-                        with trio.move_on_after(delay):
-                            await self.stop_sending.wait()
-                else:
-                    await trio.lowlevel.checkpoint()
-
-    async def _one(
-        self, client: Client, index: int, counter: int, target: str, channel_type: int, window: trio.Semaphore
-    ) -> None:
-        tally = self.tally
-        started = time.perf_counter()
-        try:
-            seq = await client.submit(
-                target, channel_type, make_payload(self.run_id, index, counter, self.args.payload)
-            )
-            ack = await client.wait_ack(seq, timeout_s=SENDACK_TIMEOUT_S)
-        except ClientError:
-            # A closed connection fails every send in flight on it at once; an open one did not answer.
-            closed = client.disconnected.is_set()
-            tally.errors[disconnected_error("sender", client) if closed else "sendack_timeout"] += 1
-            return
-        finally:
-            window.release()
-        if ack.reason_code != Reason.SUCCESS:
-            tally.errors[reason_name(ack.reason_code)] += 1
-            return
-        tally.acked += 1
-        tally.last_ack_at = time.perf_counter()
-        tally.ack_ms.append((tally.last_ack_at - started) * 1000)
-        tally.expected[(index, counter)] = self.recipients(index)
-
-    async def _receive(self, client: Client, index: int) -> None:
-        tally = self.tally
-        while True:
+                items.append((target, channel_type, make_payload(run_id, index, counter, size)))
+            seqs, frames = client.prepare_sends(items)
+            started = time.perf_counter()
+            first = counter - count + 1
+            for offset, seq in enumerate(seqs):
+                sender.in_flight[seq] = (first + offset, started)
+            tally.sent += count
             try:
-                recv = await client.recv(timeout_s=3600)
+                await client.write_frames(frames)
             except ClientError:
-                if not self.stop_receiving:
-                    # Counted, because what this recipient then misses is reported as lost: a bench client
-                    # too slow to read is disconnected by the node like any other (bounded buffers).
-                    tally.errors[disconnected_error("recipient", client)] += 1
-                return
-            try:
-                body = json.loads(recv.payload)
-            except ValueError:
-                continue
-            if not isinstance(body, dict) or body.get("b") != self.run_id:
-                continue
-            key = (index, int(body["s"]), int(body["n"]))
-            ids = (recv.message_id, recv.message_seq)
-            first = tally.seen.get(key)
-            if first is None:
-                tally.seen[key] = ids
-                tally.delivered += 1
-                tally.last_delivery_at = time.perf_counter()
-                tally.e2e_ms.append((time.time_ns() - int(body["t"])) / 1e6)
-            elif first != ids:
-                tally.duplicates += 1  # the same send under another id or seq (a DUP resend keeps its id)
+                break  # counted below, with everything else in flight on this connection
+            if interval:
+                next_at += interval
+                delay = next_at - time.perf_counter()
+                if delay > 0:
+                    with trio.move_on_after(delay):
+                        await self.stop_sending.wait()
+            else:
+                await trio.lowlevel.checkpoint()
+        # Every send in flight gets its SENDACK, its timeout, or the connection's end.
+        while sender.in_flight and not client.disconnected.is_set():
+            await self._wait_for_room(sender, client)
+        if sender.in_flight:
+            # A closed connection fails every send in flight on it at once.
+            sender.fail_all(disconnected_error("sender", client))
+
+    async def _wait_for_room(self, sender: Sender, client: Client) -> None:
+        """Until a SENDACK arrives, the connection ends, or the oldest send in flight times out."""
+        sender.room = trio.Event()
+        expires = sender.expire(time.perf_counter())
+        if expires is None or client.disconnected.is_set():
+            return
+        with trio.move_on_after(max(0.0, expires - time.perf_counter())):
+            await sender.room.wait()
+        sender.expire(time.perf_counter())
+
+    def on_recv(self, index: int, recv: Recv) -> None:
+        """Count one RECV the client verified (msg_key) and decrypted: a delivery, a duplicate, or neither."""
+        try:
+            body = json.loads(recv.payload)
+        except ValueError:
+            return
+        if not isinstance(body, dict) or body.get("b") != self.run_id:
+            return
+        tally = self.tally
+        key = (index, int(body["s"]), int(body["n"]))
+        ids = (recv.message_id, recv.message_seq)
+        first = tally.seen.get(key)
+        if first is None:
+            tally.seen[key] = ids
+            tally.delivered += 1
+            tally.last_delivery_at = time.perf_counter()
+            tally.e2e_ms.append((time.time_ns() - int(body["t"])) / 1e6)
+        elif first != ids:
+            tally.duplicates += 1  # the same send under another id or seq (a DUP resend keeps its id)
 
     @staticmethod
     def rate(count: int, last_at: float, began: float) -> int:

@@ -239,6 +239,7 @@ _I64_U32 = struct.Struct(">qI")
 _I64_U32_U32_U8 = struct.Struct(">qIIB")
 _I64_U32_I32 = struct.Struct(">qIi")
 _U8_U8_U8 = struct.Struct(">BBB")
+_RECVACK_FRAME = struct.Struct(">BBqI")  # header byte, remaining length 12, message_id, message_seq
 
 
 def negotiate_version(client_version: int) -> int:
@@ -365,7 +366,13 @@ def _enc_recv(p: Recv, v: int) -> bytes:
 
 
 def _enc_recvack(p: Recvack, v: int) -> bytes:
-    return bytes((0x60 | (p.flags & 0x0F), 12)) + _I64_U32.pack(p.message_id, p.message_seq)
+    return _RECVACK_FRAME.pack(0x60 | (p.flags & 0x0F), 12, p.message_id, p.message_seq)
+
+
+def recvack_frame(message_id: int, message_seq: int) -> bytes:
+    """The RECVACK frame of one RECV (no flags), the same at every version: what `encode(Recvack(...))`
+    gives, without the packet object, for clients acknowledging many RECVs at once."""
+    return _RECVACK_FRAME.pack(0x60, 12, message_id, message_seq)
 
 
 def _enc_ping(p: Ping, v: int) -> bytes:
