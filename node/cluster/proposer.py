@@ -49,8 +49,11 @@ log = logging.getLogger("imnode.proposer")
 
 Done = Callable[[list[Result]], None]
 OP_OVERHEAD_BYTES = 160  # CBOR keys and ids of one send op beside its payload
-# A forwarded batch with no answer within this is sent again (to the leader of the moment).
-FORWARD_ANSWER_S = 2.0
+# A forwarded batch is sent again to whoever leads as soon as leadership moves, and to the same leader only
+# after this long without an answer (its connection may have dropped the message): sooner, a leader slowed
+# by load would get every batch again and again, more load on top of what slows it.
+FORWARD_ANSWER_S = 5.0
+LEADER_CHECK_S = 0.2
 # Member-message kinds: a follower's batch for the leader, and the leader's answer.
 FORWARD, ANSWER = "fwd", "ans"
 
@@ -219,8 +222,9 @@ class Proposer:
                 if answer is not None:
                     return await self._answered(ops, answer, deadline)
                 self.retries += 1
-                await trio.sleep(min(delay, max(0.0, deadline - trio.current_time())))
-                delay = min(delay * 2, 0.5)
+                if self._raft.leader_address() == leader:  # no answer, and no news of another leader
+                    await trio.sleep(min(delay, max(0.0, deadline - trio.current_time())))
+                    delay = min(delay * 2, 0.5)
                 continue
             if entry is None:
                 entry = encode_entry(ops)
@@ -238,15 +242,17 @@ class Proposer:
 
     # -- one proposal stream: followers forward, the leader proposes ---------------------------------------
     async def _forward(self, leader: str, ops: list[Op], wait_s: float) -> dict[str, Any] | None:
-        """Send ops to the leader's proposer; its answer, or None if none came in `wait_s` (or it no
-        longer leads: then the caller tries whoever leads now)."""
+        """Send ops to the leader's proposer; its answer, or None if none came in `wait_s` or leadership
+        moved meanwhile (the caller then tries whoever leads now)."""
         request = next(self._forward_ids)
         waiting = self._forwards[request] = _Forward(trio.Event())
         self.forwarded += len(ops)
         try:
             self._raft.send_to_member(leader, {"k": FORWARD, "id": request, "ops": ops})
             with trio.move_on_after(wait_s):
-                await waiting.answered.wait()
+                while not waiting.answered.is_set() and self._raft.leader_address() == leader:
+                    with trio.move_on_after(LEADER_CHECK_S):
+                        await waiting.answered.wait()
         finally:
             del self._forwards[request]
         answer = waiting.answer
