@@ -129,11 +129,18 @@ ROW = "row"  # the key under which `decode_entry` hands apply a send op's pre-en
 _SEQ_SLOT = b"\x63seq\x1b"  # text(3) "seq", then the head of an 8-byte unsigned integer
 SEQ_AT = 1 + len(_SEQ_SLOT)  # where the 8 seq bytes start (after a one-byte map head)
 _ROW_MAX_FIELDS = 22  # seq plus these must fit a one-byte CBOR map head (at most 23 pairs)
+_T_SEND = cbor2.dumps({"t": OP_SEND})[1:]  # the first pair of a send op as cbor2 writes it
 _BAD_ROW: dict[str, Any] = {"t": OP_SEND, ROW: b""}  # an unreadable row: check_op refuses it by name
 
 
 def message_row(op: dict[str, Any]) -> bytes | None:
     """The stored row of a send op with its seq slot zeroed (None: too many fields to pre-encode)."""
+    if len(op) <= _ROW_MAX_FIELDS + 1 and ROW not in op:
+        # The common case, an op from `send_op` (its `t` first): its own encoding with the `t` pair
+        # swapped for the seq slot, one field out and one in, so the map head stays as it is.
+        raw = cbor2.dumps(op)
+        if raw[1 : 1 + len(_T_SEND)] == _T_SEND:
+            return b"".join((raw[:1], _SEQ_SLOT, bytes(8), raw[1 + len(_T_SEND) :]))
     fields = {name: value for name, value in op.items() if name != "t" and name != ROW}
     if len(fields) > _ROW_MAX_FIELDS:
         return None
@@ -254,9 +261,12 @@ def _plain_send(op: dict[str, Any], uid_rule: bool) -> bool:
     that apply takes on every node for every message. ASCII ids are measured by their length (a byte per
     character); anything else (flags, expire, topic, subscribers, other text, a field out of range) takes
     the full check, which decides and names the field, so both give the same answer."""
-    cid, sender, cmn, receiver = op.get("cid"), op.get("from"), op.get("cmn"), op.get("to", "")
-    ct, mid, ts, setting = op.get("ct"), op.get("mid"), op.get("ts"), op.get("setting")
-    payload = op.get("payload")
+    try:
+        cid, sender, cmn, ct = op["cid"], op["from"], op["cmn"], op["ct"]
+        mid, ts, setting, payload = op["mid"], op["ts"], op["setting"], op["payload"]
+    except KeyError:
+        return False
+    receiver = op.get("to", "")
     return (
         type(cid) is str
         and 0 < len(cid) <= MAX_CHANNEL_ID_BYTES

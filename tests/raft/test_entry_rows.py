@@ -334,3 +334,13 @@ def test_arbitrary_rows_never_make_apply_raise(tmp_path: os.PathLike[str]) -> No
         check()
     finally:
         s.close()
+
+
+def test_a_row_is_the_op_without_its_type_seq_first() -> None:
+    op = dict(alice_to_bob("m1", 1, topic="t"))
+    fields = {name: value for name, value in op.items() if name != "t"}
+    assert c.message_row(op) == _row_with(fields)  # the shortcut for an op from send_op
+    t_last = {**fields, "t": c.OP_SEND}  # `t` not first: the long way round
+    row = c.message_row(t_last)
+    assert row is not None and cbor2.loads(row) == {"seq": 0, **fields}
+    assert c.decode_entry(cbor2.dumps([row])) == [{**op, c.ROW: row}]
