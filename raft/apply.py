@@ -10,6 +10,7 @@ anything, and a rejected op becomes a result carrying a reason code.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +23,8 @@ from raft.view import EntryView, Result
 from storage import keys
 from storage.keys import channel_key
 from storage.store import Txn
+
+_SEQ = struct.Struct(">Q")  # the 8 bytes of a pre-encoded row's seq slot (commands.SEQ_AT)
 
 
 def _error(reason: int, text: str) -> Result:
@@ -66,74 +69,96 @@ def _record(op: dict[str, Any], seq: int) -> dict[str, Any]:
     return record
 
 
+def _permission(view: EntryView, op: dict[str, Any], sender: str) -> int:
+    """`send_permission` against the entry's view, once per (channel, sender, receiver, api) per entry."""
+    key = (op["cid"], op["ct"], sender, op.get("to", ""), op.get("api", False))
+    reason = view.send_permissions.get(key)
+    if reason is None:
+        reason = view.send_permissions[key] = send_permission(view, *key[:4], api=key[4])
+    return reason
+
+
+def _stored_row(op: dict[str, Any], seq: int) -> bytes | bytearray:
+    """The bytes of the message row: the proposer's pre-encoded row with `seq` written into its slot, or,
+    for a send op proposed as a map (earlier versions), the record encoded here as it always was."""
+    row = op.get(c.ROW)
+    if row is None:
+        return cbor2.dumps(_record(op, seq))
+    stored = bytearray(row)
+    _SEQ.pack_into(stored, c.SEQ_AT, seq)
+    return stored
+
+
 def apply_send(view: EntryView, op: dict[str, Any]) -> Result:
     """Store one message. Results are those of "dedup, then permission, then store" in that order.
 
     The common path makes two LMDB calls: the dedup row is written only if its key is new (one call that
-    both checks and writes), then the message. The permission check runs first, on the entry's cached rows;
+    both checks and writes), then the message row (the proposer's own bytes, seq written in). The
+    permission check runs first, on the entry's cached rows and once per channel and sender per entry;
     a refused send or a key already present takes the rare path that reads the original dedup row, so a
-    retry of a committed send is still answered as a duplicate even where it would now be refused.
+    retry of a committed send is still answered as a duplicate even where it would now be refused. The
+    channel row and the sender's conversation row are changed in the entry's cache and written once per
+    entry (`EntryView.flush`).
 
     A no_persist message stores nothing (WuKongIM `event_persist.go`): it is committed only so that every
     node pushes it, and answered with seq 0. A command (sync_once) is stored in the channel's command
     channel and queued for each recipient (raft/cmdqueue.py), in no conversation.
     """
     txn = view.txn
-    chan = channel_key(op["cid"], op["ct"])
+    channel_type = op["ct"]
+    chan = view.channel_key(op["cid"], channel_type)
     sender, client_msg_no = op["from"], op["cmn"]
     header = int(op.get("hf", 0))
-    if op["ct"] == c.CHANNEL_TEMP:
-        reason = c.R_SUCCESS  # the business server's own uid list: no channel to check against
-    else:
-        reason = send_permission(
-            view, op["cid"], op["ct"], sender, op.get("to", ""), api=op.get("api", False)
-        )
+    # A temporary channel is the business server's own uid list: no channel to check against.
+    reason = c.R_SUCCESS if channel_type == c.CHANNEL_TEMP else _permission(view, op, sender)
+    hooked = outbox.config(view) is not None
     if header & c.HF_NO_PERSIST:
         if reason != c.R_SUCCESS:
             return {"r": reason}
-        if outbox.wants(view, "offline"):
+        if hooked and outbox.wants(view, "offline"):
             # Nothing stored to refer to: the event carries the message itself (`m`).
             event = {"ck": chan, "seq": 0, "to": op.get("to", ""), "i": view.index, "m": _record(op, 0)}
             outbox.append(view, "offline", event)
         return {"r": c.R_SUCCESS, "mid": op["mid"], "seq": 0}
     command = bool(header & c.HF_SYNC_ONCE)
-    store_chan = channel_key(op["cid"] + c.CMD_SUFFIX, op["ct"]) if command else chan
+    store_chan = view.channel_key(op["cid"] + c.CMD_SUFFIX, channel_type) if command else chan
     if reason != c.R_SUCCESS:
         original = txn.dedup(store_chan, sender, client_msg_no)
         return {"r": reason} if original is None else _duplicate(original)
     existing = view.channel(store_chan)
     seq = (int(existing["last_seq"]) if existing is not None else 0) + 1
     record = {"mid": op["mid"], "seq": seq}
-    if not txn.add_dedup(store_chan, sender, client_msg_no, record):
+    if not txn.add_dedup_at(view.dedup_key(store_chan, sender, client_msg_no), record):
         original = txn.dedup(store_chan, sender, client_msg_no)
         if original is not None:
             return _duplicate(original)
         txn.put_dedup(
             store_chan, sender, client_msg_no, record
         )  # an unreadable row is replaced, as it always was
-    channel = existing or _new_channel(op["ct"])
+    channel = existing or _new_channel(channel_type)
     channel["last_seq"] = seq
     channel["version"] = view.index
-    txn.put_message(store_chan, seq, _record(op, seq))
+    txn.put_message_row(store_chan, seq, _stored_row(op, seq))
     view.put_channel(store_chan, channel)
     if command:
         system = set(view.meta("system_uids") or ()) | {c.SYSTEM_UID}
         uids = [uid for uid in _recipients(view, op, chan) if uid not in system]
         cmdqueue.push(view, uids, store_chan, seq)
     else:
-        if op["ct"] == c.CHANNEL_PERSON and existing is None:
+        if channel_type == c.CHANNEL_PERSON and existing is None:
             # Both parties of a person channel are its subscribers, so conversation sync finds it for both.
             view.add_member("subscribers", chan, sender)
             if op.get("to"):
                 view.add_member("subscribers", chan, op["to"])
         conversations.on_send(view, chan, sender, seq)
-    if outbox.wants(view, "notify"):
-        outbox.append(view, "notify", {"ck": store_chan, "seq": seq})
-    if outbox.wants(view, "offline"):
-        # `i`: where the message sits in the log, so the leader can tell who was online at that point.
-        outbox.append(
-            view, "offline", {"ck": store_chan, "seq": seq, "to": op.get("to", ""), "i": view.index}
-        )
+    if hooked:
+        if outbox.wants(view, "notify"):
+            outbox.append(view, "notify", {"ck": store_chan, "seq": seq})
+        if outbox.wants(view, "offline"):
+            # `i`: where the message sits in the log, so the leader can tell who was online at that point.
+            outbox.append(
+                view, "offline", {"ck": store_chan, "seq": seq, "to": op.get("to", ""), "i": view.index}
+            )
     return {"r": c.R_SUCCESS, "mid": op["mid"], "seq": seq}
 
 

@@ -116,18 +116,85 @@ class BadCommand(ValueError):
     """A command failed validation; the message names the field."""
 
 
+# -- the message row, pre-encoded by the proposer ---------------------------------------------------------
+# A send op travels in the entry as a CBOR byte string holding the message's stored row: a map whose first
+# key is `seq`, written as an 8-byte integer (0 in the log), then every field of the op but `t`. Apply copies
+# the row, writes the seq it assigns into those 8 bytes and stores it: no decode-then-re-encode on any node,
+# and every node stores the bytes the proposer built. The row is an ordinary CBOR map, so readers take it
+# as they take the rows apply encoded itself before (`seq` sits in it as it always did; `to` and `api`,
+# the receiver and "sent by the business server", come along). A send op that is a map in the entry (what
+# earlier versions proposed) is still stored the old way, byte for byte, so replaying an old journal gives
+# every node the store it gave before.
+ROW = "row"  # the key under which `decode_entry` hands apply a send op's pre-encoded row
+_SEQ_SLOT = b"\x63seq\x1b"  # text(3) "seq", then the head of an 8-byte unsigned integer
+SEQ_AT = 1 + len(_SEQ_SLOT)  # where the 8 seq bytes start (after a one-byte map head)
+_ROW_MAX_FIELDS = 22  # seq plus these must fit a one-byte CBOR map head (at most 23 pairs)
+_T_SEND = cbor2.dumps({"t": OP_SEND})[1:]  # the first pair of a send op as cbor2 writes it
+_BAD_ROW: dict[str, Any] = {"t": OP_SEND, ROW: b""}  # an unreadable row: check_op refuses it by name
+
+
+def message_row(op: dict[str, Any]) -> bytes | None:
+    """The stored row of a send op with its seq slot zeroed (None: too many fields to pre-encode)."""
+    if len(op) <= _ROW_MAX_FIELDS + 1 and ROW not in op:
+        # The common case, an op from `send_op` (its `t` first): its own encoding with the `t` pair
+        # swapped for the seq slot, one field out and one in, so the map head stays as it is.
+        raw = cbor2.dumps(op)
+        if raw[1 : 1 + len(_T_SEND)] == _T_SEND:
+            return b"".join((raw[:1], _SEQ_SLOT, bytes(8), raw[1 + len(_T_SEND) :]))
+    fields = {name: value for name, value in op.items() if name != "t" and name != ROW}
+    if len(fields) > _ROW_MAX_FIELDS:
+        return None
+    # cbor2 writes a map of fewer than 24 pairs behind a one-byte head: swap it for ours, seq in front.
+    return bytes((0xA0 + len(fields) + 1,)) + _SEQ_SLOT + bytes(8) + cbor2.dumps(fields)[1:]
+
+
 def encode_entry(ops: Sequence[Op]) -> bytes:
-    return cbor2.dumps(ops)
+    """One entry: send ops as their pre-encoded rows (once, here on the proposing node), others as maps."""
+    items: list[Any] = []
+    for op in ops:
+        row = message_row(op) if isinstance(op, dict) and op.get("t") == OP_SEND else None
+        items.append(op if row is None else row)
+    return cbor2.dumps(items)
+
+
+def _send_of_row(raw: bytes) -> dict[str, Any]:
+    """The send op a pre-encoded row carries, with the row itself under ROW. A row that is not exactly
+    what `message_row` makes (not a map, seq not first or not zero, a key twice, a `t` or ROW of its own)
+    becomes an op that check_op refuses, so apply answers it with an error and stores nothing."""
+    try:
+        op = cbor2.loads(raw)
+    except Exception:  # cbor2 raises several types on garbage
+        return dict(_BAD_ROW)
+    if (
+        type(op) is not dict
+        or raw[1:SEQ_AT] != _SEQ_SLOT
+        or raw[0] != 0xA0 + len(op)  # fewer keys than pairs: one came twice (a second seq, say)
+        or op.pop("seq", None) != 0
+        or "t" in op
+        or ROW in op
+    ):
+        return dict(_BAD_ROW)
+    op["t"] = OP_SEND
+    op[ROW] = raw
+    return op
 
 
 def decode_entry(data: bytes) -> list[Any]:
-    """Decode one log entry; raises BadCommand on anything that is not a list."""
+    """Decode one log entry; raises BadCommand on anything that is not a list.
+
+    A send op that came as a pre-encoded row is returned as its op map holding the row under ROW. A map
+    op may not bring a ROW of its own (it is dropped): apply stores a row only where it is the op."""
     try:
         ops = cbor2.loads(data)
     except Exception as exc:  # cbor2 raises several types on garbage
         raise BadCommand(f"entry is not CBOR: {exc}") from exc
     if not isinstance(ops, list):
         raise BadCommand("entry is not a list of ops")
+    for at, item in enumerate(ops):
+        if type(item) is bytes:
+            ops[at] = _send_of_row(item)
+        elif type(item) is dict and ROW in item:
+            del item[ROW]
     return ops
 
 
@@ -189,6 +256,77 @@ def _channel(op: dict[str, Any]) -> None:
     _int(op, "ct", 0, 255)
 
 
+def _plain_send(op: dict[str, Any], uid_rule: bool) -> bool:
+    """True for an ordinary message whose every field is certainly fine: a shortcut past `_check_send`
+    that apply takes on every node for every message. ASCII ids are measured by their length (a byte per
+    character); anything else (flags, expire, topic, subscribers, other text, a field out of range) takes
+    the full check, which decides and names the field, so both give the same answer."""
+    try:
+        cid, sender, cmn, ct = op["cid"], op["from"], op["cmn"], op["ct"]
+        mid, ts, setting, payload = op["mid"], op["ts"], op["setting"], op["payload"]
+    except KeyError:
+        return False
+    receiver = op.get("to", "")
+    return (
+        type(cid) is str
+        and 0 < len(cid) <= MAX_CHANNEL_ID_BYTES
+        and cid.isascii()
+        and type(sender) is str
+        and 0 < len(sender) <= MAX_UID_BYTES
+        and sender.isascii()
+        and type(cmn) is str
+        and 0 < len(cmn) <= MAX_ID_BYTES
+        and cmn.isascii()
+        and type(receiver) is str
+        and len(receiver) <= MAX_UID_BYTES
+        and receiver.isascii()
+        and (not uid_rule or (PERSON_SEPARATOR not in sender and PERSON_SEPARATOR not in receiver))
+        and ct in SUPPORTED_CHANNEL_TYPES
+        and type(ct) is int
+        and type(mid) is int
+        and 0 <= mid < 1 << 63
+        and type(ts) is int
+        and 0 <= ts < 1 << 32
+        and type(setting) is int
+        and 0 <= setting <= 255
+        and type(payload) is bytes
+        and len(payload) <= MAX_PAYLOAD_BYTES
+        and type(op.get("api", False)) is bool
+        and "hf" not in op
+        and "exp" not in op
+        and "tp" not in op
+        and "subs" not in op
+    )
+
+
+def _check_send(op: dict[str, Any], uid_rule: bool) -> None:
+    _channel(op)
+    _uid(op, "from", rule=uid_rule)
+    _id(op, "cmn")
+    _int(op, "mid", 0, (1 << 63) - 1)
+    _int(op, "ts", 0, (1 << 32) - 1)
+    _int(op, "setting", 0, 255)
+    payload = op.get("payload")
+    if not isinstance(payload, bytes) or len(payload) > MAX_PAYLOAD_BYTES:
+        raise BadCommand(f"payload must be bytes of at most {MAX_PAYLOAD_BYTES}")
+    if "to" in op:
+        _uid(op, "to", allow_empty=True, rule=uid_rule)
+    _bool(op, "api")
+    # Header flags, expire and topic came later: an older entry has none of them (all zero).
+    if "hf" in op:
+        _int(op, "hf", 1, HF_ALL)
+    if "exp" in op:
+        _int(op, "exp", 1, (1 << 32) - 1)
+    if "tp" in op:
+        _id(op, "tp", max_bytes=MAX_TOPIC_BYTES)
+    if "subs" in op:
+        if op["ct"] != CHANNEL_TEMP or not op.get("api"):
+            raise BadCommand("subs is only for a temporary channel sent by the business server")
+        _uids(op, "subs", rule=uid_rule)
+    if op["ct"] == CHANNEL_TEMP and ("subs" not in op or not int(op.get("hf", 0)) & HF_SYNC_ONCE):
+        raise BadCommand("a temporary channel message needs subs and the sync_once flag")
+
+
 def check_op(op: Any, *, uid_rule: bool = True) -> Op:
     """Validate one op and return it; raises BadCommand naming the first bad field.
 
@@ -201,31 +339,10 @@ def check_op(op: Any, *, uid_rule: bool = True) -> Op:
         raise BadCommand("op must be a map")
     kind = op.get("t")
     if kind == OP_SEND:
-        _channel(op)
-        _uid(op, "from", rule=uid_rule)
-        _id(op, "cmn")
-        _int(op, "mid", 0, (1 << 63) - 1)
-        _int(op, "ts", 0, (1 << 32) - 1)
-        _int(op, "setting", 0, 255)
-        payload = op.get("payload")
-        if not isinstance(payload, bytes) or len(payload) > MAX_PAYLOAD_BYTES:
-            raise BadCommand(f"payload must be bytes of at most {MAX_PAYLOAD_BYTES}")
-        if "to" in op:
-            _uid(op, "to", allow_empty=True, rule=uid_rule)
-        _bool(op, "api")
-        # Header flags, expire and topic came later: an older entry has none of them (all zero).
-        if "hf" in op:
-            _int(op, "hf", 1, HF_ALL)
-        if "exp" in op:
-            _int(op, "exp", 1, (1 << 32) - 1)
-        if "tp" in op:
-            _id(op, "tp", max_bytes=MAX_TOPIC_BYTES)
-        if "subs" in op:
-            if op["ct"] != CHANNEL_TEMP or not op.get("api"):
-                raise BadCommand("subs is only for a temporary channel sent by the business server")
-            _uids(op, "subs", rule=uid_rule)
-        if op["ct"] == CHANNEL_TEMP and ("subs" not in op or not int(op.get("hf", 0)) & HF_SYNC_ONCE):
-            raise BadCommand("a temporary channel message needs subs and the sync_once flag")
+        if ROW in op and (type(op[ROW]) is not bytes or op[ROW][1:SEQ_AT] != _SEQ_SLOT):
+            raise BadCommand("row is not a pre-encoded message row")
+        if not _plain_send(op, uid_rule):
+            _check_send(op, uid_rule)
     elif kind == OP_TOKEN:
         _uid(op, "uid", rule=uid_rule)
         _int(op, "flag", 0, 255)

@@ -23,10 +23,10 @@ def _row(view: EntryView, uid: str, chan: bytes) -> dict[str, Any]:
 
 
 def on_send(view: EntryView, chan: bytes, sender: str, seq: int) -> None:
-    row = _row(view, sender, chan)
+    # Changed in place: the messages of one sender in one channel share a row (and one write) per entry.
+    row = view.conversation_to_change(sender, chan)
     row["read"] = max(int(row["read"]), seq)
     row["version"] = view.index
-    view.put_conversation(sender, chan, row)
 
 
 def on_subscribed(view: EntryView, chan: bytes, uid: str, last_seq: int) -> None:

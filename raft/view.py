@@ -36,6 +36,28 @@ class EntryView:
         self._meta: dict[str, Any] = {}
         self._has_members: dict[tuple[str, bytes], bool] = {}
         self._is_member: dict[tuple[str, bytes, str], bool] = {}
+        # Pure functions of their arguments, kept for the whole entry: the keys of channels and of
+        # conversation rows (many messages of an entry share them).
+        self._channel_keys: dict[tuple[str, int], bytes] = {}
+        self._conversation_keys: dict[tuple[str, bytes], bytes] = {}
+        self._dedup_prefixes: dict[tuple[bytes, str], bytes] = {}
+        # The send permission of (channel id, type, sender, receiver, api), read from the rows above: only
+        # an op that is not a send changes what it depends on, and each such op ends in `invalidate()`.
+        self.send_permissions: dict[tuple[str, int, str, str, bool], int] = {}
+
+    def channel_key(self, channel_id: str, channel_type: int) -> bytes:
+        key = (channel_id, channel_type)
+        found = self._channel_keys.get(key)
+        if found is None:
+            found = self._channel_keys[key] = keys.channel_key(channel_id, channel_type)
+        return found
+
+    def dedup_key(self, chan: bytes, sender: str, client_msg_no: str) -> bytes:
+        """`keys.dedup_key`, its (channel, sender) part built once per entry."""
+        prefix = self._dedup_prefixes.get((chan, sender))
+        if prefix is None:
+            prefix = self._dedup_prefixes[(chan, sender)] = chan + keys.part(sender)
+        return prefix + keys.part(client_msg_no)
 
     def channel(self, chan: bytes) -> dict[str, Any] | None:
         if chan not in self._channels:
@@ -87,6 +109,23 @@ class EntryView:
         self._conversations[key] = row
         self._dirty_conversations.add(key)
 
+    def conversation_to_change(self, uid: str, chan: bytes) -> dict[str, Any]:
+        """The conversation row of (uid, channel) to change in place: a copy of the stored one (or a new
+        row) the first time in the entry, then that same copy, which `flush` writes once."""
+        key = self._conversation_keys.get((uid, chan))
+        if key is None:
+            key = self._conversation_keys[(uid, chan)] = keys.user_channel_key(uid, chan)
+        if key in self._dirty_conversations:
+            row = self._conversations[key]
+            if row is not None:
+                return row
+        if key not in self._conversations:
+            self._conversations[key] = self.txn.get("conversations", key)
+        row = dict(self._conversations[key] or {"read": 0, "deleted": 0, "version": 0})
+        self._conversations[key] = row
+        self._dirty_conversations.add(key)
+        return row
+
     def flush(self) -> None:
         for chan in sorted(self._dirty):
             record = self._channels[chan]
@@ -110,3 +149,4 @@ class EntryView:
         self._meta.clear()
         self._has_members.clear()
         self._is_member.clear()
+        self.send_permissions.clear()

@@ -169,11 +169,18 @@ class Txn:
 
     def add_dedup(self, chan: bytes, sender: str, client_msg_no: str, record: dict[str, Any]) -> bool:
         """Write the row only if the key is new: True when written (one LMDB call for check and write)."""
-        key = keys.dedup_key(chan, sender, client_msg_no)
+        return self.add_dedup_at(keys.dedup_key(chan, sender, client_msg_no), record)
+
+    def add_dedup_at(self, key: bytes, record: dict[str, Any]) -> bool:
+        """`add_dedup` by its key (`keys.dedup_key`), for a caller that builds keys from shared parts."""
         return bool(self._txn.put(key, _dump(record), overwrite=False, db=self._dbs["dedup"]))
 
     def put_message(self, chan: bytes, seq: int, record: dict[str, Any]) -> None:
         self._txn.put(keys.message_key(chan, seq), _dump(record), db=self._dbs["messages"])
+
+    def put_message_row(self, chan: bytes, seq: int, row: bytes | bytearray) -> None:
+        """Store a message row already encoded (CBOR of the record `message` returns)."""
+        self._txn.put(keys.message_key(chan, seq), row, db=self._dbs["messages"])
 
     def message(self, chan: bytes, seq: int) -> dict[str, Any] | None:
         value = _load(self._txn.get(keys.message_key(chan, seq), db=self._dbs["messages"]))

@@ -42,9 +42,22 @@ def send(cmn: str, mid: int, **overrides: Any) -> c.Op:
     return c.send_op(**{**fields, **overrides})
 
 
+_ENTRY_FORMAT = ["rows"]
+
+
+@pytest.fixture(autouse=True, params=["rows", "maps"])
+def entry_format(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Each test as the proposer encodes entries now (send ops as pre-encoded rows) and as the previous
+    version did (send ops as maps), which a journal may still hold."""
+    _ENTRY_FORMAT[0] = request.param
+    yield
+
+
 def apply(store: Store, ops: list[Any], index: int) -> list[dict[str, Any]]:
+    """Apply `ops` as one committed entry: encoded, then decoded as raft/machine.py decodes it."""
+    entry = c.encode_entry(ops) if _ENTRY_FORMAT[0] == "rows" else cbor2.dumps(ops)
     with store.write() as txn:
-        return apply_ops(txn, ops, index)
+        return apply_ops(txn, c.decode_entry(entry), index)
 
 
 def test_flag_values_match_the_wire() -> None:
