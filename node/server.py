@@ -20,7 +20,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as serve_http
 
-from node import datadir, memory, plugins, tls
+from node import calls, datadir, memory, plugins, tls
 from node.api import admin as admin_api
 from node.api import channels as channels_api
 from node.api import commands as commands_api
@@ -469,6 +469,12 @@ class Node:
                 # ru_maxrss is in KiB on Linux: the process's peak resident set since it started.
                 "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                 "cpu_s": round(time.process_time(), 2),
+                # Only with IMNODE_COUNT_CALLS=1 (node/calls.py): Python calls since the counter went on.
+                **(
+                    {"python_calls": calls.total(), "python_calls_by_thread": calls.by_thread()}
+                    if calls.installed()
+                    else {}
+                ),
             },
         }
 

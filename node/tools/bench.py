@@ -25,7 +25,11 @@ and for deliveries until none is missing, or none came for 10 s). At the end:
 - CPU per acked message in µs: `node_cpu_us_per_msg` summed over the nodes (and `_by_node`), from each
   node's process CPU seconds in its admin status read just before connecting and again after the drain;
   `bench_cpu_us_per_msg` of this load generator over the same span, to show how much of the machine it took,
-- per node: peak RSS and CPU seconds (since it started, and in this run).
+- per node: peak RSS and CPU seconds (since it started, and in this run),
+- with `--count-calls`, against nodes started with `IMNODE_COUNT_CALLS=1`: `node_calls_per_msg`, the
+  Python function calls of all nodes from before connecting to after the drain per acked message, a figure
+  without timing noise. The counter slows a node several times over, so use it at a fixed modest load
+  (the README's: `--clients 20 --rate 500 --duration 10`), never beside CPU or latency figures.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import argparse
 import json
 from typing import Any
 
-from node.config import load
+from node.config import Config, load
 from node.tools import operator as op
 
 DEFAULT_RATE = "200"
@@ -42,8 +46,10 @@ DEFAULT_RATE = "200"
 
 def print_table(report: dict[str, Any]) -> None:
     for key, value in report.items():
-        if key in ("nodes", "node_cpu_us_per_msg_by_node"):
+        if key in ("nodes", "node_cpu_us_per_msg_by_node", "node_calls_per_msg_by_node"):
             continue  # on the node lines below
+        if key == "node_calls_per_msg_by_thread":
+            value = ", ".join(f"{kind} {count}" for kind, count in value.items())
         if key == "errors":
             value = ", ".join(f"{name} {count}" for name, count in value.items()) or "none"
         print(f"{key:20} {value}")
@@ -54,6 +60,32 @@ def print_table(report: dict[str, Any]) -> None:
         if "run_cpu_s" in stats:
             run = f" ({stats['run_cpu_s']} s in this run: {by_node.get(node_id)} us per acked message)"
         print(f"node {node_id:15} {conns}peak RSS {stats['peak_rss_mb']} MB, CPU {stats['cpu_s']} s{run}")
+
+
+def node_calls(config: Config) -> dict[str, dict[str, int]]:
+    """Each member's Python calls so far, in all and per kind of thread (`python_calls` in its status)."""
+    _leader, members = op.members(config)
+    counts = {}
+    for node_id in (m for m in members if m in config.nodes):
+        process = (op.node_status(config, node_id) or {}).get("process", {})
+        if "python_calls" not in process:
+            raise op.OperatorError(f"node {node_id} counts no calls: start it with IMNODE_COUNT_CALLS=1")
+        counts[node_id] = {"all": process["python_calls"], **process["python_calls_by_thread"]}
+    return counts
+
+
+def calls_per_message(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]], acked: int) -> Any:
+    """node_calls_per_msg summed over the nodes, and by node and by kind of thread (trio: MainThread)."""
+    spent = {n: {k: c - before[n].get(k, 0) for k, c in after[n].items()} for n in after if n in before}
+    threads: dict[str, int] = {}
+    for counts in spent.values():
+        for kind, c in counts.items():
+            threads[kind] = threads.get(kind, 0) + c
+    return {
+        "node_calls_per_msg": round(threads.pop("all", 0) / acked) if acked else None,
+        "node_calls_per_msg_by_node": {n: round(c["all"] / acked) for n, c in spent.items()} if acked else {},
+        "node_calls_per_msg_by_thread": {k: round(c / acked) for k, c in threads.items()} if acked else {},
+    }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,6 +109,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group-size", type=int, default=100)
     parser.add_argument("--window", type=int, default=100, help="sends in flight per client (default 100)")
     parser.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    parser.add_argument(
+        "--count-calls",
+        action="store_true",
+        help="report node_calls_per_msg (nodes started with IMNODE_COUNT_CALLS=1; see above)",
+    )
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -101,7 +138,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from node.tools.loadgen import Bench
 
+    calls_before = node_calls(config) if args.count_calls else {}
     report = trio.run(Bench(config, args).run)
+    if args.count_calls:
+        report.update(calls_per_message(calls_before, node_calls(config), report.get("acked", 0)))
     if args.json:
         print(json.dumps(report))
     else:

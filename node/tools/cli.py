@@ -114,9 +114,13 @@ def cmd_node_start(args: argparse.Namespace) -> int:
     _check_ports_free(config, node_id)
     import trio  # here, not at the top: the other commands never pay for the server's imports
 
-    from node import datadir
+    from node import calls, datadir
     from node.plugins import PluginError
     from node.server import Node
+
+    if calls.requested():
+        # Before Node starts any thread (PySyncObj's tick thread), so every thread counts.
+        calls.install()
 
     # This process is the node: everything it creates (store, journal, secret) is its owner's alone,
     # whatever umask it was started with.

@@ -186,3 +186,34 @@ def test_the_work_floor_measures_every_step_of_a_person_message() -> None:
         "RECV encrypted, signed, encoded",
     } <= set(figures)
     assert all(us > 0 for us in figures.values()), figures
+
+
+def test_bench_counts_python_calls_per_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "counting").mkdir()
+    plain = Cluster(write_cluster_toml(tmp_path / "plain" / "cluster.toml", nodes=1, initial=1))
+    try:
+        plain.start_all()
+        refused = plain.cli("bench", "--clients", "2", "--duration", "0.5", "--count-calls", timeout_s=120)
+        assert refused.returncode != 0 and "IMNODE_COUNT_CALLS=1" in refused.stderr
+    finally:
+        plain.stop_all()
+    monkeypatch.setenv("IMNODE_COUNT_CALLS", "1")  # the node process inherits it
+    counting = Cluster(write_cluster_toml(tmp_path / "counting" / "cluster.toml", nodes=1, initial=1))
+    try:
+        counting.start_all()
+        run = counting.cli(
+            "bench", "--clients", "2", "--senders", "1", "--window", "1", "--rate", "50", "--duration", "1",
+            "--count-calls", "--json", timeout_s=120,
+        )  # fmt: skip
+    finally:
+        counting.stop_all()
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads(run.stdout)
+    assert report["acked"] > 0 and report["lost"] == 0
+    # A message is decoded, pooled, committed and pushed in Python: hundreds of calls at least.
+    assert report["node_calls_per_msg"] > 100
+    assert report["node_calls_per_msg_by_node"] == {"n1": report["node_calls_per_msg"]}
+    by_thread = report["node_calls_per_msg_by_thread"]
+    assert by_thread["MainThread"] > 100  # trio's thread
+    assert sum(by_thread.values()) == pytest.approx(report["node_calls_per_msg"], abs=len(by_thread))
