@@ -108,6 +108,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--group-size", type=int, default=100)
     parser.add_argument("--window", type=int, default=100, help="sends in flight per client (default 100)")
+    parser.add_argument(
+        "--write-each",
+        action="store_true",
+        help="one SEND per write, as an app sends them (default at --rate max: a sender's whole free "
+        "window in one write, as pipelining clients such as NATS's do)",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     parser.add_argument(
         "--count-calls",

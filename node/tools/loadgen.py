@@ -355,7 +355,11 @@ class Bench:
                 sender.in_flight[seq] = (first + offset, started)
             tally.sent += count
             try:
-                await client.write_frames(frames)
+                if self.args.write_each:
+                    for frame in frames:  # the nodes read them one by one, as from apps
+                        await client.write_frames([frame])
+                else:
+                    await client.write_frames(frames)
             except ClientError:
                 break  # counted below, with everything else in flight on this connection
             if interval:
@@ -456,6 +460,7 @@ class Bench:
             "clients": self.args.clients,
             "senders": self.args.senders or self.args.clients,
             "window": self.args.window,
+            "write_each": self.args.write_each,
             "rate": self.args.rate,
             "payload_bytes": self.args.payload,
             **{name: round(seconds, 2) for name, seconds in phases.items() if name != "wall_s"},

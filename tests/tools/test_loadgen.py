@@ -18,7 +18,7 @@ from tests.conftest import single_node_config
 @pytest.fixture
 def bench(tmp_path: Path) -> Bench:
     args = argparse.Namespace(
-        clients=4, senders=0, mode="person", group_size=4, window=8, payload=200, rate="max"
+        clients=4, senders=0, mode="person", group_size=4, window=8, payload=200, rate="max", write_each=False
     )
     return Bench(single_node_config(tmp_path), args)
 
