@@ -239,12 +239,7 @@ class Gateway:
                 # Ordered after this uid's other events in its shard; try_submit so a full pool can't
                 # keep a dead connection's task alive (the registry entry is already gone).
                 self.user_events.try_submit(conn.uid, ev.CLOSE, ev.ConnEvent(conn))
-            with trio.move_on_after(1) as scope:
-                scope.shield = True
-                try:
-                    await transport.aclose()
-                except TRANSPORT_ERRORS:
-                    pass
+            await _close_quietly(transport)
 
     def _over_connection_limit(self, remote: str) -> str:
         """Which connection limit a new connection from `remote` is past ("" if none)."""
@@ -281,12 +276,7 @@ class Gateway:
             finally:
                 self._refusing -= 1
         finally:
-            with trio.move_on_after(1) as scope:
-                scope.shield = True
-                try:
-                    await transport.aclose()
-                except TRANSPORT_ERRORS:
-                    pass
+            await _close_quietly(transport)
 
     async def _write_loop(self, conn: Connection, transport: Transport, scope: trio.CancelScope) -> None:
         """Write everything queued since the last write in one `transport.send`, control frames first.
@@ -481,3 +471,13 @@ class _ReadBatch:
         if self._acks:
             acks, self._acks = self._acks, []
             await self._sink.submit(uid, ev.RECVACK_BATCH, ev.RecvackBatch(self._conn, acks))
+
+
+async def _close_quietly(transport: Transport) -> None:
+    """Close a transport even while cancelled (shielded, bounded); a peer already gone is no error."""
+    with trio.move_on_after(1) as scope:
+        scope.shield = True
+        try:
+            await transport.aclose()
+        except TRANSPORT_ERRORS:
+            pass
