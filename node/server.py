@@ -189,6 +189,7 @@ class Node:
             config.manager_token,
             body_timeout_s=tuning.http_body_timeout_s,
             peer_key=peer_auth.derive_key(self.cluster_secret),
+            node_id=self.spec.id,
             guard=WebGuard(config, self.spec.id, self._own_http, self._ws_urls),
         )
         self._register_metrics()

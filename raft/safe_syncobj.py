@@ -81,7 +81,10 @@ class SafeSyncObj(SyncObj):
             self._member_outbox.append((address, body))
         notifier = getattr(self, "_SyncObj__pipeNotifier", None)
         if notifier is not None:
-            notifier.notify()
+            try:
+                notifier.notify()
+            except BlockingIOError:
+                pass  # the pipe is full of wake-ups already: the tick thread will run
 
     def _onTick(self, timeToWait: float = 0.0) -> None:
         if self._member_outbox:

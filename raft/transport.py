@@ -43,9 +43,10 @@ import errno
 import functools
 import hashlib
 import hmac
+import io
 import logging
 import os
-import pickletools
+import pickle
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -56,6 +57,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pysyncobj.monotonic import monotonic as monotonic_time
+from pysyncobj.node import TCPNode
 from pysyncobj.tcp_connection import CONNECTION_STATE, TcpConnection
 from pysyncobj.transport import TCPTransport
 
@@ -78,25 +80,6 @@ _COUNTER_NONCE = struct.Struct(">4xQ")  # 12-byte GCM nonce: 4 zero bytes, then 
 _REGULAR, _NO_OP, _MEMBERSHIP, _VERSION = range(4)
 # The only callable a command's pickle may name: the node of a membership change.
 _MEMBERSHIP_GLOBAL = ("pysyncobj.node", "TCPNode")
-# Opcodes that call or look up something: no command may use them, but for the one global above.
-_CODE_OPCODES = frozenset(
-    {
-        "GLOBAL",
-        "STACK_GLOBAL",
-        "REDUCE",
-        "BUILD",
-        "INST",
-        "OBJ",
-        "NEWOBJ",
-        "NEWOBJ_EX",
-        "EXT1",
-        "EXT2",
-        "EXT4",
-        "PERSID",
-        "BINPERSID",
-    }
-)
-_STRING_OPCODES = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"})
 
 # What each PySyncObj message type may carry; anything else is refused. (pysyncobj/syncobj.py sends these.)
 # imnode's own messages between members (raft/safe_syncobj.py hands them to the node, never to PySyncObj):
@@ -235,11 +218,26 @@ def _restore(message: Any) -> dict[str, Any]:
     return message
 
 
+class _OnlyTCPNode(pickle.Unpickler):
+    """Loads a pickle with no global but PySyncObj's TCPNode (and only where `allowed`): every GLOBAL and
+    STACK_GLOBAL goes through `find_class`, so no trick with the stack reaches anything else."""
+
+    def __init__(self, data: bytes, allowed: bool) -> None:
+        super().__init__(io.BytesIO(data))
+        self._allowed = allowed
+
+    def find_class(self, module: str, name: str) -> Any:
+        if self._allowed and (module, name) == _MEMBERSHIP_GLOBAL:
+            return TCPNode
+        raise Refused(f"a command's pickle names {module}.{name}")
+
+
 def check_command(command: bytes) -> None:
     """Refuse a command PySyncObj would unpickle into a call: only the shapes it writes itself pass.
 
-    A regular command is `pickle((method id, (entry bytes,)))`, a version one an int, a no-op one byte:
-    none names anything callable. A membership change pickles `['add'|'rem', address, TCPNode]`.
+    The command is loaded here with an unpickler that knows no global but TCPNode: a regular command is
+    `pickle((method id, args, kwargs))` and a version one an int, neither naming any global; a membership
+    change pickles `['add'|'rem', node id, TCPNode]`, whose node must hold plain values only.
     """
     if not command:
         raise Refused("an empty command")
@@ -248,25 +246,21 @@ def check_command(command: bytes) -> None:
         return
     if kind not in (_REGULAR, _MEMBERSHIP, _VERSION):
         raise Refused(f"unknown command type {kind}")
-    strings: list[str] = []
     try:
-        for opcode, arg, _pos in pickletools.genops(command[1:]):
-            name = opcode.name
-            if name in _STRING_OPCODES:
-                strings.append(str(arg))
-            elif name in _CODE_OPCODES:
-                if kind != _MEMBERSHIP:
-                    raise Refused(f"a command's pickle uses {name}")
-                if name == "STACK_GLOBAL" and tuple(strings[-2:]) != _MEMBERSHIP_GLOBAL:
-                    raise Refused("a membership command names something other than TCPNode")
-                if name == "GLOBAL" and tuple(str(arg).split(" ", 1)) != _MEMBERSHIP_GLOBAL:
-                    raise Refused("a membership command names something other than TCPNode")
-                if name not in ("STACK_GLOBAL", "GLOBAL", "NEWOBJ", "BUILD"):
-                    raise Refused(f"a membership command's pickle uses {name}")
+        value = _OnlyTCPNode(command[1:], allowed=kind == _MEMBERSHIP).load()
     except Refused:
         raise
     except Exception as exc:
-        raise Refused(f"a command is not a pickle: {exc!r}") from None
+        raise Refused(f"a command is not a pickle PySyncObj writes: {exc!r}") from None
+    if kind == _MEMBERSHIP and not (
+        isinstance(value, list)
+        and len(value) == 3
+        and value[0] in ("add", "rem")
+        and isinstance(value[1], str)
+        and type(value[2]) is TCPNode
+        and all(isinstance(v, (str, int, type(None))) for v in vars(value[2]).values())
+    ):
+        raise Refused("a membership command is not ['add'|'rem', node id, TCPNode]")
 
 
 def _split_append_entries(message: dict[str, Any]) -> list[dict[str, Any]]:

@@ -81,6 +81,7 @@ class HttpApi:
         body_timeout_s: float,
         guard: WebGuard,
         peer_key: bytes | None = None,
+        node_id: str = "",
     ) -> None:
         self.routes = dict(routes)
         self.routes["/openapi.json"] = Route(
@@ -89,6 +90,7 @@ class HttpApi:
         self._manager_token = manager_token
         # Other members sign their calls with this (node/api/peer_auth.py) instead of sending the token.
         self._peer_key = peer_key
+        self._node_id = node_id  # what members' signatures must name as the destination
         self._body_timeout_s = body_timeout_s
         self._guard = guard
         self.requests = 0
@@ -186,7 +188,9 @@ class HttpApi:
         if peer_signed and self._peer_key:
             query_string = scope.get("query_string", b"").decode("latin-1")
             target = f"{scope['path']}?{query_string}" if query_string else scope["path"]
-            peer.signature = peer_auth.verify_request(self._peer_key, scope["method"], target, headers, raw)
+            peer.signature = peer_auth.verify_request(
+                self._peer_key, scope["method"], target, self._node_id, headers, raw
+            )
             if peer.signature is None:
                 raise HttpError(
                     401,

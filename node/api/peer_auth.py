@@ -36,29 +36,38 @@ def _mac(key: bytes, *parts: bytes) -> str:
     return hmac.new(key, b"\n".join(parts), hashlib.sha256).hexdigest()
 
 
-def _request_mac(key: bytes, method: str, target: str, node: str, when: str, body: bytes) -> str:
+def _request_mac(key: bytes, method: str, target: str, node: str, to: str, when: str, body: bytes) -> str:
     digest = hashlib.sha256(body).hexdigest().encode()
-    return _mac(key, b"request", method.encode(), target.encode(), node.encode(), when.encode(), digest)
+    parts = (method, target, node, to, when)
+    return _mac(key, b"request", *(part.encode() for part in parts), digest)
 
 
-def sign_request(key: bytes, method: str, target: str, node: str, body: bytes) -> dict[str, str]:
-    """Headers that authenticate a request for `target` (path plus "?query" if any) from node `node`."""
+def sign_request(key: bytes, method: str, target: str, node: str, to: str, body: bytes) -> dict[str, str]:
+    """Headers that authenticate a request for `target` (path plus "?query" if any) from node `node` to
+    node `to` (so a captured request is no good at any other member)."""
     when = str(int(time.time()))
-    signature = _request_mac(key, method, target, node, when, body)
+    signature = _request_mac(key, method, target, node, to, when, body)
     return {NODE_HEADER: node, TIME_HEADER: when, SIGNATURE_HEADER: signature}
 
 
 def verify_request(
-    key: bytes, method: str, target: str, headers: Mapping[str, str], body: bytes, now: float | None = None
+    key: bytes,
+    method: str,
+    target: str,
+    to: str,
+    headers: Mapping[str, str],
+    body: bytes,
+    now: float | None = None,
 ) -> str | None:
-    """The signature if the request is signed with the cluster's key within the allowed skew, else None."""
+    """The signature if the request is signed with the cluster's key for node `to` within the allowed
+    skew, else None."""
     node, when, given = (headers.get(h, "") for h in (NODE_HEADER, TIME_HEADER, SIGNATURE_HEADER))
     if not (node and when.isascii() and when.isdigit() and given):
         return None
     if abs((time.time() if now is None else now) - int(when)) > MAX_SKEW_S:
         return None
-    expected = _request_mac(key, method, target, node, when, body)
-    return given if hmac.compare_digest(expected, given) else None
+    expected = _request_mac(key, method, target, node, to, when, body)
+    return given if hmac.compare_digest(expected.encode(), given.encode()) else None
 
 
 def sign_answer(key: bytes, request_signature: str, status: int, body: bytes) -> str:
@@ -67,4 +76,4 @@ def sign_answer(key: bytes, request_signature: str, status: int, body: bytes) ->
 
 
 def verify_answer(key: bytes, request_signature: str, status: int, body: bytes, given: str) -> bool:
-    return hmac.compare_digest(sign_answer(key, request_signature, status, body), given)
+    return hmac.compare_digest(sign_answer(key, request_signature, status, body).encode(), given.encode())

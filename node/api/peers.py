@@ -65,7 +65,7 @@ class Peers:
         address = self._own_http() if node_id == self._node_id else self._config.node(node_id).http
         target = f"{path}?{urlencode(params)}" if params else path
         content = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()
-        headers = peer_auth.sign_request(self._key, method, target, self._node_id, content)
+        headers = peer_auth.sign_request(self._key, method, target, self._node_id, node_id, content)
         if body is not None:
             headers["content-type"] = "application/json"
         with trio.move_on_after(timeout_s):

@@ -32,17 +32,19 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import cbor2
 import trio
 import trio.lowlevel
 
 from node.trace import Trace
 from raft.apply import Result
 from raft.bridge import ProposeFailed, ProposeTiming, RaftNode
-from raft.commands import R_SYSTEM_ERROR, Op, encode_entry
+from raft.commands import OP_SEND, R_SYSTEM_ERROR, Op, encode_entry
 from storage.store import StoreFull
 
 log = logging.getLogger("imnode.proposer")
@@ -72,6 +74,7 @@ class _Forward:
     """A batch this follower forwarded, waiting for the leader's answer."""
 
     answered: trio.Event
+    leader: str  # the Raft address it went to: only that member's answer counts
     answer: dict[str, Any] | None = None
 
 
@@ -94,7 +97,9 @@ class Proposer:
         self._raft = raft
         self._forward_to_leader = forward_to_leader
         self._forwards: dict[int, _Forward] = {}
-        self._forward_ids = itertools.count(1)
+        # A random start: after a restart, an answer still on its way to the old process's request of the
+        # same number must not complete a new one (it is also checked to come from the member asked).
+        self._forward_ids = itertools.count(secrets.randbits(62))
         # An entry is formed only when one of these is free: while all are committing, work gathers in the
         # queue and the next entry takes all of it. (Formed first and then queued for a slot, entries stayed
         # a window's worth each however long the wait: many small entries, each paying Raft's full cost.)
@@ -120,7 +125,7 @@ class Proposer:
 
         The caller bounds how much it queues (one batch in flight per channel, a bounded pending list).
         """
-        size = sum(_payload_bytes(op) + OP_OVERHEAD_BYTES for op in ops)
+        size = sum(_op_bytes(op) for op in ops)
         self._queue.append(_Work(ops, done, size, traces))
         self._ready.set()
 
@@ -177,7 +182,22 @@ class Proposer:
                 trace.mark("proposal_wait")
         self._committing += 1
         try:
-            results, index = await self._propose_until_deadline(ops, timing)
+            if any(work.forwarded_by is not None for work in batch):
+                results, index = await self._propose_once(ops, timing)
+                if not index:
+                    # Members' work is tried once: its member retries (to whoever leads by then), so a
+                    # second try here could land after newer work of that member (a presence going
+                    # online again after it went offline). Only this node's own work is tried again.
+                    for work in batch:
+                        if work.forwarded_by is not None:
+                            address, request = work.forwarded_by
+                            self._answer(address, {"k": ANSWER, "id": request, "err": "not committed"})
+                    batch = [work for work in batch if work.forwarded_by is None]
+                    ops = [op for work in batch for op in work.ops]
+                    if ops:
+                        results, index = await self._propose_until_deadline(ops, timing)
+            else:
+                results, index = await self._propose_until_deadline(ops, timing)
         finally:
             self._committing -= 1
         if timing is not None and timing.applied:
@@ -193,12 +213,35 @@ class Proposer:
             start += len(work.ops)
             if work.forwarded_by is not None:
                 address, request = work.forwarded_by
-                self._raft.send_to_member(address, {"k": ANSWER, "id": request, "i": index, "r": part})
+                self._answer(address, {"k": ANSWER, "id": request, "i": index, "r": part})
                 continue
             try:
                 work.done(part)
             except Exception:
                 log.exception("a proposer completion failed")
+
+    async def _propose_once(self, ops: list[Op], timing: ProposeTiming | None) -> tuple[list[Result], int]:
+        """One proposal of a batch holding members' work, only while this node leads: its results and
+        index, or index 0 if it did not commit."""
+        if not self._raft.is_leader():
+            return [], 0
+        try:
+            self._raft.store.check_room()
+            results, index = await self._raft.propose_at(
+                encode_entry(ops), timeout_s=self._commit_timeout_s, timing=timing
+            )
+        except (StoreFull, ProposeFailed) as exc:
+            log.debug("a batch with members' work did not commit (%s)", exc)
+            return [], 0
+        if len(results) != len(ops):
+            return [], 0
+        return results, index
+
+    def _answer(self, address: str, body: dict[str, Any]) -> None:
+        try:
+            self._raft.send_to_member(address, body)
+        except Exception:  # never let a member's answer take the proposer down
+            log.exception("an answer to %s could not be queued", address)
 
     async def _propose_until_deadline(
         self, ops: list[Op], timing: ProposeTiming | None
@@ -245,7 +288,7 @@ class Proposer:
         """Send ops to the leader's proposer; its answer, or None if none came in `wait_s` or leadership
         moved meanwhile (the caller then tries whoever leads now)."""
         request = next(self._forward_ids)
-        waiting = self._forwards[request] = _Forward(trio.Event())
+        waiting = self._forwards[request] = _Forward(trio.Event(), leader)
         self.forwarded += len(ops)
         try:
             self._raft.send_to_member(leader, {"k": FORWARD, "id": request, "ops": ops})
@@ -281,7 +324,7 @@ class Proposer:
             return
         if body.get("k") == ANSWER:
             waiting = self._forwards.get(body["id"])
-            if waiting is not None and not waiting.answered.is_set():
+            if waiting is not None and waiting.leader == address and not waiting.answered.is_set():
                 waiting.answer = body
                 waiting.answered.set()
             return
@@ -291,9 +334,9 @@ class Proposer:
             return
         if not self._raft.is_leader() or not all(isinstance(op, dict) for op in ops):
             # Not (any more) the leader: the follower asks whoever leads now.
-            self._raft.send_to_member(address, {"k": ANSWER, "id": body["id"], "err": "not_leader"})
+            self._answer(address, {"k": ANSWER, "id": body["id"], "err": "not_leader"})
             return
-        size = sum(_payload_bytes(op) + OP_OVERHEAD_BYTES for op in ops)
+        size = sum(_op_bytes(op) for op in ops)
         self.forwarded_in += len(ops)
         self._queue.append(_Work(ops, _no_completion, size, forwarded_by=(address, body["id"])))
         self._ready.set()
@@ -310,9 +353,17 @@ class Proposer:
         }
 
 
-def _payload_bytes(op: Op) -> int:
-    payload = op.get("payload", b"")
-    return len(payload) if isinstance(payload, (bytes, str)) else 0
+def _op_bytes(op: Op) -> int:
+    """About what `op` adds to an entry. A send is its payload plus its fixed fields (counted cheaply:
+    sends are the hot path); any other op is encoded to count, since a list op can carry thousands of
+    uids, and entries must stay below the Raft transport's batch size (its chunked path is refused)."""
+    if op.get("t") == OP_SEND:
+        payload = op.get("payload", b"")
+        return (len(payload) if isinstance(payload, (bytes, str)) else 0) + OP_OVERHEAD_BYTES
+    try:
+        return len(cbor2.dumps(op))
+    except Exception:  # apply refuses what cannot be encoded; count it as a send would be
+        return OP_OVERHEAD_BYTES
 
 
 def _no_completion(results: list[Result]) -> None:

@@ -387,8 +387,8 @@ async def test_pickles_run_nothing_in_any_framing(tmp_path: Path, refusals: Any)
         assert not marker.exists()
         reasons = refused_because(refusals)
         assert reasons.count("not an imnode Raft handshake") == 2
-        assert "a command's pickle uses STACK_GLOBAL" in reasons
-        assert "names something other than TCPNode" in reasons
+        # In an entry and as a membership change alike: the loader knows no global but TCPNode.
+        assert reasons.count("a command's pickle names posix.system") >= 2
         assert "chunked AppendEntries are not accepted" in reasons
 
 
@@ -438,3 +438,38 @@ def test_frames_fail_on_any_change_replay_or_reorder() -> None:
     with pytest.raises(Refused):
         other.open(second[4:])  # out of order
     assert hashlib.sha256(first).digest() != hashlib.sha256(sealer.seal(entries)).digest()  # fresh nonce
+
+
+def test_a_membership_command_cannot_name_another_global_by_stack_tricks(tmp_path: Path) -> None:
+    # STACK_GLOBAL takes the top two strings of the stack: push os/system, then TCPNode's names, pop the
+    # latter, and an opcode scan sees TCPNode while the load gets os.system. BUILD (which a node's pickle
+    # uses) then plants it as a module's __setstate__ and a second BUILD calls it, with no REDUCE at all.
+    # The check loads through an unpickler that knows no other global: refused, nothing runs.
+    marker = tmp_path / "ran"
+
+    def s(text: str) -> bytes:
+        return b"\x8c" + bytes([len(text)]) + text.encode()  # SHORT_BINUNICODE
+
+    def smuggled(module: str, name: str) -> bytes:
+        return s(module) + s(name) + s("pysyncobj.node") + s("TCPNode") + b"00" + b"\x93"  # POP POP GLOBAL
+
+    trick = (
+        b"\x80\x05"
+        + smuggled("os", "path")
+        + b"}"  # EMPTY_DICT
+        + s("__setstate__")
+        + smuggled("os", "system")
+        + b"sb"  # SETITEM, BUILD: os.path.__setstate__ = os.system
+        + s(f"touch {marker}")
+        + b"b."  # BUILD: os.system("touch ...")
+    )
+    with pytest.raises(Refused):
+        check_command(b"\x02" + trick)
+    assert not marker.exists()
+    from pysyncobj.node import TCPNode
+
+    node = TCPNode("127.0.0.1:4000")
+    node.evil = _Exploit(marker)  # type: ignore[attr-defined]
+    with pytest.raises(Refused):
+        check_command(b"\x02" + pickle.dumps(["add", "127.0.0.1:4000", node]))
+    assert not marker.exists()

@@ -95,14 +95,20 @@ async def test_a_stopped_members_port_gets_no_token_and_its_impostor_is_not_beli
 async def test_a_request_signed_with_another_secret_is_refused(cluster: Cluster) -> None:
     await trio.to_thread.run_sync(cluster.start_all)
     key = peer_auth.derive_key("another-cluster's-secret-0123456789")
-    headers = peer_auth.sign_request(key, "GET", "/admin/status", "n2", b"")
+    headers = peer_auth.sign_request(key, "GET", "/admin/status", "n2", "n1", b"")
     status, body = await http_json(cluster.http("n1"), "GET", "/admin/status", headers=headers)
     assert status == 401 and "signature not valid" in body["msg"]
     right = peer_auth.derive_key(cluster.config.secret)
-    stale = peer_auth.sign_request(right, "GET", "/admin/status", "n2", b"")
+    stale = peer_auth.sign_request(right, "GET", "/admin/status", "n2", "n1", b"")
     stale[peer_auth.TIME_HEADER] = str(int(stale[peer_auth.TIME_HEADER]) - 120)  # the MAC no longer fits
     status, body = await http_json(cluster.http("n1"), "GET", "/admin/status", headers=stale)
     assert status == 401
-    fresh = peer_auth.sign_request(right, "GET", "/admin/status", "n2", b"")
+    for_n3 = peer_auth.sign_request(right, "GET", "/admin/status", "n2", "n3", b"")
+    status, body = await http_json(cluster.http("n1"), "GET", "/admin/status", headers=for_n3)
+    assert status == 401  # signed for another member: no good here
+    odd = {**for_n3, peer_auth.SIGNATURE_HEADER: "\u00e9" * 64}
+    status, body = await http_json(cluster.http("n1"), "GET", "/admin/status", headers=odd)
+    assert status == 401  # not a 500
+    fresh = peer_auth.sign_request(right, "GET", "/admin/status", "n2", "n1", b"")
     status, body = await http_json(cluster.http("n1"), "GET", "/admin/status", headers=fresh)
     assert status == 200 and body["id"] == "n1"
