@@ -63,15 +63,23 @@ class Session:
     both read the same salt.
     """
 
-    __slots__ = ("_cipher", "aes_key", "iv")
+    __slots__ = ("_decryptor", "_decrypt_chain", "_encryptor", "_encrypt_chain", "_iv_int", "aes_key", "iv")
 
     def __init__(self, aes_key: bytes, iv: bytes) -> None:
         if len(aes_key) != KEY_BYTES or len(iv) != IV_BYTES:
             raise CryptoError(f"need a {KEY_BYTES}-byte key and a {IV_BYTES}-byte IV")
         self.aes_key = aes_key
         self.iv = iv
-        # Encryptor and decryptor contexts are one-shot; the Cipher that makes them is not.
-        self._cipher = Cipher(algorithms.AES(aes_key), modes.CBC(iv))
+        # Every message is CBC from the same IV. Making a Cipher and a context per message costs more
+        # than the AES itself, so one encryptor and one decryptor run for the connection's life, and
+        # each message is made to start from `iv` anyway: in CBC a block is chained with the previous
+        # ciphertext block (`_*_chain`, the context's own state), so XOR-ing `chain ^ iv` into the
+        # first block (or out of it, decrypting) gives exactly what a fresh context would.
+        self._iv_int = int.from_bytes(iv, "big")
+        self._encryptor = Cipher(algorithms.AES(aes_key), modes.CBC(iv)).encryptor()
+        self._encrypt_chain = self._iv_int
+        self._decryptor = Cipher(algorithms.AES(aes_key), modes.CBC(iv)).decryptor()
+        self._decrypt_chain = self._iv_int
 
     @classmethod
     def from_keys(cls, private_key: X25519PrivateKey, peer_public_b64: str, salt: str) -> "Session":
@@ -99,9 +107,11 @@ class Session:
     def encrypt(self, data: bytes) -> bytes:
         """base64(AES-128-CBC-PKCS7(data)) as ASCII bytes: the wire form of a payload."""
         pad = _BLOCK - len(data) % _BLOCK
-        encryptor = self._cipher.encryptor()
         # PKCS7 by hand: one concatenation is cheaper than a padder context per message.
-        ciphertext = encryptor.update(data + bytes((pad,)) * pad) + encryptor.finalize()
+        padded = data + bytes((pad,)) * pad
+        first = int.from_bytes(padded[:_BLOCK], "big") ^ self._encrypt_chain ^ self._iv_int
+        ciphertext = self._encryptor.update(first.to_bytes(_BLOCK, "big") + padded[_BLOCK:])
+        self._encrypt_chain = int.from_bytes(ciphertext[-_BLOCK:], "big")
         return base64.b64encode(ciphertext)
 
     def decrypt(self, data: bytes) -> bytes:
@@ -112,8 +122,10 @@ class Session:
             raise CryptoError("ciphertext is not base64") from None
         if not ciphertext or len(ciphertext) % _BLOCK:
             raise CryptoError(f"ciphertext of {len(ciphertext)} bytes is not whole AES blocks")
-        decryptor = self._cipher.decryptor()
-        padded = decryptor.update(ciphertext) + decryptor.finalize()
+        chained = self._decryptor.update(ciphertext)
+        first = int.from_bytes(chained[:_BLOCK], "big") ^ self._decrypt_chain ^ self._iv_int
+        self._decrypt_chain = int.from_bytes(ciphertext[-_BLOCK:], "big")
+        padded = first.to_bytes(_BLOCK, "big") + chained[_BLOCK:]
         pad = padded[-1]
         if not 1 <= pad <= _BLOCK or padded[-pad:] != bytes((pad,)) * pad:
             raise CryptoError("bad PKCS7 padding")

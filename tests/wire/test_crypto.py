@@ -144,6 +144,22 @@ def test_encrypt_decrypt_round_trip(data: bytes) -> None:
     assert server.decrypt(wire) == data
 
 
+@settings(max_examples=50, deadline=None)
+@given(messages=st.lists(st.binary(max_size=100), min_size=2, max_size=12))
+def test_a_session_encrypts_every_message_as_a_fresh_cbc_context_would(messages: list[bytes]) -> None:
+    """The session keeps one running context per direction; each message must still start from the IV."""
+    client, server = _vector_sessions()
+    for data in messages:
+        pad = 16 - len(data) % 16
+        fresh = Cipher(algorithms.AES(client.aes_key), modes.CBC(client.iv)).encryptor()
+        expected = base64.b64encode(fresh.update(data + bytes((pad,)) * pad) + fresh.finalize())
+        assert client.encrypt(data) == expected
+        assert server.decrypt(expected) == data
+        with pytest.raises(CryptoError):
+            server.decrypt(_raw_cbc(server, b"A" * 16))  # a refused one in between changes nothing
+    assert client.encrypt(PAYLOAD) == ENCRYPTED_PAYLOAD  # and the SDK's vector still holds after all that
+
+
 def _raw_cbc(session: Session, plaintext: bytes) -> bytes:
     """Encrypt without padding, to build ciphertexts whose padding is wrong."""
     encryptor = Cipher(algorithms.AES(session.aes_key), modes.CBC(session.iv)).encryptor()
