@@ -259,7 +259,7 @@ def _channel(op: dict[str, Any]) -> None:
 def _plain_send(op: dict[str, Any], uid_rule: bool) -> bool:
     """True for an ordinary message whose every field is certainly fine: a shortcut past `_check_send`
     that apply takes on every node for every message. ASCII ids are measured by their length (a byte per
-    character); anything else (flags, expire, topic, subscribers, other text, a field out of range) takes
+    character); anything else (expire, topic, subscribers, other text, a field out of range) takes
     the full check, which decides and names the field, so both give the same answer."""
     try:
         cid, sender, cmn, ct = op["cid"], op["from"], op["cmn"], op["ct"]
@@ -267,6 +267,7 @@ def _plain_send(op: dict[str, Any], uid_rule: bool) -> bool:
     except KeyError:
         return False
     receiver = op.get("to", "")
+    header = op.get("hf", 1)  # the SDKs set RedDot on every message: flags must not leave the shortcut
     return (
         type(cid) is str
         and 0 < len(cid) <= MAX_CHANNEL_ID_BYTES
@@ -292,7 +293,8 @@ def _plain_send(op: dict[str, Any], uid_rule: bool) -> bool:
         and type(payload) is bytes
         and len(payload) <= MAX_PAYLOAD_BYTES
         and type(op.get("api", False)) is bool
-        and "hf" not in op
+        and type(header) is int
+        and 1 <= header <= HF_ALL
         and "exp" not in op
         and "tp" not in op
         and "subs" not in op

@@ -309,6 +309,9 @@ def test_the_plain_send_shortcut_never_passes_what_the_full_check_refuses(
 def test_an_ordinary_message_takes_the_shortcut() -> None:
     [op] = c.decode_entry(c.encode_entry([alice_to_bob("m1", 1)]))
     assert c._plain_send(op, False) and c._plain_send(op, True)
+    # The SDKs set RedDot on every message: header flags alone must not send it the long way round.
+    [flagged] = c.decode_entry(c.encode_entry([alice_to_bob("m2", 2, header=c.HF_RED_DOT)]))
+    assert flagged["hf"] == c.HF_RED_DOT and c._plain_send(flagged, False)
 
 
 _row_bytes = st.builds(
