@@ -329,7 +329,22 @@ class EventPool(Generic[Ctx]):
                     self.observer_dropped += 1
                 continue
             if handler.timeout_s is None:
-                reason = await self._run_builtin(handler, event_type, event)
+                # A trusted built-in step (no timeout): called right here, counted but not timed per call
+                # (on the send path a wrapper call cost as much as the step). Same outcomes as `_run_step`.
+                handler.stats.calls += 1
+                try:
+                    result = await handler.fn(self.ctx, event)
+                except Exception as exc:
+                    handler.stats.errors += 1
+                    if handler.retries:
+                        reason = await self._run_step(handler, event_type, event, attempts=handler.retries)
+                    else:
+                        reason = self._step_failed(handler, event_type, event, exc)
+                else:
+                    if result is None or result == SUCCESS:
+                        handler.failures_in_row = 0
+                        continue
+                    reason = self._step_result(handler, event_type, event, result)
             else:
                 reason = await self._run_step(handler, event_type, event)
             if reason != SUCCESS:
@@ -360,19 +375,6 @@ class EventPool(Generic[Ctx]):
             elapsed = time.perf_counter() - started
             handler.stats.total_s += elapsed
             handler.stats.recent_s.append(elapsed)
-
-    async def _run_builtin(self, handler: Handler, event_type: str, event: Any) -> int:
-        """A trusted built-in step (no timeout): called directly, counted but not timed per call (on the
-        send path the wrapper cost as much as the step). Same outcomes as `_run_step`."""
-        handler.stats.calls += 1
-        try:
-            result = await handler.fn(self.ctx, event)
-        except Exception as exc:
-            handler.stats.errors += 1
-            if handler.retries:
-                return await self._run_step(handler, event_type, event, attempts=handler.retries)
-            return self._step_failed(handler, event_type, event, exc)
-        return self._step_result(handler, event_type, event, result)
 
     async def _run_step(
         self, handler: Handler, event_type: str, event: Any, attempts: int | None = None
