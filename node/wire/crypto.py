@@ -63,7 +63,7 @@ class Session:
     both read the same salt.
     """
 
-    __slots__ = ("_decryptor", "_decrypt_chain", "_encryptor", "_encrypt_chain", "_iv_int", "aes_key", "iv")
+    __slots__ = ("_decrypt_chain", "_decryptor", "_encrypt_chain", "_encryptor", "_iv_int", "aes_key", "iv")
 
     def __init__(self, aes_key: bytes, iv: bytes) -> None:
         if len(aes_key) != KEY_BYTES or len(iv) != IV_BYTES:
