@@ -139,7 +139,7 @@ class Node:
             node_down_after_s=tuning.node_down_after_s,
             numeric_ids={spec.raft: spec.numeric_id for spec in config.nodes.values()},
         )
-        self.push_ctx = PushContext(tuning, self.registry, self.presence.is_online)
+        self.push_ctx = PushContext(tuning, self.registry, self.presence.online_among)
         self.pusher_pool = build_pusher_pool(self.push_ctx)
         self.channel_ctx = ChannelContext(tuning, self.store, self.proposer, Snowflake(numeric_id))
         self.channel_pool = build_channel_pool(self.channel_ctx)

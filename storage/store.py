@@ -14,7 +14,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -215,6 +215,16 @@ class Txn:
             _uid, node, conn = keys.split_presence_key(key)
             found.append((node, conn, value))
         return found
+
+    def online_among(self, uids: Iterable[str]) -> set[str]:
+        """Those of `uids` with an online connection anywhere in the cluster: keys only, no row decoded."""
+        cursor = self._txn.cursor(db=self._dbs["presence"])
+        online = set()
+        for uid in uids:
+            prefix = keys.part(uid)
+            if cursor.set_range(prefix) and cursor.key()[: len(prefix)] == prefix:
+                online.add(uid)
+        return online
 
     def presence_left(self, uid: str) -> int:
         """The Raft index at which a connection of `uid` last went away (0: never)."""

@@ -57,7 +57,7 @@ class PushBatch:
 class PushContext:
     tuning: Tuning
     registry: Registry
-    is_online: Callable[[str], bool]  # online anywhere in the cluster (presence)
+    online_among: Callable[[list[str]], set[str]]  # those online anywhere in the cluster (presence)
     delivered: int = 0
     resent: int = 0
     expired: int = 0
@@ -149,8 +149,9 @@ async def offline_notice(ctx: PushContext, ev: PushEvent) -> int | None:
     """
     if ev.origin_conn is None or not ev.offline:
         return None
+    online = ctx.online_among(ev.offline)  # one read for all (a group's: hundreds on other nodes)
     for uid in ev.offline:
-        if ctx.is_online(uid):
+        if uid in online:
             continue
         ctx.offline_notices += 1
         ctx.recent_offline.append((ev.result["mid"], uid))

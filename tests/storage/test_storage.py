@@ -229,6 +229,16 @@ def test_scan_and_generic_rows(store: Store) -> None:
         assert txn.delete("presence", keys.part("u1") + b"n1") is False
 
 
+def test_online_among_finds_exactly_the_uids_with_a_presence_row(store: Store) -> None:
+    with store.write() as txn:
+        txn.put("presence", keys.presence_key("u10", 1, 7), {"d": 1})
+        txn.put("presence", keys.presence_key("zz", 2, 8), {"d": 2})
+    with store.read() as txn:
+        # "u1" is a prefix of "u10" as text, not as a length-prefixed key part; "zzz" sorts past the last row.
+        assert txn.online_among(["u1", "u10", "zz", "zzz", "a"]) == {"u10", "zz"}
+        assert txn.online_among([]) == set()
+
+
 def test_applied_index_and_meta_survive_reopen(tmp_path: os.PathLike[str]) -> None:
     path = os.path.join(tmp_path, "db")
     s = Store(path, map_size=16 << 20)

@@ -54,7 +54,7 @@ async def test_any_node_serves_any_client_with_cluster_wide_seqs(cluster: Cluste
         cluster.http("n2"),
         "POST",
         "/channel",
-        {"channel_id": "g1", "channel_type": 2, "subscribers": ["alice", "bob", "carol"]},
+        {"channel_id": "g1", "channel_type": 2, "subscribers": ["alice", "bob", "carol", "dave"]},
         headers={"token": MANAGER_TOKEN},
     )
     assert status == 200, body
@@ -70,11 +70,28 @@ async def test_any_node_serves_any_client_with_cluster_wide_seqs(cluster: Cluste
         reply = await bob.send("alice", 1, b"from n3")
         assert reply.message_seq == 2  # one sequence for the channel, whichever node took the send
         assert (await alice.recv()).message_seq == 2
+        async def offline_notices(node_id: str) -> int:
+            status, body = await http_json(
+                cluster.http(node_id), "GET", "/admin/status", headers={"token": MANAGER_TOKEN}
+            )
+            assert status == 200, body
+            return int(body["messages"]["offline_notices"])
+
+        notices_before = await offline_notices("n2")
         group = await carol.send("g1", 2, b"to the group")
         assert group.reason_code == Reason.SUCCESS
         for member in (alice, bob):
             message = await member.recv()
             assert (message.channel_id, message.message_id) == ("g1", group.message_id)
+        # n2 took the send: of the members with no device on n2, alice and bob are online on other nodes
+        # (presence), dave nowhere: one offline notice, counted once n2 has pushed the message.
+        with trio.fail_after(10):
+            while True:
+                notices = await offline_notices("n2") - notices_before
+                if notices:
+                    break
+                await trio.sleep(0.05)
+        assert notices == 1
 
         # A node does no push work for recipients with no device on it: n2 (carol only) pushes nothing of
         # alice's messages to bob; n3 (bob) one push each. The marker to carol comes after them in the log,
