@@ -70,6 +70,7 @@ async def test_any_node_serves_any_client_with_cluster_wide_seqs(cluster: Cluste
         reply = await bob.send("alice", 1, b"from n3")
         assert reply.message_seq == 2  # one sequence for the channel, whichever node took the send
         assert (await alice.recv()).message_seq == 2
+
         async def offline_notices(node_id: str) -> int:
             status, body = await http_json(
                 cluster.http(node_id), "GET", "/admin/status", headers={"token": MANAGER_TOKEN}
