@@ -160,6 +160,14 @@ class Listening:
         urls = f"tcp {self.tcp}  ws ws://{self.ws}{tls}  http {scheme}://{self.http}  raft {self.raft}"
         return f"node {self.node_id}: {urls}"
 
+    def console(self, manager_token: str) -> str:
+        """The web console's address, and whether it asks for a token: what a newcomer opens first."""
+        scheme = "https" if self.https else "http"
+        login = (
+            "log in with cluster.manager_token" if manager_token else "no token needed: no manager_token set"
+        )
+        return f"console {scheme}://{self.http}/console/ ({login})"
+
 
 @dataclass(frozen=True)
 class Config:

@@ -323,3 +323,13 @@ def test_the_node_wide_held_bytes_must_take_what_one_connection_may_hold(tmp_pat
     assert "tuning.held_bytes_per_node: must be at least outbound_queue_bytes + recv_inflight" in message
     message = load_error(tmp_path, VALID.replace("batch_window_ms = 1.5", "connections_per_uid = 0"))
     assert "tuning.connections_per_uid: must be positive" in message
+
+
+def test_the_example_cluster_keeps_its_data_apart_from_a_single_node() -> None:
+    """Issue 21: the single node's raft/ and store/ and the example's n1..n4 shared ./imnode-data."""
+    single = Path(REPO, load(None).node(DEFAULT_NODE_ID).data_dir).resolve()  # from the README's folder
+    example = load(str(REPO / "cluster.example.toml"))
+    for node_id, spec in example.nodes.items():
+        data = Path(spec.data_dir).resolve()
+        assert single not in data.parents and data != single, (node_id, data)
+        assert data.parent == REPO.resolve() / "imnode-cluster-data", (node_id, data)

@@ -470,6 +470,8 @@ class EventPool(Generic[Ctx]):
                         "name": h.name,
                         "kind": h.kind,
                         "enabled": h.enabled,
+                        # Built-in steps are counted, not timed (_run_builtin): their p99 is no measurement.
+                        "timed": h.timeout_s is not None,
                         "bypassed_until": h.open_until if h.open_until > trio.current_time() else None,
                         **h.stats.as_dict(),
                     }

@@ -90,7 +90,12 @@ def calls_per_message(before: dict[str, dict[str, int]], after: dict[str, dict[s
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="cluster TOML (default: the single node of `imnode node start`)")
-    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument(
+        "--clients",
+        type=int,
+        default=10,
+        help="client connections, spread over the members (default 10; the README's figures use 20)",
+    )
     parser.add_argument("--senders", type=int, default=0, help="how many of the clients send (default: all)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of sending (default 10)")
     parser.add_argument(

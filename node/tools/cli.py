@@ -34,6 +34,11 @@ EXIT_MEMBER_DOWN = 4
 SUPERVISE_POLL_S = 0.2  # how soon `cluster up` notices a member's exit
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_LOG_LEVEL = "info"
+# Loggers of the libraries a node uses, kept at WARNING unless --log-level debug. hypercorn's error log is
+# named imnode.http.server (node/server.py); its access log is off.
+LIBRARY_LOGGERS = ("httpx", "httpcore", "hypercorn.access", "hypercorn.error", "imnode.http.server")
+# Exit code when the reader of our output went away (`| head`): what a shell reports for SIGPIPE.
+EXIT_BROKEN_PIPE = 141
 STATUS_EPILOG = (
     "exit codes: 0 healthy (a leader, every member answers); 3 no leader; 4 a leader but a member is down; "
     "1 another failure; 2 a config error. Configured nodes that are not members are shown as "
@@ -54,6 +59,11 @@ def _configure_logging(level: str) -> None:
     )
     # PySyncObj logs every reconnect attempt at WARNING; keep it for real trouble.
     logging.getLogger("pysyncobj").setLevel(logging.ERROR)
+    # Libraries log each request at INFO (httpx: every node-to-node call, four a second per open console
+    # page): only `--log-level debug` shows them, as it shows the node's own request lines.
+    if level != "debug":
+        for name in LIBRARY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 class _NodeName(logging.Filter):
@@ -93,6 +103,7 @@ async def _serve_until_signal(node: Node) -> None:
             nursery.start_soon(stop_on_signal)
             listening: Listening = await nursery.start(node.run)
             print(f"imnode {listening.describe()}", flush=True)
+            print(f"imnode {node_id}: {listening.console(node.config.manager_token)}", flush=True)
             print(f"imnode {node_id}: data in {node.spec.data_dir}; Ctrl-C stops", flush=True)
     print(f"imnode {node_id}: stopped cleanly", flush=True)
 
@@ -225,6 +236,7 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
                 node_id, spec.tcp, spec.ws, spec.http, spec.raft, spec.tcp_tls, spec.wss, config.tls.http
             )
             op.say(f"  {listening.describe().removeprefix('node ')}")
+            op.say(f"      {listening.console(config.manager_token)}")
         op.say(f"cluster {config.cluster_name} is up: leader {leader}. Ctrl-C stops it.")
         _supervise(config, args.config, procs)
         raise op.OperatorError("every node of the cluster has exited")
@@ -336,7 +348,11 @@ def _wait_caught_up(
             if goal is not None and applied >= goal:
                 return applied
         if time.monotonic() - last_report > 2:
-            op.say(f"  {node_id}: applied {applied} of {goal if goal is not None else '?'}")
+            goal_text = "not known yet" if goal is None else str(goal)
+            op.say(
+                f"  {node_id}: catching up: applied Raft index {applied}; "
+                f"goal {goal_text} (the leader's commit index)"
+            )
             last_report = time.monotonic()
         time.sleep(SUPERVISE_POLL_S)
     raise op.OperatorError(f"{node_id} did not catch up within {timeout_s:.0f}s; see {started.log_path}")
@@ -534,19 +550,28 @@ def _sum_handler_reports(reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+HANDLERS_NOTE = (
+    "  not timed: built-in steps are counted but not timed (timing each call cost as much as the step).\n"
+    "  channel.distribute runs only while a plugin is on that chain (then once per committed message): "
+    "0 calls without one."
+)
+
+
 def _print_handlers(title: str, report: dict[str, Any]) -> None:
     disabled = ", ".join(report["disabled"]) or "none"
     print(f"handler chains on {title} (disabled cluster-wide: {disabled})")
     columns = f"{'pool.event':22} {'handler':24} {'kind':8} {'on':3} {'calls':>9} {'rejects':>8}"
-    print(f"{columns} {'errors':>7} {'p99 ms':>8}")
+    print(f"{columns} {'errors':>7} {'p99 ms':>9}")
     for pool, chains in report["pools"].items():
         for event, chain in chains.items():
             for h in chain:
                 on = "yes" if h["enabled"] else "no"
+                p99 = h["p99_ms"] if h.get("timed", True) else "not timed"
                 print(
                     f"{pool + '.' + event:22} {h['name']:24} {h['kind']:8} {on:3} "
-                    f"{h['calls']:>9} {h['rejects']:>8} {h['errors']:>7} {h['p99_ms']:>8}"
+                    f"{h['calls']:>9} {h['rejects']:>8} {h['errors']:>7} {p99:>9}"
                 )
+    print(HANDLERS_NOTE)
 
 
 def cmd_admin_handlers(args: argparse.Namespace) -> int:
@@ -641,29 +666,37 @@ def cmd_admin_deadletters(args: argparse.Namespace) -> int:
     return 0
 
 
+def _log_level_parent(help_text: str) -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--log-level", default=argparse.SUPPRESS, choices=LOG_LEVELS, help=help_text)
+    return parent
+
+
 def build_parser() -> argparse.ArgumentParser:
     # Global options, accepted before or after any subcommand: every parser gets them, with no default
     # (SUPPRESS), so a value given at one level is never reset by the next parser's default.
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--log-level",
-        default=argparse.SUPPRESS,
-        choices=LOG_LEVELS,
-        help=f"log level of this command and of the nodes it starts (default {DEFAULT_LOG_LEVEL})",
+    # Two variants of the same option: only the commands that start nodes pass the level on to them.
+    common = _log_level_parent(f"log level of this command (default {DEFAULT_LOG_LEVEL})")
+    starts_nodes = _log_level_parent(
+        f"log level of this command and of the nodes it starts (default {DEFAULT_LOG_LEVEL})"
+    )
+    some_start_nodes = _log_level_parent(
+        "log level of this command, and of the nodes it starts when it is node start or cluster "
+        f"up/start/join (default {DEFAULT_LOG_LEVEL})"
     )
     parser = argparse.ArgumentParser(
         prog="imnode",
         description="A clustered IM node speaking the WuKongIM protocol (trio, PySyncObj, LMDB).",
-        parents=[common],
+        parents=[some_start_nodes],
     )
     commands = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
     config_help = "the cluster TOML file (see cluster.example.toml)"
 
-    node = commands.add_parser("node", help="run a node", parents=[common])
+    node = commands.add_parser("node", help="run a node", parents=[some_start_nodes])
     node_commands = node.add_subparsers(dest="action", required=True, metavar="ACTION")
     start = node_commands.add_parser(
         "start",
-        parents=[common],
+        parents=[starts_nodes],
         help="run one node in the foreground",
         description=(
             "Run one node in the foreground. Without --config: a single node on embedded defaults "
@@ -679,12 +712,14 @@ def build_parser() -> argparse.ArgumentParser:
     start.set_defaults(func=cmd_node_start)
 
     cluster = commands.add_parser(
-        "cluster", help="run a cluster, start a member again, add and remove nodes", parents=[common]
+        "cluster",
+        help="run a cluster, start a member again, add and remove nodes",
+        parents=[some_start_nodes],
     )
     cluster_commands = cluster.add_subparsers(dest="action", required=True, metavar="ACTION")
     up = cluster_commands.add_parser(
         "up",
-        parents=[common],
+        parents=[starts_nodes],
         help="start every initial member as its own process; Ctrl-C stops them all",
         description="Check that every member's ports are free, then start each initial member of the config "
         "as its own process (log: <data_dir>/node.log), wait until each answers as the process started here "
@@ -697,7 +732,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=cmd_cluster_up)
     again = cluster_commands.add_parser(
         "start",
-        parents=[common],
+        parents=[starts_nodes],
         help="start a member again (after it died or was stopped) and wait until it has caught up",
         description="Start a configured node that is a member of the running cluster (refused for a node "
         "that is not: use `cluster join`; and for one whose ports are in use) in the background (log and pid "
@@ -710,7 +745,7 @@ def build_parser() -> argparse.ArgumentParser:
     again.set_defaults(func=cmd_cluster_start)
     join = cluster_commands.add_parser(
         "join",
-        parents=[common],
+        parents=[starts_nodes],
         help="add a configured node to the running cluster and start it",
         description="Add the node through the leader (refused unless every member is up and caught up), "
         "start it in the background (log and pid file in its data dir) and wait until it has caught up.",
@@ -828,7 +863,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _configure_logging(_log_level(args))
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # here, so a reader that went away is caught below, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # `imnode admin status --json | head`: the reader has what it wanted. No traceback, and nothing
+        # more written to the closed pipe when Python flushes stdout on exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except ConfigError as exc:
         print(f"imnode: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

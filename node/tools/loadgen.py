@@ -417,21 +417,24 @@ class Bench:
     async def _progress(self, began: float) -> None:
         if self.args.json:
             return
+        live = sys.stderr.isatty()
         while not self.drained.is_set():
             with trio.move_on_after(PROGRESS_EVERY_S):
                 await self.drained.wait()
             t = self.tally
             phase = "draining" if self.stop_sending.is_set() else "sending"
-            print(
-                f"\r{time.perf_counter() - began:5.1f}s {phase:8}  sent {t.sent}  "
+            line = (
+                f"{time.perf_counter() - began:5.1f}s {phase:8}  sent {t.sent}  "
                 f"acked {t.acked} ({self.rate(t.acked, t.last_ack_at, began):,}/s)  "
                 f"delivered {t.delivered} ({self.rate(t.delivered, t.last_delivery_at, began):,}/s)  "
-                f"errors {sum(t.errors.values())}   ",
-                end="",
-                file=sys.stderr,
-                flush=True,
+                f"errors {sum(t.errors.values())}"
             )
-        print(file=sys.stderr)
+            if live:  # one line rewritten in place
+                print(f"\r{line}   ", end="", file=sys.stderr, flush=True)
+            else:  # a file or a pipe: plain lines, one per report
+                print(line, file=sys.stderr, flush=True)
+        if live:
+            print(file=sys.stderr)
 
     def _report(
         self,

@@ -19,6 +19,7 @@ import trio
 
 from node.client import open_client
 from node.wire.protocol import Reason
+from raft.commands import person_channel_id
 from tests.cluster_harness import MANAGER_TOKEN, Cluster, write_cluster_toml
 from tests.conftest import free_port
 from tests.console.conftest import wait_for_number
@@ -31,13 +32,14 @@ expect: Any = None  # playwright.sync_api.expect, imported once Chromium is know
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, browser: Any) -> Iterator[Cluster]:
     """n1..n3 with the audit plugin (a handler to switch), every send traced (the latency chart), and a
-    webhook to a port nobody listens on, tried once: every message ends as a dead letter to look at."""
+    webhook to a port nobody listens on, tried once: every message ends as a dead letter to look at. n4 is
+    configured but never joins (a non-member, as in the example config)."""
     global expect
     from playwright.sync_api import expect as playwright_expect
 
     expect = playwright_expect
     folder = tmp_path_factory.mktemp("console")
-    config = write_cluster_toml(folder / "cluster.toml", nodes=3, initial=3, tuning={"trace_sample_every": 1})
+    config = write_cluster_toml(folder / "cluster.toml", nodes=4, initial=3, tuning={"trace_sample_every": 1})
     with config.open("a") as out:
         out.write(
             "\n[[plugins]]\n"
@@ -132,6 +134,9 @@ class Traffic:
 
 # -- tests, in order ---------------------------------------------------------------------------------------
 def test_a_wrong_token_gets_a_clear_message(cluster: Cluster, page: Any) -> None:
+    page.goto(f"{cluster.http('n1')}/console/")
+    expect(page.locator("#login")).to_be_visible()
+    expect(page.locator("#tabs")).to_be_hidden()  # no tab to click before login (issue 21)
     log_in(page, cluster, token="not-the-token")
     expect(page.locator("#login-message")).to_contain_text("Wrong token")
     expect(page.locator("#app")).to_be_hidden()
@@ -142,12 +147,34 @@ def test_a_wrong_token_gets_a_clear_message(cluster: Cluster, page: Any) -> None
 def test_login_shows_three_members_and_a_leader(cluster: Cluster, page: Any) -> None:
     log_in(page, cluster)
     rows = page.locator("#members tbody tr")
-    expect(rows).to_have_count(3)
+    expect(rows).to_have_count(4)
     expect(page.locator("#members tr[data-role=leader]")).to_have_count(1)
     expect(page.locator("#members tr[data-role=follower]")).to_have_count(2)
     expect(page.locator("#members tr.leader .star")).to_have_count(1)
     expect(page.locator("#overview-message")).to_contain_text("3 members, leader n")
     expect(page.locator("#whoami")).to_have_text("served by n1")
+    # n4 is configured and not a member: said so, not styled as a fault (issue 21).
+    outsider = page.locator("#members tr[data-node=n4]")
+    expect(outsider).to_have_attribute("data-role", "not a member")
+    expect(outsider).to_have_class("not-member")
+    expect(page.locator("#overview-message")).not_to_have_attribute("data-kind", "error")
+    color = outsider.locator("td").first.evaluate("td => getComputedStyle(td).color")
+    assert color != "rgb(185, 28, 28)", color  # not the fault red (--bad) of a member that is down
+    # The tab shown is the tab highlighted.
+    expect(page.locator("#tabs button.active")).to_have_attribute("data-tab", "overview")
+    expect(page.locator("section.tab:visible")).to_have_attribute("id", "overview")
+    # Nothing was sent yet: an empty chart says so instead of showing bare axes.
+    expect(page.locator("#chart-latency text.empty")).to_have_text("no samples yet")
+
+
+def test_log_out_is_no_error_and_forgets_the_token(cluster: Cluster, page: Any) -> None:
+    log_in(page, cluster)
+    expect(page.locator("#app")).to_be_visible()
+    page.click("#logout")
+    expect(page.locator("#login-message")).to_have_text("Logged out.")
+    expect(page.locator("#login-message")).to_have_attribute("data-kind", "info")
+    expect(page.locator("#token")).to_have_value("")
+    assert page.evaluate("sessionStorage.length") == 0
 
 
 def test_charts_move_while_messages_flow(cluster: Cluster, page: Any) -> None:
@@ -159,10 +186,28 @@ def test_charts_move_while_messages_flow(cluster: Cluster, page: Any) -> None:
         wait_for_number(page, "Number(document.querySelector('#chart-latency').dataset.max)", 0)
         points = int(page.locator("#chart-sends").get_attribute("data-points") or 0)
         wait_for_number(page, "Number(document.querySelector('#chart-sends').dataset.points)", points)
-        expect(page.locator("#chart-sends polyline")).to_have_count(3)  # one line per node
-        expect(page.locator("#chart-lag polyline")).to_have_count(3)
+        expect(page.locator("#chart-sends g.series")).to_have_count(3)  # one line per member
+        expect(page.locator("#chart-lag g.series")).to_have_count(3)
+        expect(page.locator("#chart-latency text.empty")).to_have_count(0)
     assert traffic.error is None, traffic.error
     assert traffic.sent > 0
+    # Idle seconds have no latency sample: the line stops there, and starts again with the next traffic
+    # rather than drawing a straight line across the idle time (issue 21).
+    n1_latency = page.locator(N1_P99)
+    before = n1_latency.count()
+    wait_for_number(
+        page,
+        IDLE_SECONDS_AFTER_THE_LAST_LATENCY,
+        1,
+    )
+    with Traffic(cluster) as again:
+        wait_for_number(page, "state.series.n1.at(-1).ack_p99_ms ?? -1", 0)
+        wait_for_number(
+            page,
+            f"document.querySelectorAll('{N1_P99}').length",
+            before,
+        )
+    assert again.error is None, again.error
 
 
 def test_a_channel_lookup_finds_the_message_the_test_sent(cluster: Cluster, page: Any) -> None:
@@ -189,6 +234,64 @@ def test_a_channel_lookup_finds_the_message_the_test_sent(cluster: Cluster, page
     expect(page.locator("#user-message")).to_contain_text("bob: offline")
 
 
+N1_P99 = "#chart-latency g.series[data-node=n1][data-key=ack_p99_ms] polyline"  # n1's p99 line segments
+# n1's samples without a latency (no traced send that second) since its last one with a latency.
+IDLE_SECONDS_AFTER_THE_LAST_LATENCY = (
+    "(() => { const rows = state.series.n1; const last = rows.findLast((r) => r.ack_p99_ms !== null);"
+    " return rows.filter((r) => last && r.t > last.t && r.ack_p99_ms === null).length; })()"
+)
+
+
+def test_a_person_channel_is_found_by_its_two_uids_in_either_order(cluster: Cluster, page: Any) -> None:
+    status, sent = send_http(cluster, "n1", "pc-alice", "pc-bob", 1, "person probe 41c2")
+    assert status == 200, sent
+    stored = person_channel_id("pc-alice", "pc-bob")
+    first, _, second = stored.partition("@")
+    log_in(page, cluster)
+    page.click("#tabs button[data-tab=lookup]")
+    expect(page.locator("#lookup .hint")).to_contain_text("either order")
+    for name in (stored, f"{second}@{first}"):  # as stored, and the other way round
+        page.fill("#channel-id", name)
+        page.select_option("#channel-type", "1")
+        page.click("#channel-form button")
+        expect(page.locator("#channel-message")).to_have_text(f"{stored}: 1 messages.")
+        expect(page.locator("#channel-messages")).to_contain_text("person probe 41c2")
+
+
+def test_an_empty_group_reads_as_empty_not_as_the_end_of_paging(cluster: Cluster, page: Any) -> None:
+    body = {"channel_id": "console-empty", "channel_type": 2, "subscribers": ["alice"]}
+    assert call(cluster, "n1", "POST", "/channel", body)[0] == 200
+    log_in(page, cluster)
+    page.click("#tabs button[data-tab=lookup]")
+    page.fill("#channel-id", "console-empty")
+    page.click("#channel-form button")
+    expect(page.locator("#channel-result")).to_be_visible()
+    expect(page.locator("#channel-message")).to_have_text("console-empty: 0 messages.")
+    expect(page.locator("#msg-range")).to_have_text("no messages yet")
+    page.click("#msg-older")  # paging from nothing finds nothing, and says so only then
+    page.click("#msg-newer")
+    expect(page.locator("#channel-message")).to_have_text("No more messages that way.")
+
+
+def test_lookup_placeholders_are_not_cut_off(cluster: Cluster, page: Any) -> None:
+    log_in(page, cluster)
+    page.click("#tabs button[data-tab=lookup]")
+    for selector in ("#channel-id", "#channel-login", "#user-uid", "#conn-uid"):
+        if selector == "#conn-uid":
+            page.click("#tabs button[data-tab=connections]")
+        fits = page.locator(selector).evaluate(
+            """input => {
+                const style = getComputedStyle(input);
+                const context = document.createElement('canvas').getContext('2d');
+                context.font = `${style.fontSize} ${style.fontFamily}`;
+                const padding = parseFloat(style.paddingLeft) + parseFloat(style.paddingRight);
+                const room = input.clientWidth - padding;
+                return [context.measureText(input.placeholder).width, room];
+            }"""
+        )
+        assert fits[0] <= fits[1], (selector, fits)
+
+
 def test_an_unknown_channel_gets_a_clear_message(cluster: Cluster, page: Any) -> None:
     log_in(page, cluster)
     page.click("#tabs button[data-tab=lookup]")
@@ -204,6 +307,13 @@ def test_a_handler_switched_off_and_on_takes_effect_on_every_node(cluster: Clust
     page.click("#tabs button[data-tab=handlers]")
     row = page.locator("#handler-table tr[data-handler=audit]")
     expect(row.locator(".state.on")).to_have_count(3)
+    # Built-in steps are counted, not timed: said so instead of a p99 of 0 (issue 21); plugins are timed.
+    permission = page.locator("#handler-table tr[data-handler=permission][data-event=send]")
+    expect(permission.locator("td.p99")).to_have_text("not timed")
+    expect(row.locator("td.p99")).not_to_have_text("not timed")
+    distribute = page.locator("#handler-table tr[data-handler=distribute]")
+    expect(distribute).to_contain_text("runs only while a plugin is on this chain")
+    expect(page.locator("#handlers-message")).not_to_have_attribute("data-kind", "error")  # n4: no error
     assert send_http(cluster, "n1", "alice", "bob", 1, "forbidden words")[0] == 400  # the audit refuses it
     row.locator("button.toggle").click()
     expect(row.locator(".state.off")).to_have_count(3)
@@ -239,6 +349,9 @@ def test_the_playground_sends_and_the_other_pane_receives_live_then_kick(cluster
     expect(a.locator(".log .in")).to_contain_text("← play-bob: and back")
     # The two clients are real connections: the connections tab lists them, and a kick ends one.
     page.click("#tabs button[data-tab=connections]")
+    # n4 is configured, not a member: not asked about, and no red "not answering" (issue 21).
+    expect(page.locator("#conn-message")).to_have_text("2 connections on 3 members.")
+    expect(page.locator("#conn-message")).not_to_have_attribute("data-kind", "error")
     row = page.locator("#conn-table tr[data-uid=play-bob]")
     expect(row).to_contain_text("n2")
     expect(row).to_contain_text("v4")
@@ -264,9 +377,29 @@ def test_dead_letters_are_listed_and_replayed(cluster: Cluster, page: Any) -> No
     expect(page.locator("#dl-message")).to_contain_text("0 delivered")
 
 
+def test_an_open_console_leaves_the_node_logs_quiet_at_info(cluster: Cluster, page: Any) -> None:
+    """Issue 21: the Connections tab's polling logged an httpx line per node-to-node call at INFO (about 4
+    a second on every node). The nodes run at INFO; library loggers only speak from WARNING."""
+    log_in(page, cluster, node_id="n2")
+    page.evaluate(  # count the console's /connz polls as they complete
+        "window.connzPolls = 0; const original = window.fetch; window.fetch = (...args) =>"
+        " original(...args).finally(() => { if (String(args[0]).includes('connz')) window.connzPolls += 1; })"
+    )
+    page.click("#tabs button[data-tab=connections]")
+    wait_for_number(page, "window.connzPolls", 3)  # every member's /connz three times, via n2's fan-out
+    for node_id in ("n1", "n2", "n3"):
+        noisy = [
+            line
+            for line in cluster.log(node_id).splitlines()
+            if any(name in line for name in (" httpx:", " httpcore", " hypercorn", "HTTP Request:"))
+        ]
+        assert not noisy, (node_id, noisy[:3])
+        assert "INFO" in cluster.log(node_id)  # the log is at INFO: the node's own lines are there
+
+
 def test_a_stopped_node_is_shown_down_and_the_page_keeps_working(cluster: Cluster, page: Any) -> None:
     log_in(page, cluster)
-    expect(page.locator("#members tbody tr")).to_have_count(3)
+    expect(page.locator("#members tbody tr")).to_have_count(4)
     followers = page.locator("#members tr[data-role=follower]")
     expect(followers).to_have_count(2)
     victim = str(followers.last.get_attribute("data-node"))

@@ -396,6 +396,13 @@ async def test_disable_and_enable_a_plugin_on_every_node_of_a_cluster_at_run_tim
         text = await trio.to_thread.run_sync(lambda: cluster.cli("admin", "handlers", "--per-node"))
         assert text.returncode == 0, text.stdout + text.stderr
         assert all(f"handler chains on {node_id}" in text.stdout for node_id in nodes), text.stdout
+        # Issue 21: a built-in's p99 of 0 read as broken. It is not timed, and says so; a plugin is timed.
+        assert re.search(
+            r"^channel\.send +permission +step +yes +\d+ +\d+ +\d+ +not timed$", text.stdout, re.M
+        )
+        assert re.search(r"^channel\.send +audit +step +yes +\d+ +\d+ +\d+ +[\d.]+$", text.stdout, re.M)
+        assert "channel.distribute runs only while a plugin is on that chain" in text.stdout
+        assert chain["permission"]["timed"] is False and chain["audit"]["timed"] is True
 
         disabled = await trio.to_thread.run_sync(
             lambda: cluster.cli("admin", "handlers", "--disable", "audit")

@@ -123,7 +123,38 @@ def test_bench_table_and_progress(single: Cluster) -> None:
     assert "acked_per_s" in run.stdout and "lost                 0" in run.stdout
     assert "errors               none" in run.stdout
     assert re.search(r"^node n1 +peak RSS .* us per acked message\)$", run.stdout, re.M), run.stdout
-    assert "sent" in run.stderr  # the live progress line
+
+
+BENCH = (sys.executable, "-m", "node.tools.cli", "bench")
+
+
+def test_bench_progress_into_a_file_is_plain_lines(single: Cluster, tmp_path: Path) -> None:
+    """Not a terminal: one line per report, not one line rewritten with \r (issue 21)."""
+    progress_file = tmp_path / "progress.txt"
+    with progress_file.open("wb") as progress:
+        run = subprocess.run(
+            [
+                *BENCH,
+                "--config",
+                str(single.config_path),
+                "--clients",
+                "2",
+                "--duration",
+                "2",
+                "--rate",
+                "50",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=progress,
+            timeout=120,
+            cwd=REPO,
+        )
+    written = progress_file.read_bytes()  # bytes: text mode would turn \r into \n
+    assert run.returncode == 0, written
+    assert b"\r" not in written, written
+    lines = written.decode().splitlines()
+    assert all(re.match(r" *[\d.]+s (sending|draining) +sent \d+ +acked ", line) for line in lines), lines
+    assert len(lines) >= 2 and "draining" in lines[-1], lines
 
 
 def test_bench_live_lines_and_summary_share_one_rate(single: Cluster) -> None:
@@ -161,6 +192,7 @@ def test_bench_help_says_how_to_measure_throughput() -> None:
     text = " ".join(run.stdout.split())
     assert "default 200" in text and "'max' for throughput" in text and "`--rate max`" in text
     assert "from the first send to the last" in text  # the one definition of the rates
+    assert "--clients CLIENTS client connections, spread over the members (default 10" in text
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -89,3 +90,40 @@ def test_global_options_are_accepted_before_or_after_the_subcommand(
     )
     # Nothing runs at those addresses: no leader (3), not a usage error (2).
     assert done.returncode == cli.EXIT_NO_LEADER, done.stdout + done.stderr
+
+
+NODE_STARTERS = {("node", "start"), ("cluster", "up"), ("cluster", "start"), ("cluster", "join")}
+
+
+def test_log_level_help_says_nodes_only_where_the_command_starts_some() -> None:
+    # Issue 21: every command said "and of the nodes it starts", even `admin status`.
+    parser = cli.build_parser()
+    commands = list(_leaf_parsers(parser))
+    assert set(commands) >= NODE_STARTERS
+    for command in commands:
+        sub = parser
+        for name in command:
+            action = next(a for a in sub._actions if isinstance(a, argparse._SubParsersAction))
+            sub = action.choices[name]
+        text = next(a.help for a in sub._actions if "--log-level" in a.option_strings)
+        assert ("of the nodes it starts" in str(text)) == (command in NODE_STARTERS), (command, text)
+
+
+def test_admin_status_json_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
+    """`imnode admin status --json | head`: the reader is gone before the command writes."""
+    config = write_cluster_toml(tmp_path / "cluster.toml")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # closed before the command starts: its first write fails, every time
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "node.tools.cli", "admin", "status", "--json", "--config", str(config)],
+            cwd=REPO,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert done.stderr == "", done.stderr  # no BrokenPipeError traceback, no "Exception ignored"
+    assert done.returncode == cli.EXIT_BROKEN_PIPE

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from node.config import load
 from node.tools import cli
 from node.tools import operator as op
 from tests.cluster_harness import Cluster, write_cluster_toml
@@ -175,6 +176,13 @@ def test_a_dead_member_comes_back_with_cluster_start_and_admin_status_exit_codes
 
     back = imnode(config, "cluster", "start", "--node", lost)
     assert back.returncode == 0 and f"{lost} is back and caught up" in back.stdout, back.stdout + back.stderr
+    # The progress names its numbers (issue 21: "applied 0 of 11" said neither what nor of what).
+    progress = re.search(
+        rf"{lost}: catching up: applied Raft index \d+; goal (\d+|not known yet) "
+        r"\(the leader's commit index\)",
+        back.stdout,
+    )
+    assert progress is not None, back.stdout
     restarted = op.pid_from_file(Cluster(config).config, lost)
     assert restarted is not None and op.pid_alive(restarted)
     up.wait_for(f"{lost} is running again (pid {restarted})", timeout_s=15)
@@ -252,6 +260,8 @@ def test_node_log_names_the_node_on_every_line_with_requests_leader_and_webhook_
 
         wait_until(lambda: "imnode node n1:" in text() or node.poll() is not None, 30, "the node listens")
         assert node.poll() is None, text()
+        console = f"imnode n1: console http://127.0.0.1:{ports['http']}/console/ (no token needed"
+        wait_until(lambda: console in text(), 10, "the console's address")
         body = {"from_uid": "alice", "channel_id": "bob", "channel_type": 1}
         body["payload"] = base64.b64encode(b"hi").decode()
         send = urllib.request.Request(
@@ -296,6 +306,12 @@ def test_cluster_up_on_the_example_makes_one_private_secret_that_every_node_uses
     try:
         assert "created the cluster secret" in running.wait_for("created the cluster secret")
         running.leader()
+        # Where the console is, for each node, and that the example needs no token for it.
+        running.wait_for("is up: leader")
+        shown = running.output()
+        for node_id in ("n1", "n2", "n3"):
+            http = load(str(config)).node(node_id).http
+            assert f"console http://{http}/console/ (no token needed: no manager_token set)" in shown, shown
         assert secret.stat().st_mode & 0o777 == 0o600
         assert len(secret.read_text().strip()) >= 32
         code, _, table = admin_status(config)

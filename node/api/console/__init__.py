@@ -31,7 +31,7 @@ from node.config import Config
 from node.gateway.registry import Registry
 from node.stats import StatsHistory
 from node.wire.protocol import Reason
-from raft.commands import CHANNEL_PERSON, MAX_UID_BYTES
+from raft.commands import CHANNEL_PERSON, MAX_UID_BYTES, person_channel_id
 from storage.keys import channel_key
 from storage.store import Store
 
@@ -97,7 +97,14 @@ def routes(
         async with trio.open_nursery() as nursery:
             for member in peers.ids():
                 nursery.start_soon(ask, member)
-        return {"path": path, "asked_by": node_id, "nodes": [{"id": m, **answers[m]} for m in peers.ids()]}
+        return {
+            "path": path,
+            "asked_by": node_id,
+            "nodes": [{"id": m, **answers[m]} for m in peers.ids()],
+            # Every node of the config, members or not: the overview lists a configured non-member as such
+            # (it is not asked: node-to-node calls go to current members only).
+            "configured": list(config.nodes),
+        }
 
     async def admin_kick(body: Json, query: Any) -> Json:
         target = body["node"] or node_id
@@ -130,6 +137,10 @@ def routes(
     async def admin_channel(body: Json, query: Any) -> Json:
         channel_type = body["channel_type"]
         stored = stored_channel(body["login_uid"] or "", body["channel_id"], channel_type)
+        first, _, second = stored.partition("@")
+        if channel_type == CHANNEL_PERSON and first and second and "@" not in second:
+            # `alice@bob` or `bob@alice`: either order names the one channel (stored in one order only).
+            stored = person_channel_id(first, second)
         if channel_type == CHANNEL_PERSON and "@" not in stored:
             raise bad("a person channel is named a@b, or by the other party with login_uid")
         chan = channel_key(stored, channel_type)

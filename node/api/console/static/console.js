@@ -18,6 +18,7 @@ const el = (tag, attrs = {}, ...children) => {
 };
 const TOKEN_KEY = 'imnode.console.token';
 const WINDOW_S = 180; // the charts show the last three minutes
+const GAP_S = 3; // samples come each second: a longer silence (a node that did not answer) is a gap
 const COLORS = ['#2563eb', '#dc2626', '#16a34a', '#9333ea', '#ea580c', '#0891b2'];
 
 const state = {
@@ -66,13 +67,13 @@ function say(id, text, kind = 'info') {
 }
 
 // -- login -----------------------------------------------------------------------------------------------
-function showLogin(message) {
+function showLogin(message, kind = 'error') {
   stopTimer();
   $('#app').hidden = true;
   $('#tabs').hidden = true;
   $('#logout').hidden = true;
   $('#login').hidden = false;
-  say('#login-message', message, message ? 'error' : 'info');
+  say('#login-message', message, message ? kind : 'info');
 }
 
 async function start() {
@@ -112,7 +113,8 @@ $('#login-form').addEventListener('submit', (event) => {
 $('#logout').addEventListener('click', () => {
   sessionStorage.removeItem(TOKEN_KEY);
   state.token = '';
-  showLogin('Logged out.');
+  $('#token').value = ''; // gone from the tab: the next person at this screen must type it
+  showLogin('Logged out.', 'info');
 });
 
 // -- tabs ------------------------------------------------------------------------------------------------
@@ -134,13 +136,16 @@ function showTab(name) {
 for (const button of document.querySelectorAll('#tabs button')) button.addEventListener('click', () => showTab(button.dataset.tab));
 
 // -- overview --------------------------------------------------------------------------------------------
-let overviewBusy = false;
-async function refreshOverview() {
-  if (overviewBusy) return; // a slow member must not pile requests up
-  overviewBusy = true;
+let overviewRun = null;
+function refreshOverview() {
+  // One refresh at a time (a slow member must not pile requests up); a caller during one waits for it.
+  if (!overviewRun) overviewRun = fetchOverview().finally(() => { overviewRun = null; });
+  return overviewRun;
+}
+async function fetchOverview() {
   try {
     const answer = await api('GET', `/admin/cluster?${query({ path: '/admin/stats', since: state.lastT })}`);
-    state.nodes = answer.nodes.map((n) => n.id);
+    state.nodes = answer.configured || answer.nodes.map((n) => n.id); // a node of an older version: members only
     let newest = state.lastT;
     for (const node of answer.nodes) {
       state.status[node.id] = node.ok ? node.body.status : null;
@@ -158,8 +163,6 @@ async function refreshOverview() {
     renderCharts();
   } catch (exc) {
     if (exc.status !== 401) say('#overview-message', `Overview not refreshed: ${exc.message}`, 'error');
-  } finally {
-    overviewBusy = false;
   }
 }
 
@@ -181,7 +184,7 @@ function renderMembers() {
       const member = memberIds.includes(id);
       const role = member ? 'down' : 'not a member';
       if (member) down.push(id);
-      body.append(el('tr', { class: 'down', dataset: { node: id, role } }, el('td', {}, id), el('td', {}, role),
+      body.append(el('tr', { class: member ? 'down' : 'not-member', dataset: { node: id, role } }, el('td', {}, id), el('td', {}, role),
         el('td', { colspan: 9, class: 'why' }, member ? state.status[id + ':error'] || '' : 'configured, not in the cluster')));
       continue;
     }
@@ -217,14 +220,26 @@ function drawChart(svg, lines, total = true) {
   let points = 0;
   let last = 0;
   const prepared = lines.map((line) => {
-    const rows = (state.series[line.node] || []).filter((r) => r[line.key] !== null && r.t > now - WINDOW_S);
+    // Segments of consecutive samples: a sample without a value (no traced send that second) or a
+    // missing sample ends one. Joining across them would draw a trend nobody measured.
+    const segments = [];
+    let current = null;
+    let previousT = -Infinity;
+    for (const r of state.series[line.node] || []) {
+      if (r.t <= now - WINDOW_S) continue;
+      if (r[line.key] === null || r[line.key] === undefined) { current = null; previousT = r.t; continue; }
+      if (!current || r.t - previousT > GAP_S) segments.push(current = []);
+      current.push(r);
+      previousT = r.t;
+    }
+    const rows = segments.flat();
     for (const r of rows) max = Math.max(max, r[line.key]);
     points += rows.length;
     if (rows.length && !line.dashed) {
       const value = rows[rows.length - 1][line.key];
       last = total ? last + value : Math.max(last, value); // rates add up over nodes; times and lags do not
     }
-    return { ...line, rows };
+    return { ...line, segments };
   });
   const top = max > 0 ? niceCeil(max) : 1;
   const x = (t) => pad.left + ((t - (now - WINDOW_S)) / WINDOW_S) * (width - pad.left - pad.right);
@@ -246,10 +261,23 @@ function drawChart(svg, lines, total = true) {
   svg.append(make('text', { x: pad.left, y: height - 4, class: 'axis' }, `−${WINDOW_S / 60} min`));
   svg.append(make('text', { x: width - pad.right, y: height - 4, 'text-anchor': 'end', class: 'axis' }, 'now'));
   for (const line of prepared) {
-    if (!line.rows.length) continue;
-    const d = line.rows.map((r) => `${x(r.t).toFixed(1)},${y(r[line.key]).toFixed(1)}`).join(' ');
-    svg.append(make('polyline', { points: d, fill: 'none', stroke: colorOf(line.node), 'stroke-width': 1.8,
-      'stroke-dasharray': line.dashed ? '4 3' : 'none', 'data-node': line.node }));
+    if (!line.segments.length) continue;
+    const series = make('g', { class: 'series', 'data-node': line.node, 'data-key': line.key });
+    for (const segment of line.segments) {
+      if (segment.length === 1) { // one sample alone: a dot, as a line needs two
+        const r = segment[0];
+        series.append(make('circle', { cx: x(r.t).toFixed(1), cy: y(r[line.key]).toFixed(1), r: 1.8, fill: colorOf(line.node) }));
+        continue;
+      }
+      const d = segment.map((r) => `${x(r.t).toFixed(1)},${y(r[line.key]).toFixed(1)}`).join(' ');
+      series.append(make('polyline', { points: d, fill: 'none', stroke: colorOf(line.node), 'stroke-width': 1.8,
+        'stroke-dasharray': line.dashed ? '4 3' : 'none', 'data-node': line.node }));
+    }
+    svg.append(series);
+  }
+  if (!points) {
+    svg.append(make('text', { x: (pad.left + width - pad.right) / 2, y: (pad.top + height - pad.bottom) / 2,
+      'text-anchor': 'middle', class: 'empty' }, 'no samples yet'));
   }
   // For tests and for the curious: what the chart shows right now.
   svg.dataset.points = points;
@@ -281,12 +309,16 @@ async function refreshConnections() {
   if (connBusy) return;
   connBusy = true;
   try {
+    if (!state.nodes.length) await refreshOverview(); // who is a member: configured non-members are not asked about
     const answer = await api('GET', `/admin/cluster?${query({ path: '/connz', limit: 1000, uid: $('#conn-uid').value.trim() })}`);
     const body = $('#conn-table tbody');
     body.replaceChildren();
     const problems = [];
     let total = 0;
+    const memberIds = members();
+    const outside = [];
     for (const node of answer.nodes) {
+      if (!memberIds.includes(node.id)) { outside.push(node.id); if (!node.ok) continue; } // not a member: no error
       if (!node.ok) { problems.push(`${node.id}: ${node.error}`); continue; }
       total += node.body.total;
       for (const c of node.body.connections) {
@@ -297,8 +329,10 @@ async function refreshConnections() {
           el('td', {}, el('button', { class: 'kick', onclick: () => kick(node.id, c.id, c.uid) }, 'Kick'))));
       }
     }
-    if (problems.length) say('#conn-message', `${total} connections; not answering: ${problems.join('; ')}`, 'error');
-    else if (!$('#conn-message').dataset.sticky) say('#conn-message', `${total} connections on ${answer.nodes.length} nodes.`);
+    const asked = answer.nodes.length - outside.length;
+    const others = outside.length ? ` (${outside.join(', ')}: configured, not a member)` : '';
+    if (problems.length) say('#conn-message', `${total} connections; not answering: ${problems.join('; ')}${others}`, 'error');
+    else if (!$('#conn-message').dataset.sticky) say('#conn-message', `${total} connections on ${asked} member${asked === 1 ? '' : 's'}.${others}`);
   } catch (exc) {
     if (exc.status !== 401) say('#conn-message', `Connections not refreshed: ${exc.message}`, 'error');
   } finally {
@@ -348,21 +382,27 @@ $('#channel-form').addEventListener('submit', async (event) => {
     }
     $('#channel-result').hidden = false;
     say('#channel-message', `${info.channel_id}: ${info.last_message_seq} messages.`);
-    await loadMessages(0, 0, 0);
+    $('#channel-messages tbody').replaceChildren();
+    $('#msg-range').textContent = '';
+    await loadMessages(0, 0, 0, true);
   } catch (exc) {
     if (exc.status === 404) say('#channel-message', `Unknown channel: ${exc.message}.`, 'error');
     else if (exc.status !== 401) say('#channel-message', `Lookup failed: ${exc.message}`, 'error');
   }
 });
 
-async function loadMessages(start, end, pullMode) {
+async function loadMessages(start, end, pullMode, first = false) {
   const c = view.channel;
   const answer = await api('POST', '/channel/messagesync', {
     login_uid: c.login_uid || 'console', channel_id: c.channel_id, channel_type: Number(c.channel_type),
     start_message_seq: start, end_message_seq: end, limit: PAGE, pull_mode: pullMode,
   });
   const rows = answer.messages.sort((a, b) => b.message_seq - a.message_seq);
-  if (!rows.length) { say('#channel-message', 'No more messages that way.'); return; }
+  if (!rows.length) {
+    if (!first) say('#channel-message', 'No more messages that way.');
+    else $('#msg-range').textContent = 'no messages yet';
+    return;
+  }
   view.high = rows[0].message_seq;
   view.low = rows[rows.length - 1].message_seq;
   $('#msg-range').textContent = `seq ${view.low}–${view.high}`;
@@ -409,8 +449,9 @@ async function refreshHandlers() {
         for (const [event, chain] of Object.entries(events)) {
           chain.forEach((h, i) => {
             const key = `${pool}/${event}/${h.name}`;
-            const row = rows.get(key) || { pool, event, name: h.name, kind: h.kind, order: i, calls: 0, rejects: 0, errors: 0, p99: 0, enabled: {} };
+            const row = rows.get(key) || { pool, event, name: h.name, kind: h.kind, order: i, calls: 0, rejects: 0, errors: 0, p99: 0, timed: false, enabled: {} };
             row.calls += h.calls; row.rejects += h.rejects; row.errors += h.errors; row.p99 = Math.max(row.p99, h.p99_ms);
+            row.timed = row.timed || h.timed !== false; // a node of an older version says nothing: timed
             row.enabled[node.id] = h.enabled;
             rows.set(key, row);
           });
@@ -425,8 +466,13 @@ async function refreshHandlers() {
       const action = plugins.has(h.name)
         ? el('button', { class: 'toggle', onclick: () => setHandler(h.name, !on) }, on ? 'Disable' : 'Enable')
         : el('span', { class: 'none' }, 'built-in');
-      return el('tr', { dataset: { handler: h.name, pool: h.pool, event: h.event } }, el('td', {}, h.pool), el('td', {}, h.event), el('td', {}, h.name),
-        el('td', {}, h.kind), states, el('td', {}, h.calls), el('td', {}, h.rejects), el('td', {}, h.errors), el('td', {}, h.p99), el('td', {}, action));
+      const p99 = h.timed ? el('td', { class: 'p99' }, h.p99)
+        : el('td', { class: 'p99 none', title: 'built-in steps are counted, not timed: timing each call cost as much as the step' }, 'not timed');
+      const name = h.pool === 'channel' && h.event === 'distribute' && h.name === 'distribute'
+        ? el('td', {}, h.name, el('div', { class: 'note' }, 'runs only while a plugin is on this chain (then once per committed message)'))
+        : el('td', {}, h.name);
+      return el('tr', { dataset: { handler: h.name, pool: h.pool, event: h.event } }, el('td', {}, h.pool), el('td', {}, h.event), name,
+        el('td', {}, h.kind), states, el('td', {}, h.calls), el('td', {}, h.rejects), el('td', {}, h.errors), p99, el('td', {}, action));
     }));
     if (problems.length) say('#handlers-message', `Not answering: ${problems.join('; ')}`, 'error');
   } catch (exc) {
