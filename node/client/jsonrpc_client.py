@@ -54,7 +54,7 @@ class JsonRpcClient:
 
     def prepare_sends(self, items: Sequence[tuple[str, int, bytes]]) -> tuple[list[int], list[bytes]]:
         """`send` requests for (channel_id, channel_type, payload) items: their client_seqs (the request
-        ids, as numbers) and one message holding them all."""
+        ids, as numbers) and the requests (`write_frames` puts the ones it is given in one message)."""
         seqs, parts = [], []
         for channel_id, channel_type, payload in items:
             self._seq += 1
@@ -67,12 +67,13 @@ class JsonRpcClient:
                 "header": {"redDot": True},
             }
             parts.append(_dumps({"id": str(self._seq), "method": "send", "params": params}))
-        return seqs, [b"\n".join(parts)]
+        return seqs, parts
 
-    async def write_frames(self, messages: Sequence[bytes]) -> None:
+    async def write_frames(self, requests: Sequence[bytes]) -> None:
+        """Write requests in one WebSocket message (the node takes several JSON objects in one)."""
         try:
             async with self._write_lock:
-                await self.transport.send(messages)
+                await self.transport.send([b"\n".join(requests)])
         except TRANSPORT_ERRORS as exc:
             raise ClientError(f"connection lost: {exc}") from None
 
