@@ -175,32 +175,38 @@ async def open_jsonrpc_client(
     on_sendack: Callable[[Sendack], None] | None = None,
 ) -> AsyncIterator[JsonRpcClient]:
     """A connected JsonRpcClient (its `connect` answered with reason 1) for the duration of the block."""
-    async with trio.open_nursery() as nursery:
-        try:
-            with trio.fail_after(timeout_s):
-                transport = await _open_transport(host, port, True, nursery, None)
-        except (OSError, trio.TooSlowError, *TRANSPORT_ERRORS) as exc:
-            raise ClientError(f"cannot connect to {host}:{port}: {exc}") from None
-        assert isinstance(transport, WebSocketTransport)
-        transport.text = transport.text_allowed = True
-        client = JsonRpcClient(transport, on_recv, on_sendack)
-        try:
-            nursery.start_soon(client.read_loop)
-            result = await client.request(
-                "connect",
-                {
-                    "uid": uid,
-                    "token": token,
-                    "deviceId": uuid.uuid4().hex,
-                    "deviceFlag": device_flag,
-                    "clientTimestamp": int(time.time() * 1000),
-                },
-                timeout_s,
-            )
-            if result.get("reasonCode") != Reason.SUCCESS:
-                raise ClientError(f"connect refused: reason {result.get('reasonCode')}")
-            client.connack = result
-            yield client
-        finally:
-            await _close_quietly(transport)
-            nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            try:
+                with trio.fail_after(timeout_s):
+                    transport = await _open_transport(host, port, True, nursery, None)
+            except (OSError, trio.TooSlowError, *TRANSPORT_ERRORS) as exc:
+                raise ClientError(f"cannot connect to {host}:{port}: {exc}") from None
+            assert isinstance(transport, WebSocketTransport)
+            transport.text = transport.text_allowed = True
+            client = JsonRpcClient(transport, on_recv, on_sendack)
+            try:
+                nursery.start_soon(client.read_loop)
+                result = await client.request(
+                    "connect",
+                    {
+                        "uid": uid,
+                        "token": token,
+                        "deviceId": uuid.uuid4().hex,
+                        "deviceFlag": device_flag,
+                        "clientTimestamp": int(time.time() * 1000),
+                    },
+                    timeout_s,
+                )
+                if result.get("reasonCode") != Reason.SUCCESS:
+                    raise ClientError(f"connect refused: reason {result.get('reasonCode')}")
+                client.connack = result
+                yield client
+            finally:
+                await _close_quietly(transport)
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The nursery wraps even a lone exception (as open_client): hand that one back as itself.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise

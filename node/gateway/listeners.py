@@ -270,19 +270,28 @@ class Gateway:
                 return  # already answering as many as we keep: close at once
             self._refusing += 1
             try:
-                decoder = FrameDecoder(max_remaining=REFUSED_FRAME_MAX)
+                decoder: FrameDecoder | JsonRpcCodec = FrameDecoder(max_remaining=REFUSED_FRAME_MAX)
                 with trio.move_on_after(min(REFUSE_WAIT_S, self.tuning.connect_timeout_s)):
                     packet = None
                     while packet is None:
                         data = await transport.receive()
                         if not data:
                             return
+                        if isinstance(transport, WebSocketTransport) and transport.text_allowed:
+                            # A JSON-RPC client gets its refusal as a `connect` result (its errors: none).
+                            if len(data) > REFUSED_FRAME_MAX:
+                                return
+                            if transport.received_text or looks_like_jsonrpc(data):
+                                transport.text = True
+                                decoder = JsonRpcCodec(lambda _error: None)
+                            transport.text_allowed = False
                         decoder.feed(data)
                         packet = decoder.next_packet()
                     if isinstance(packet, Connect):
                         version = negotiate_version(packet.version)
                         refusal = Connack(time_diff=0, reason_code=Reason.RATE_LIMIT, server_version=version)
-                        await transport.send([encode(refusal, version)])
+                        frame = decoder.encode(refusal) if isinstance(decoder, JsonRpcCodec) else None
+                        await transport.send([frame or encode(refusal, version)])
             except (ProtocolError, *TRANSPORT_ERRORS):
                 pass  # a bad or vanished peer: it is being closed anyway
             finally:

@@ -148,6 +148,11 @@ async def test_binary_and_jsonrpc_clients_talk_and_recv_is_resent_until_recvack(
         assert (await alice.answer("b"))["result"] is None
         assert not alice.notifications  # nothing resent after the recvack
 
+        # `disconnect`: answered, then closed (without a disconnect notification: that means a kick).
+        assert (await alice.call("disconnect", {"reasonCode": 0}, "bye"))["result"] is None
+        assert await alice.closed() and not alice.notifications
+        await bob.ping()
+
 
 async def test_bad_input_gets_an_error_or_a_close_and_nobody_else_notices(
     node: RunningNode, caplog: pytest.LogCaptureFixture
