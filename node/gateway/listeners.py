@@ -92,7 +92,7 @@ class Gateway:
         self.tuning = tuning
         # Whether WebSocket clients may speak JSON-RPC (cluster.jsonrpc).
         self.jsonrpc = jsonrpc
-        self.jsonrpc_connections = 0
+        self.jsonrpc_accepted = 0
         # Which pages may open a WebSocket connection (node/api/guard.py); None: any.
         self.ws_origins = ws_origins
         self.tracer = tracer or Tracer(0)
@@ -388,7 +388,7 @@ class Gateway:
         transport.text = True
         codec = JsonRpcCodec(conn.send_control)
         conn.jsonrpc = codec
-        self.jsonrpc_connections += 1
+        self.jsonrpc_accepted += 1
         return codec
 
     async def _serve_packets(
@@ -468,7 +468,7 @@ class Gateway:
             "held_bytes": self.held.total,
             "held_bytes_cuts": self.held.cuts,
             "ws_origins_refused": self.origins_refused,
-            "jsonrpc_connections": self.jsonrpc_connections,
+            "jsonrpc_accepted": self.jsonrpc_accepted,
         }
 
 

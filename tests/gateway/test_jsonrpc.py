@@ -138,7 +138,7 @@ async def test_binary_and_jsonrpc_clients_talk_and_recv_is_resent_until_recvack(
         )
         conn = next(c for c in node.node.registry if c.uid == "alice")
         await wait_for(lambda: not conn.inflight, 5, "the recvack untracks the RECV")
-        assert conn.protocol == "jsonrpc"
+        assert conn.protocol == "jsonrpc" and node.node.gateway.statistics()["jsonrpc_accepted"] == 1
         assert (await alice.call("ping", {}, "p"))["result"] is None
         assert (await alice.call("ping", None, 9))["result"] is None  # an integer id is echoed as given
 
@@ -304,7 +304,7 @@ async def test_the_switch_turns_jsonrpc_off(tmp_path: Path) -> None:
         await rpc.send({"id": "c", "method": "connect", "params": {"uid": "x"}})
         assert await rpc.closed()
         assert not rpc.notifications  # not even an error: the node speaks only binary here
-        assert node.node.gateway.statistics()["jsonrpc_connections"] == 0
+        assert node.node.gateway.statistics()["jsonrpc_accepted"] == 0
         async with open_client(*node.ws, "y", websocket=True) as binary:
             await binary.ping()
 
