@@ -103,7 +103,9 @@ def looks_like_jsonrpc(data: bytes) -> bool:
 
 
 def _dumps(value: Any) -> bytes:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    # ASCII with \u escapes: a string from a client's JSON may hold a lone surrogate ("\ud800"), which
+    # has no UTF-8; escaped, every message the node writes is valid text.
+    return json.dumps(value, separators=(",", ":")).encode("ascii")
 
 
 def response(request_id: str | int | None, result: Any) -> bytes:
@@ -296,7 +298,11 @@ def _text(params: dict[str, Any], key: str, limit: int, *, required: bool = Fals
         return default
     if not isinstance(value, str):
         raise _BadRequest(INVALID_PARAMS, f"params.{key} must be a string")
-    if len(value.encode()) > limit:
+    try:
+        size = len(value.encode())
+    except UnicodeEncodeError:
+        raise _BadRequest(INVALID_PARAMS, f"params.{key} is not valid Unicode") from None
+    if size > limit:
         raise _BadRequest(INVALID_PARAMS, f"params.{key} is over {limit} bytes")
     return value
 
@@ -363,7 +369,12 @@ def _send(params: dict[str, Any], client_seq: int) -> Send:
 
 def _recvack(params: dict[str, Any]) -> Recvack:
     message_id = params.get("messageId")
-    if isinstance(message_id, str) and message_id.isdigit() and len(message_id) <= 19:
+    if (
+        isinstance(message_id, str)
+        and message_id.isascii()
+        and message_id.isdigit()
+        and len(message_id) <= 19
+    ):
         message_id = int(message_id)
     if type(message_id) is not int or not 0 <= message_id <= I64_MAX:
         raise _BadRequest(INVALID_PARAMS, "params.messageId must be a decimal message id")

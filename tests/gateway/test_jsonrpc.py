@@ -25,6 +25,10 @@ from tests.conftest import RunningNode, http_json, running_node, single_node_con
 from tests.gateway.test_fuzz_live import websocket_to
 
 TOKEN = "jsonrpc-test-manager-token"
+SEND_TO_SURROGATE = '{"id":"s","method":"send","params":{"channelId":"\\ud800","channelType":1,"payload":""}}'
+SEND_WITH_HUGE_EXPIRE = (
+    '{"id":"s","method":"send","params":{"channelId":"b","channelType":1,"payload":"","expire":1e400}}'
+)
 
 
 class Rpc:
@@ -233,6 +237,14 @@ async def test_bad_input_gets_an_error_or_a_close_and_nobody_else_notices(
                 ({"id": "v", "jsonrpc": "1.0", "method": "ping"}, jsonrpc.INVALID_REQUEST),
                 (
                     {"method": "recvack", "params": {"messageId": "x1", "messageSeq": 1}},
+                    jsonrpc.INVALID_PARAMS,
+                ),
+                # A lone surrogate has no UTF-8: refused in a field, echoed \u-escaped in an id.
+                (SEND_TO_SURROGATE, jsonrpc.INVALID_PARAMS),
+                ('{"id":"\\ud800","method":"teleport"}', jsonrpc.METHOD_NOT_FOUND),
+                (SEND_WITH_HUGE_EXPIRE, jsonrpc.INVALID_PARAMS),
+                (
+                    {"method": "recvack", "params": {"messageId": "\u00b2", "messageSeq": 1}},
                     jsonrpc.INVALID_PARAMS,
                 ),
             ]:
