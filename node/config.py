@@ -182,6 +182,9 @@ class Config:
     secret_file: str = ""
     encryption: bool = True
     token_auth: bool = False
+    # WebSocket clients may speak WuKongIM's JSON-RPC (the EasySDKs) beside the binary protocol; WuKongIM's
+    # disableJSONRPC turned around. Off: a text or JSON first message is a protocol error, as before.
+    jsonrpc: bool = True
     initial_members: tuple[str, ...] = (DEFAULT_NODE_ID,)
     nodes: dict[str, NodeSpec] = field(default_factory=lambda: {DEFAULT_NODE_ID: NodeSpec()})
     tuning: Tuning = field(default_factory=Tuning)
@@ -327,6 +330,7 @@ def load(path: str | None) -> Config:
         "secret_file": str,
         "encryption": bool,
         "token_auth": bool,
+        "jsonrpc": bool,
         "initial_members": list,
         "entry_point_plugins": bool,
         "allowed_hosts": list,
@@ -409,6 +413,7 @@ def load(path: str | None) -> Config:
         secret_file=_path(base_dir, secret_file) if secret_file else "",
         encryption=cluster.get("encryption", True),
         token_auth=cluster.get("token_auth", False),
+        jsonrpc=cluster.get("jsonrpc", True),
         initial_members=tuple(members),
         nodes=nodes,
         tuning=tuning,

@@ -154,6 +154,7 @@ class Node:
             self.user_pool,
             self.tracer,
             ws_origins=WsOriginCheck(config, self.spec.id, self._own_http),
+            jsonrpc=config.jsonrpc,
         )
         self.pools: dict[str, EventPool[Any]] = {
             "user": self.user_pool,

@@ -152,6 +152,7 @@ def routes(
                     "device": c.device_flag,
                     "device_id": c.device_id,
                     "version": c.version,
+                    "protocol": c.protocol,  # binary or jsonrpc (the codec; the transport is below)
                     "proxy_type_format": c.transport,
                     "node_id": identity.numeric_id,
                 }

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import trio
 
 from node.trace import Trace
+from node.wire import jsonrpc
 from node.wire.crypto import Session
 from node.wire.protocol import FLAG_DUP, LATEST_VERSION, Disconnect, Packet, Recv, encode
 
@@ -98,6 +99,9 @@ class Connection:
         self.device_level = 0
         self.version = LATEST_VERSION
         self.session: Session | None = None
+        # A JSON-RPC connection's codec (set by the gateway from its first message); None: the binary
+        # protocol. Everything the node sends goes through `encode`, so nothing else tells them apart.
+        self.jsonrpc: jsonrpc.JsonRpcCodec | None = None
         self.authenticated = False
         self.auth_done = trio.Event()
         self.closed = trio.Event()
@@ -132,7 +136,24 @@ class Connection:
         self.read_at = 0.0  # time.perf_counter() of the last read from the socket
 
     def __repr__(self) -> str:
-        return f"<Connection {self.id} {self.transport} uid={self.uid!r} flag={self.device_flag}>"
+        kind = f"{self.transport}/{self.protocol}"
+        return f"<Connection {self.id} {kind} uid={self.uid!r} flag={self.device_flag}>"
+
+    @property
+    def protocol(self) -> str:
+        """The client protocol: binary (WuKongIM's WKProto) or jsonrpc (its JSON-RPC for light clients)."""
+        return "binary" if self.jsonrpc is None else "jsonrpc"
+
+    @property
+    def has_key_exchange(self) -> bool:
+        """Whether this connection's protocol encrypts payloads (binary); JSON-RPC relies on wss."""
+        return self.jsonrpc is None
+
+    def encode(self, packet: Packet, version: int | None = None) -> bytes:
+        """The frame of `packet` in this connection's protocol (binary: at `version`, default its own)."""
+        if self.jsonrpc is not None:
+            return self.jsonrpc.encode(packet)
+        return encode(packet, self.version if version is None else version)
 
     def holding(self) -> int:
         """The bytes this connection holds: queued to write, and RECVs kept for resending."""
@@ -143,7 +164,7 @@ class Connection:
 
         Everything but a RECV or a DISCONNECT is a control frame and goes ahead of queued RECVs.
         """
-        frame = encode(packet, self.version)
+        frame = self.encode(packet)
         if isinstance(packet, Recv | Disconnect):
             return self.send_frame(frame)
         return self.send_control(frame)
@@ -229,7 +250,7 @@ class Connection:
 
     def track_recv(self, message_id: int, frame: bytes, due: float, max_inflight: int) -> None:
         self.untrack_recv(message_id)
-        dup = bytes((frame[0] | FLAG_DUP,)) + frame[1:]
+        dup = bytes((frame[0] | FLAG_DUP,)) + frame[1:] if self.jsonrpc is None else jsonrpc.dup(frame)
         while self.inflight and (
             len(self.inflight) >= max_inflight or self.inflight_bytes + len(dup) > self.inflight_bytes_max
         ):
@@ -269,7 +290,7 @@ class Connection:
         if self.closed.is_set():
             return
         if reason_code is not None:
-            frame = encode(Disconnect(reason_code, reason), self.version)
+            frame = self.encode(Disconnect(reason_code, reason))
             try:
                 self._outbound_send.send_nowait(frame)
                 self.pending_bytes += len(frame)

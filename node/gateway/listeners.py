@@ -12,6 +12,12 @@ as in WuKongIM, a DISCONNECT means a kick (reason 12), and the SDKs stop reconne
 after any DISCONNECT, the Android SDK treats it as a kick), so a client cut for a timeout must only see
 the socket close and reconnect.
 
+On WebSocket, a connection whose first message is text or starts with `{` or `[` speaks JSON-RPC
+(node/wire/jsonrpc.py, the EasySDKs' protocol) unless `cluster.jsonrpc` is off: from then on its codec
+turns messages into the same packets and encodes what the node sends, and everything else is the same.
+A malformed JSON-RPC request is answered with an error and the connection goes on; before `connect` the
+answer is followed by a close.
+
 Past `connections_per_node` or `connections_per_address` (peer host, WebSocket included), a new connection
 is answered its CONNECT with CONNACK reason 22 (rate limit: the SDKs report it and retry later, where an
 auth failure would make them give up on the credentials) and closed, without reaching the user pool. At
@@ -36,6 +42,7 @@ from node.gateway.connection import Connection, HeldBytes
 from node.gateway.registry import Registry, peer_host
 from node.gateway.transports import TRANSPORT_ERRORS, TcpTransport, Transport, WebSocketTransport
 from node.trace import Tracer
+from node.wire.jsonrpc import JsonRpcCodec, looks_like_jsonrpc
 from node.wire.protocol import (
     Connack,
     Connect,
@@ -80,8 +87,12 @@ class Gateway:
         tracer: Tracer | None = None,
         *,
         ws_origins: OriginCheck | None = None,
+        jsonrpc: bool = True,
     ) -> None:
         self.tuning = tuning
+        # Whether WebSocket clients may speak JSON-RPC (cluster.jsonrpc).
+        self.jsonrpc = jsonrpc
+        self.jsonrpc_accepted = 0
         # Which pages may open a WebSocket connection (node/api/guard.py); None: any.
         self.ws_origins = ws_origins
         self.tracer = tracer or Tracer(0)
@@ -182,7 +193,8 @@ class Gateway:
                         nursery.cancel_scope.cancel()
                         return
                     remote = getattr(stream.socket, "getpeername", lambda: ("?", 0))()
-                    await self.serve(WebSocketTransport(ws), kind, f"{remote[0]}:{remote[1]}")
+                    transport = WebSocketTransport(ws, text_allowed=self.jsonrpc)
+                    await self.serve(transport, kind, f"{remote[0]}:{remote[1]}")
                     nursery.cancel_scope.cancel()
             except (
                 trio_websocket.ConnectionClosed,
@@ -258,19 +270,28 @@ class Gateway:
                 return  # already answering as many as we keep: close at once
             self._refusing += 1
             try:
-                decoder = FrameDecoder(max_remaining=REFUSED_FRAME_MAX)
+                decoder: FrameDecoder | JsonRpcCodec = FrameDecoder(max_remaining=REFUSED_FRAME_MAX)
                 with trio.move_on_after(min(REFUSE_WAIT_S, self.tuning.connect_timeout_s)):
                     packet = None
                     while packet is None:
                         data = await transport.receive()
                         if not data:
                             return
+                        if isinstance(transport, WebSocketTransport) and transport.text_allowed:
+                            # A JSON-RPC client gets its refusal as a `connect` result (its errors: none).
+                            if len(data) > REFUSED_FRAME_MAX:
+                                return
+                            if transport.received_text or looks_like_jsonrpc(data):
+                                transport.text = True
+                                decoder = JsonRpcCodec(lambda _error: None)
+                            transport.text_allowed = False
                         decoder.feed(data)
                         packet = decoder.next_packet()
                     if isinstance(packet, Connect):
                         version = negotiate_version(packet.version)
                         refusal = Connack(time_diff=0, reason_code=Reason.RATE_LIMIT, server_version=version)
-                        await transport.send([encode(refusal, version)])
+                        frame = decoder.encode(refusal) if isinstance(decoder, JsonRpcCodec) else None
+                        await transport.send([frame or encode(refusal, version)])
             except (ProtocolError, *TRANSPORT_ERRORS):
                 pass  # a bad or vanished peer: it is being closed anyway
             finally:
@@ -305,7 +326,8 @@ class Gateway:
             scope.cancel()
 
     async def _read_loop(self, conn: Connection, transport: Transport) -> None:
-        decoder = FrameDecoder(max_remaining=self.tuning.max_frame_bytes)
+        decoder: FrameDecoder | JsonRpcCodec = FrameDecoder(max_remaining=self.tuning.max_frame_bytes)
+        undecided = isinstance(transport, WebSocketTransport) and transport.text_allowed
 
         def buffered_packet() -> Any:
             """The next packet already received in full, or None (never reads)."""
@@ -323,6 +345,11 @@ class Gateway:
                 if not data:
                     raise _Closed
                 conn.read_at = time.perf_counter()  # the latency trace starts from the read
+                nonlocal decoder, undecided
+                if undecided:
+                    undecided = False
+                    assert isinstance(transport, WebSocketTransport)
+                    decoder = self._choose_protocol(conn, transport, data) or decoder
                 decoder.feed(data)
 
         try:
@@ -350,6 +377,19 @@ class Gateway:
             conn.close(None, f"protocol error: {exc}")
         except (_Closed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
+
+    def _choose_protocol(
+        self, conn: Connection, transport: WebSocketTransport, first: bytes
+    ) -> JsonRpcCodec | None:
+        """From a WebSocket connection's first message: its JSON-RPC codec, or None (binary, text refused)."""
+        if not (transport.received_text or looks_like_jsonrpc(first)):
+            transport.text_allowed = False
+            return None
+        transport.text = True
+        codec = JsonRpcCodec(conn.send_control)
+        conn.jsonrpc = codec
+        self.jsonrpc_accepted += 1
+        return codec
 
     async def _serve_packets(
         self,
@@ -428,6 +468,7 @@ class Gateway:
             "held_bytes": self.held.total,
             "held_bytes_cuts": self.held.cuts,
             "ws_origins_refused": self.origins_refused,
+            "jsonrpc_accepted": self.jsonrpc_accepted,
         }
 
 

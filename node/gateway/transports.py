@@ -75,9 +75,20 @@ class WebSocketTransport:
     """`stream`: the byte stream under `ws`, when closing the transport must close it too (the client's:
     trio-websocket leaves it open when the peer closed the TCP connection without a closing handshake)."""
 
-    def __init__(self, ws: trio_websocket.WebSocketConnection, stream: trio.abc.Stream | None = None) -> None:
+    def __init__(
+        self,
+        ws: trio_websocket.WebSocketConnection,
+        stream: trio.abc.Stream | None = None,
+        *,
+        text_allowed: bool = False,
+    ) -> None:
         self.ws = ws
         self.stream = stream
+        # JSON-RPC (node/wire/jsonrpc.py) comes in text messages: allowed until the gateway has found
+        # the connection binary; `text`: frames go out as text messages (the JSON-RPC clients parse text).
+        self.text_allowed = text_allowed
+        self.text = False
+        self.received_text = False
 
     async def receive(self) -> bytes:
         try:
@@ -85,12 +96,15 @@ class WebSocketTransport:
         except trio_websocket.ConnectionClosed:
             return b""
         if isinstance(message, str):
-            raise ProtocolError("text WebSocket message: the protocol is binary")
+            if not self.text_allowed:
+                raise ProtocolError("text WebSocket message: the protocol is binary")
+            self.received_text = True
+            return message.encode()
         return bytes(message)
 
     async def send(self, frames: Sequence[bytes]) -> None:
         for frame in frames:
-            await self.ws.send_message(frame)
+            await self.ws.send_message(frame.decode() if self.text else frame)
 
     async def aclose(self) -> None:
         try:

@@ -24,7 +24,7 @@ from node.gateway.connection import Connection
 from node.gateway.registry import Registry
 from node.pools.eventbus import EventPool
 from node.trace import Trace
-from node.wire.protocol import FLAG_NO_PERSIST, FLAG_RED_DOT, SETTING_NO_ENCRYPT, Recv, encode
+from node.wire.protocol import FLAG_NO_PERSIST, FLAG_RED_DOT, SETTING_NO_ENCRYPT, Recv
 from raft.apply import Result
 from raft.commands import CHANNEL_PERSON, SYSTEM_UID, person_peer
 
@@ -105,7 +105,7 @@ def recv_frame(conn: Connection, op: dict[str, Any], result: Result, recipient: 
         topic=op.get("tp", ""),
         flags=flags,
     )
-    return encode(packet, conn.version)
+    return conn.encode(packet)
 
 
 async def push_online(ctx: PushContext, ev: PushEvent) -> int | None:

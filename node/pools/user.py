@@ -47,7 +47,6 @@ from node.wire.protocol import (
     Pong,
     Reason,
     Sendack,
-    encode,
     negotiate_version,
 )
 from raft.commands import CHANNEL_PERSON, MAX_UID_BYTES, valid_uid
@@ -70,7 +69,7 @@ async def auth(ctx: UserContext, ev: ConnectEvent) -> int | None:
     packet = ev.packet
     if not packet.uid or len(packet.uid.encode()) > MAX_UID_BYTES or not valid_uid(packet.uid):
         return Reason.AUTH_FAIL
-    if ctx.config.encryption and not packet.client_key:
+    if ctx.config.encryption and ev.conn.has_key_exchange and not packet.client_key:
         return Reason.CLIENT_KEY_IS_EMPTY
     with ctx.store.read() as txn:
         user = txn.user(packet.uid) if ctx.config.token_auth else None
@@ -115,7 +114,7 @@ async def connack(ctx: UserContext, ev: ConnectEvent) -> int | None:
     """
     conn, packet = ev.conn, ev.packet
     session, server_key, salt = None, "", ""
-    if ctx.config.encryption:
+    if ctx.config.encryption and conn.has_key_exchange:
         private_key, server_key = generate_keypair()
         salt = random_salt()
         try:
@@ -126,7 +125,7 @@ async def connack(ctx: UserContext, ev: ConnectEvent) -> int | None:
     # CONNACK's i64: clamp it rather than fail the login over a clock.
     time_diff = min(max(int(time.time() * 1000) - packet.client_timestamp, I64_MIN), I64_MAX)
     version = negotiate_version(packet.version)
-    frame = encode(
+    frame = conn.encode(
         Connack(
             time_diff=time_diff,
             reason_code=Reason.SUCCESS,

@@ -1,6 +1,7 @@
 """`imnode bench`: a load generator that accounts honestly.
 
-Clients (imnode's own, encryption on as the SDKs use it) are spread over every member of a running cluster.
+Clients (imnode's own, encryption on as the SDKs use it; with `--protocol jsonrpc`, JSON-RPC light clients
+on the WebSocket ports, as the EasySDKs speak it) are spread over every member of a running cluster.
 In `person` mode client i sends to client i+1 (a ring, every recipient online); in `group` mode every client
 is a member of one group of `--group-size` and sends to it. Each payload carries (run, sender, counter,
 send time): a message counts as delivered only when a recipient decrypted it, its msg_key verified (the
@@ -107,6 +108,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--payload", type=int, default=200, help="payload bytes (default 200)")
     parser.add_argument(
         "--mode", choices=["person", "group", "idle"], default="person", help="idle: only hold connections"
+    )
+    parser.add_argument(
+        "--protocol",
+        choices=["binary", "binary-ws", "jsonrpc"],
+        default="binary",
+        help="binary: imnode's client on the TCP ports, encrypted as the SDKs do (default); binary-ws: the "
+        "same on the WebSocket ports; jsonrpc: JSON-RPC light clients (the EasySDKs' protocol, no payload "
+        "encryption) on the WebSocket ports",
     )
     parser.add_argument(
         "--ping-interval", type=float, default=30.0, help="idle mode heartbeat (default 30 s)"

@@ -19,6 +19,8 @@ import resource
 import sys
 import time
 import uuid
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +28,7 @@ import trio
 import trio.lowlevel
 
 from node.client import Client, ClientError, open_client
+from node.client.jsonrpc_client import JsonRpcClient, open_jsonrpc_client
 from node.config import Config
 from node.metrics import percentile
 from node.tools import operator as op
@@ -37,6 +40,10 @@ PROGRESS_EVERY_S = 1.0
 SENDACK_TIMEOUT_S = 30.0
 
 
+# What a bench client is: imnode's binary client, or the JSON-RPC light client (`--protocol jsonrpc`).
+BenchClient = Client | JsonRpcClient
+
+
 def reason_name(code: int) -> str:
     """The protocol's name of a reason code (`Reason` in node/wire/protocol.py), as errors are reported."""
     try:
@@ -45,7 +52,7 @@ def reason_name(code: int) -> str:
         return f"REASON_{code}"
 
 
-def disconnected_error(who: str, client: Client) -> str:
+def disconnected_error(who: str, client: BenchClient) -> str:
     """`sender_disconnected` or `recipient_disconnected`, with the node's DISCONNECT reason if it sent one."""
     reason = client.disconnect_reason
     return who + "_disconnected" + ("" if reason is None else f":{reason_name(reason)}")
@@ -147,6 +154,33 @@ class Bench:
     def uid(self, index: int) -> str:
         return f"bench-{self.run_id}-{index}"
 
+    def open(
+        self,
+        node_id: str,
+        index: int,
+        timeout_s: float,
+        on_recv: Callable[[Recv], None] | None = None,
+        on_sendack: Callable[[Sendack], None] | None = None,
+    ) -> AbstractAsyncContextManager[BenchClient]:
+        """Client `index` on `node_id`: binary on its TCP port (binary-ws: WebSocket), or JSON-RPC."""
+        spec = self.config.node(node_id)
+        if self.args.protocol == "jsonrpc":
+            host, port = spec.ws.rsplit(":", 1)
+            return open_jsonrpc_client(
+                host, int(port), self.uid(index), timeout_s=timeout_s, on_recv=on_recv, on_sendack=on_sendack
+            )
+        websocket = self.args.protocol == "binary-ws"
+        host, port = (spec.ws if websocket else spec.tcp).rsplit(":", 1)
+        return open_client(
+            host,
+            int(port),
+            self.uid(index),
+            websocket=websocket,
+            timeout_s=timeout_s,
+            on_recv=on_recv,
+            on_sendack=on_sendack,
+        )
+
     def recipients(self, sender: int) -> set[int]:
         n = self.args.clients
         if self.args.mode == "person":
@@ -178,18 +212,16 @@ class Bench:
         own_before = own_cpu_s()
         started = time.perf_counter()
         async with trio.open_nursery() as nursery:
-            clients: list[Client] = [None] * self.args.clients  # type: ignore[list-item]
+            clients: list[BenchClient] = [None] * self.args.clients  # type: ignore[list-item]
             ready = trio.Semaphore(0)
 
             async def hold(index: int) -> None:
                 node_id = nodes[index % len(nodes)]
-                host, port = self.config.node(node_id).tcp.rsplit(":", 1)
                 sender = self.senders[index] if index < len(self.senders) else None
-                async with open_client(
-                    host,
-                    int(port),
-                    self.uid(index),
-                    timeout_s=30,
+                async with self.open(
+                    node_id,
+                    index,
+                    30,
                     on_recv=lambda recv: self.on_recv(index, recv),
                     on_sendack=None if sender is None else sender.on_sendack,
                 ) as client:
@@ -266,9 +298,8 @@ class Bench:
 
             async def hold(index: int) -> None:
                 nonlocal connected
-                host, port = self.config.node(nodes[index % len(nodes)]).tcp.rsplit(":", 1)
                 try:
-                    async with open_client(host, int(port), self.uid(index), timeout_s=120) as client:
+                    async with self.open(nodes[index % len(nodes)], index, 120) as client:
                         connected += 1
                         ready.release()
                         while True:
@@ -295,6 +326,7 @@ class Bench:
             nursery.cancel_scope.cancel()
         return {
             "mode": "idle",
+            "protocol": self.args.protocol,
             "clients": self.args.clients,
             "connected": connected,
             "connect_s": round(opened, 2),
@@ -319,7 +351,7 @@ class Bench:
             if (r, sender, counter) not in tally.seen
         )
 
-    async def _send(self, client: Client, index: int, deadline: float) -> None:
+    async def _send(self, client: BenchClient, index: int, deadline: float) -> None:
         target = self.group if self.args.mode == "group" else self.uid((index + 1) % self.args.clients)
         channel_type = 2 if self.args.mode == "group" else 1
         sender = self.senders[index]
@@ -377,7 +409,7 @@ class Bench:
             # A closed connection fails every send in flight on it at once.
             sender.fail_all(disconnected_error("sender", client))
 
-    async def _wait_for_room(self, sender: Sender, client: Client) -> None:
+    async def _wait_for_room(self, sender: Sender, client: BenchClient) -> None:
         """Until a SENDACK arrives, the connection ends, or the oldest send in flight times out."""
         sender.room = trio.Event()
         expires = sender.expire(time.perf_counter())
@@ -460,6 +492,7 @@ class Bench:
         node_cpu_s = sum(known) if len(known) == len(node_cpu) else None
         return {
             "mode": self.args.mode,
+            "protocol": self.args.protocol,
             "clients": self.args.clients,
             "senders": self.args.senders or self.args.clients,
             "window": self.args.window,

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 import trio
 
-from node.client import ConnectRefused, open_client
+from node.client import ClientError, ConnectRefused, open_client
+from node.client.jsonrpc_client import open_jsonrpc_client
 from node.wire.crypto import generate_keypair
 from node.wire.protocol import Connack, Connect, Disconnect, FrameDecoder, Reason, encode
 from tests.conftest import NodeProcess, http_json
@@ -245,6 +246,10 @@ async def test_connection_limits_answer_connack_reason_22_and_others_are_served(
         assert status["connections"] == 8, status
         await expect_refused(tcp, "carol")
         await expect_refused(ws, "carol", websocket=True)
+        # A JSON-RPC light client is refused in its own protocol: a `connect` result with reason 22.
+        with pytest.raises(ClientError, match="connect refused: reason 22"):
+            async with open_jsonrpc_client(*ws, "carol"):
+                pass
         for i in range(4):
             stream, reason = await login(tcp, f"other-{i}", "dev", source="127.0.0.2")
             assert reason == Reason.SUCCESS
@@ -254,7 +259,7 @@ async def test_connection_limits_answer_connack_reason_22_and_others_are_served(
         streams.append(stream)
         assert reason == Reason.RATE_LIMIT
         status = await node_status(http)
-        assert status["gateway"]["refused_connections"] == 3, status["gateway"]
+        assert status["gateway"]["refused_connections"] == 4, status["gateway"]
         assert status["connections"] == 12, status
         # Room again once one leaves.
         await streams[-2].aclose()

@@ -104,6 +104,19 @@ def test_bench_accounts_for_every_message(single: Cluster, mode: str) -> None:
     )
 
 
+def test_bench_drives_jsonrpc_light_clients(single: Cluster) -> None:
+    """`--protocol jsonrpc`: the same accounting over JSON-RPC on the WebSocket port (several sends in one
+    message at --rate max)."""
+    flags = ["--clients", "4", "--duration", "1", "--rate", "max", "--window", "8", "--protocol", "jsonrpc"]
+    run = single.cli("bench", *flags, "--json", timeout_s=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads(run.stdout)
+    assert report["protocol"] == "jsonrpc" and set(report) >= FIELDS
+    assert report["sent"] == report["acked"] == report["delivered"] > 0 and report["errors"] == {}
+    assert report["lost"] == 0 and report["duplicates"] == 0
+    assert 0 < report["ack_p50_ms"] <= report["ack_p99_ms"] and report["acked_per_s"] > 0
+
+
 def test_bench_counts_node_cpu_per_message_on_every_node(three: Cluster) -> None:
     run = three.cli("bench", "--clients", "6", "--duration", "1.5", "--json", timeout_s=120)
     assert run.returncode == 0, run.stdout + run.stderr

@@ -324,7 +324,7 @@ async function refreshConnections() {
       for (const c of node.body.connections) {
         body.append(el('tr', { dataset: { node: node.id, uid: c.uid, conn: c.id } },
           el('td', {}, node.id), el('td', {}, c.id), el('td', {}, c.uid), el('td', {}, c.device), el('td', {}, c.device_id),
-          el('td', {}, `v${c.version}`), el('td', {}, c.proxy_type_format), el('td', {}, `${c.ip}:${c.port}`),
+          el('td', {}, c.protocol === 'jsonrpc' ? 'JSON-RPC' : `binary v${c.version}`), el('td', {}, c.proxy_type_format), el('td', {}, `${c.ip}:${c.port}`),
           el('td', {}, `${Math.round(c.uptime)} s ago`), el('td', {}, `${c.in_packets} / ${c.out_packets}`),
           el('td', {}, el('button', { class: 'kick', onclick: () => kick(node.id, c.id, c.uid) }, 'Kick'))));
       }
