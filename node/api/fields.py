@@ -204,7 +204,9 @@ class F:
                 "items": {"type": "integer", "minimum": 0, "maximum": 255},
             }
         elif self.kind == "json":
-            out = {"x-max-utf8-bytes": self.max_bytes}  # any JSON value: OpenAPI 3.0 says so by giving no type
+            out = {
+                "x-max-utf8-bytes": self.max_bytes
+            }  # any JSON value: OpenAPI 3.0 says so by giving no type
         elif self.kind == "header":
             flag = {"type": "integer", "minimum": 0, "maximum": 1, "default": 0}
             out = {"type": "object", "properties": {key: dict(flag) for key in HEADER_FLAGS}}
