@@ -262,10 +262,6 @@ class StreamHub:
                 lane.text = text
             else:
                 lane.other = snapshot
-        if len(self.streams) >= self._tuning.stream_sessions_max:
-            raise StreamRefused(
-                f"this node has {self._tuning.stream_sessions_max} streams open (tuning.stream_sessions_max)"
-            )
         stream = Stream(
             chan,
             posted.channel_id,
@@ -278,9 +274,22 @@ class StreamHub:
             trio.current_time(),
             ending=msgevents.finished(state),
         )
-        if not stream.ending:  # an ended stream is answered from its stored state, not kept open
-            self.streams[(chan, posted.client_msg_no)] = stream
+        # A stream whose every key has ended is answered from its stored state, not kept open.
+        if not stream.ending and not (
+            lanes and all(msgevents.is_terminal(lane.status) for lane in lanes.values())
+        ):
+            self._keep(stream)
         return stream
+
+    def _keep(self, stream: Stream) -> None:
+        key = (stream.chan, stream.client_msg_no)
+        if key in self.streams:
+            return
+        if len(self.streams) >= self._tuning.stream_sessions_max:
+            raise StreamRefused(
+                f"this node has {self._tuning.stream_sessions_max} streams open (tuning.stream_sessions_max)"
+            )
+        self.streams[key] = stream
 
     def _forget_if_done(self, stream: Stream) -> None:
         if stream.ending or all(msgevents.is_terminal(lane.status) for lane in stream.lanes.values()):
@@ -318,6 +327,7 @@ class StreamHub:
         if lane is None:
             if len(stream.lanes) >= c.MAX_EVENT_KEYS:
                 raise StreamRefused(f"a stream has at most {c.MAX_EVENT_KEYS} event keys")
+            self._keep(stream)  # a new key of a stream whose other keys had ended opens it again
             lane = stream.lanes[posted.event_key] = Lane()
         if posted.event_id in lane.delta_ids:
             return lane.seq, lane.status  # a retried delta: taken once

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 from typing import Any
 
 import trio
 
 from node.client import open_client
-from tests.conftest import RunningNode, http_json
+from tests.conftest import RunningNode, http_json, running_node, single_node_config
 
 ANSWER = ["Streams ", "grow ", "word ", "by ", "word."]
 
@@ -154,3 +155,32 @@ async def test_bad_input_gets_wukongim_error_shapes_and_the_node_keeps_serving(n
     # The node-to-node path takes only calls signed with the cluster secret.
     status, answer = await post(node, "/peer/stream/events", {"events": []})
     assert status == 403
+
+
+async def test_an_idle_stream_ends_with_its_text_kept_and_says_why(tmp_path: Path) -> None:
+    config = single_node_config(tmp_path / "n1", stream_idle_timeout_s=0.5, stream_sessions_max=1)
+    async with running_node(config) as node:
+        await open_stream(node)
+        for i, word in enumerate(ANSWER[:2]):
+            delta = {"kind": "text", "delta": word}
+            assert (await post(node, "/message/event", event_body(f"d{i}", "stream.delta", delta)))[0] == 200
+        # One stream open on this node at most (tuning.stream_sessions_max): a second one is refused.
+        await open_stream(node, "answer-2")
+        second = event_body("x1", "stream.delta", {"kind": "text", "delta": "x"}, client_msg_no="answer-2")
+        status, refused = await post(node, "/message/event", second)
+        assert status == 400 and "stream_sessions_max" in refused["msg"]
+        sync = {"login_uid": "alice", "channel_id": "bot", "channel_type": 1}
+        with trio.fail_after(10):
+            while True:
+                _, synced = await post(node, "/channel/messagesync", sync)
+                [message] = [m for m in synced["messages"] if m["client_msg_no"] == "answer-1"]
+                if message.get("end"):
+                    break
+                await trio.sleep(0.1)
+        assert base64.b64decode(message["stream_data"]).decode() == "".join(ANSWER[:2])
+        assert message["error"] == "idle timeout" and message["event_meta"]["events"][0]["status"] == "error"
+        status, refused = await post(
+            node, "/message/event", event_body("d9", "stream.delta", {"kind": "text", "delta": "late"})
+        )
+        assert (status, refused) == (400, {"msg": "stream closed", "status": 400})
+        assert node.node.streams.statistics()["streams_open"] == 0
