@@ -271,7 +271,9 @@ class Node:
         return dict(answer["body"])
 
     async def _post_stream_events(self, node_id: str, body: dict[str, Any]) -> dict[str, Any]:
-        return await self.peers.call(node_id, "POST", PEER_EVENTS_PATH, body=body, timeout_s=RELAY_TIMEOUT_S)
+        return await self.peers.call(
+            node_id, "POST", PEER_EVENTS_PATH, body=body, timeout_s=RELAY_TIMEOUT_S, pooled=True
+        )
 
     def _member_ids(self) -> list[str]:
         """The current Raft members by node id (an address no config table names is left out)."""
@@ -475,6 +477,7 @@ class Node:
             },
             "dead_letters": sum(len(pool.dead_letters) for pool in self.pools.values()),
             "proposer": self.proposer.statistics(),
+            "streams": self.streams.statistics(),
             "messages": {
                 "committed": self.committed.committed_messages,
                 "acked": self.channel_ctx.acked,
