@@ -86,6 +86,7 @@ class Lane:
     # A delta whose payload is not `{"kind": "text"}` replaces the snapshot instead of appending to the text.
     other: bytes | None = None
     seq: int = 0  # the last msg_event_seq persisted on this key
+    ending: bool = False  # a terminal event of this key is being committed: no more deltas
     delta_ids: collections.deque[str] = field(
         default_factory=lambda: collections.deque(maxlen=DELTA_IDS_KEPT)
     )
@@ -188,7 +189,11 @@ class Relay:
                 self.dropped += len(batch)
                 continue
             self.calls += 1
-            answer = await self._post(node_id, {"events": batch})
+            try:
+                answer = await self._post(node_id, {"events": batch})
+            except Exception as exc:  # never take the node down for events: they are best effort
+                log.exception("stream events to %s failed", node_id)
+                answer = {"ok": False, "error": repr(exc)}
             if answer["ok"]:
                 self.sent += len(batch)
             else:
@@ -322,7 +327,7 @@ class StreamHub:
 
     def _delta(self, stream: Stream, posted: Posted) -> tuple[int, str]:
         lane = stream.lanes.get(posted.event_key)
-        if stream.ending or (lane is not None and msgevents.is_terminal(lane.status)):
+        if stream.ending or (lane is not None and (lane.ending or msgevents.is_terminal(lane.status))):
             raise StreamRefused("stream closed")
         if lane is None:
             if len(stream.lanes) >= c.MAX_EVENT_KEYS:
@@ -400,9 +405,16 @@ class StreamHub:
             error=error,
         )
         ending = event_type == c.EVENT_STREAM_FINISH
+        # No delta may slip in behind the text merged above while the end is being committed.
         if ending:
-            stream.ending = True  # no delta may slip in behind the text merged above
-        [result] = await self._proposer.call([op])
+            stream.ending = True
+        elif lane is not None and event_type in c.TERMINAL_STATUS_OF:
+            lane.ending = True
+        try:
+            [result] = await self._proposer.call([op])
+        finally:
+            if lane is not None:
+                lane.ending = False
         if result.get("r") != c.R_SUCCESS:
             if ending:
                 stream.ending = False
