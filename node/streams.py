@@ -52,6 +52,7 @@ RELAY_BATCH_BYTES = 1 << 20
 RELAY_TIMEOUT_S = 2.0
 DELTA_IDS_KEPT = 64  # recent delta event ids per key: a retried delta is not appended twice
 TEXT = "text"
+ROUTE_TTL_S = 1.0  # how long a stream's subscribers and their nodes are reused (StreamHub._route)
 
 
 class StreamRefused(Exception):
@@ -114,6 +115,8 @@ class Stream:
     lanes: dict[str, Lane]
     touched: float
     ending: bool = False  # a stream.finish is being committed: no more deltas
+    route: tuple[list[str], dict[str, set[int]]] | None = None  # see StreamHub._route
+    route_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -443,13 +446,7 @@ class StreamHub:
         self, stream: Stream, posted: Posted, seq: int, status: str, payload: Any, *, delta: bool
     ) -> None:
         """The EVENT to every online connection of the channel's subscribers, on whichever node."""
-        with self._store.read() as txn:
-            if stream.channel_type == c.CHANNEL_PERSON:
-                peer = c.person_peer(stream.stored_id, stream.sender)
-                uids = [uid for uid in (stream.sender, peer) if uid]
-            else:
-                uids = txn.members("subscribers", stream.chan)
-            nodes_of = {uid: {node for node, _conn, _row in txn.presence_of(uid)} for uid in uids}
+        uids, nodes_of = self._route(stream)
         by_view: dict[str, list[str]] = {}
         for uid in uids:
             # A person channel appears to each party as the other one (as RECV shows it).
@@ -491,6 +488,23 @@ class StreamHub:
             deliver_local(self._registry, [item], deltas_max)
             for node, node_uids in remote.items():
                 self._relay.enqueue(node, {**item, "uids": node_uids})
+
+    def _route(self, stream: Stream) -> tuple[list[str], dict[str, set[int]]]:
+        """The channel's subscribers and the nodes each is online on, read at most every ROUTE_TTL_S per
+        stream: a delta to a large group would otherwise read every member's presence. A device that
+        connects meanwhile misses at most that long of deltas (the terminal event carries the text)."""
+        now = trio.current_time()
+        if stream.route is not None and now - stream.route_at < ROUTE_TTL_S:
+            return stream.route
+        with self._store.read() as txn:
+            if stream.channel_type == c.CHANNEL_PERSON:
+                peer = c.person_peer(stream.stored_id, stream.sender)
+                uids = [uid for uid in (stream.sender, peer) if uid]
+            else:
+                uids = txn.members("subscribers", stream.chan)
+            nodes_of = {uid: {node for node, _conn, _row in txn.presence_of(uid)} for uid in uids}
+        stream.route, stream.route_at = (uids, nodes_of), now
+        return stream.route
 
     # -- idle streams -------------------------------------------------------------------------------
     async def expire_idle(self) -> None:

@@ -184,3 +184,21 @@ async def test_an_idle_stream_ends_with_its_text_kept_and_says_why(tmp_path: Pat
         )
         assert (status, refused) == (400, {"msg": "stream closed", "status": 400})
         assert node.node.streams.statistics()["streams_open"] == 0
+
+
+async def test_a_group_stream_reaches_every_online_subscriber(node: RunningNode) -> None:
+    status, _ = await post(
+        node, "/channel", {"channel_id": "room", "channel_type": 2, "subscribers": ["alice", "bob", "bot"]}
+    )
+    assert status == 200
+    host, port = node.tcp
+    async with open_client(host, port, "alice") as alice, open_client(host, port, "bob") as bob:
+        target = {"channel_id": "room", "channel_type": 2, "from_uid": "bot", "client_msg_no": "g-1"}
+        payload = base64.b64encode(b'{"type":1,"content":""}').decode()
+        assert (await post(node, "/message/send", {**target, "is_stream": 1, "payload": payload}))[0] == 200
+        delta = {"kind": "text", "delta": "hi all"}
+        body = {**target, "event_id": "d0", "event_type": "stream.delta", "payload": delta}
+        assert (await post(node, "/message/event", body))[0] == 200
+        for client in (alice, bob):
+            data = json.loads((await client.event()).data)
+            assert (data["channel_id"], data["channel_type"], data["payload"]) == ("room", 2, delta)
