@@ -72,6 +72,15 @@ class Tuning:
     # Every n-th SEND (and committed message) carries a per-stage latency trace (`imnode admin trace`);
     # 0 turns tracing off. A traced message costs a dozen clock reads.
     trace_sample_every: int = 100
+    # Streamed messages (`/message/event`, node/streams.py): streams open on one node, the bytes of one
+    # stream's text and snapshots held in memory, the stream.delta EVENTs queued on one connection (past it
+    # that client misses deltas, not its connection), the events queued for one other node, and how long a
+    # stream may go without an event before it is ended with stream.error "idle timeout" (WuKongIM: 10 min).
+    stream_sessions_max: int = 10_000
+    stream_snapshot_max_bytes: int = 1 << 20
+    stream_deltas_queued_max: int = 1000
+    stream_relay_queue_max: int = 100_000
+    stream_idle_timeout_s: float = 600.0
 
 
 # Tuning keys for which 0 means "off" rather than a mistake.

@@ -26,6 +26,7 @@ from node.api import channels as channels_api
 from node.api import commands as commands_api
 from node.api import console as console_api
 from node.api import conversations as conversations_api
+from node.api import events as events_api
 from node.api import messages as messages_api
 from node.api import operations as operations_api
 from node.api import peer_auth
@@ -51,6 +52,7 @@ from node.pools.eventbus import EventPool
 from node.pools.pusher import PushContext, build_pusher_pool, resend_due
 from node.pools.user import UserContext, build_user_pool
 from node.stats import StatsHistory, Totals
+from node.streams import PEER_EVENTS_PATH, RELAY_TIMEOUT_S, Relay, StreamHub
 from node.trace import Tracer
 from raft import outbox
 from raft.bridge import RaftNode
@@ -185,6 +187,10 @@ class Node:
         self.listening: Listening | None = None
         # The other nodes' HTTP API: the console's fan-out and `/conn/*` handed to the node holding one.
         self.peers = Peers(config, self.spec.id, self._own_http, self._member_ids, self.cluster_secret)
+        # Streamed messages: deltas in memory, sent where subscribers are online (node/streams.py).
+        node_ids = {spec.numeric_id: spec.id for spec in config.nodes.values()}
+        self.relay = Relay(self._post_stream_events, node_ids.get, tuning.stream_relay_queue_max)
+        self.streams = StreamHub(tuning, self.store, self.proposer, self.registry, self.relay, numeric_id)
         self.http = HttpApi(
             self._routes(),
             config.manager_token,
@@ -216,7 +222,15 @@ class Node:
             ),
             **users_api.routes(store, proposer),
             **channels_api.routes(store, proposer),
-            **messages_api.routes(store, self.channel_pool, self.config.tuning.commit_timeout_s),
+            **messages_api.routes(
+                store,
+                self.channel_pool,
+                self.config.tuning.commit_timeout_s,
+                functools.partial(events_api.fill_event_meta, store, self.streams),
+            ),
+            **events_api.routes(
+                store, self.streams, self.registry, self.config.tuning.stream_deltas_queued_max
+            ),
             **conversations_api.routes(store, proposer),
             **commands_api.routes(store, proposer),
             **admin_api.routes(
@@ -256,6 +270,11 @@ class Node:
             why = answer.get("error") or f"answered {answer['body']!r}"
             raise HttpError(400, f"node {spec.id} ({spec.http}) did not answer {path}: {why}")
         return dict(answer["body"])
+
+    async def _post_stream_events(self, node_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        return await self.peers.call(
+            node_id, "POST", PEER_EVENTS_PATH, body=body, timeout_s=RELAY_TIMEOUT_S, pooled=True
+        )
 
     def _member_ids(self) -> list[str]:
         """The current Raft members by node id (an address no config table names is left out)."""
@@ -314,6 +333,8 @@ class Node:
                 nursery.start_soon(self.presence.watch_nodes, self.raft)
                 nursery.start_soon(self.membership.log_changes)
                 nursery.start_soon(self.webhooks.run)
+                nursery.start_soon(self.relay.run)
+                nursery.start_soon(self.streams.expire_idle)
                 # Accept clients once a leader is known (bounded: a node of a cluster whose other members
                 # are still down starts listening anyway, and its sends wait for the commit timeout).
                 with trio.move_on_after(self.config.tuning.raft_max_timeout_s * 4):
@@ -457,6 +478,7 @@ class Node:
             },
             "dead_letters": sum(len(pool.dead_letters) for pool in self.pools.values()),
             "proposer": self.proposer.statistics(),
+            "streams": self.streams.statistics(),
             "messages": {
                 "committed": self.committed.committed_messages,
                 "acked": self.channel_ctx.acked,

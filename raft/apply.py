@@ -16,7 +16,7 @@ from typing import Any
 
 import cbor2
 
-from raft import cmdqueue, conversations, outbox
+from raft import cmdqueue, conversations, msgevents, outbox
 from raft import commands as c
 from raft.permissions import send_permission
 from raft.view import EntryView, Result
@@ -345,6 +345,7 @@ APPLIERS: dict[str, Callable[[EntryView, dict[str, Any]], Result]] = {
     c.OP_DEADLETTER_REMOVE: outbox.apply_deadletter_remove,
     c.OP_CMD_SYNC: cmdqueue.apply_cmd_sync,
     c.OP_CMD_ACK: cmdqueue.apply_cmd_ack,
+    c.OP_MSG_EVENT: msgevents.apply_msg_event,
     c.OP_HANDLER_STATE: apply_handler_state,
     c.OP_PRESENCE: apply_presence,
     c.OP_NODE_EPOCH: apply_node_epoch,

@@ -51,6 +51,9 @@ HF_NO_PERSIST = 0x01
 HF_RED_DOT = 0x02
 HF_SYNC_ONCE = 0x04
 HF_ALL = HF_NO_PERSIST | HF_RED_DOT | HF_SYNC_ONCE
+# The setting bit of a streamed message (node.wire.protocol.SETTING_STREAM; a test checks they agree): only
+# a message sent with it takes message events.
+SETTING_STREAM = 0x02
 # A command message (sync_once) is stored in the channel's command channel, WuKongIM's cmd channel: the
 # stored id plus this suffix. Its seqs never count as unread, it is in no conversation, and every
 # recipient finds it in their command queue (`/message/sync`).
@@ -98,6 +101,33 @@ OP_DEADLETTER_REMOVE = "deadletter_remove"
 # what the last sync handed out (`cmd_ack`): both replicated, so any node may answer either.
 OP_CMD_SYNC = "cmd_sync"
 OP_CMD_ACK = "cmd_ack"
+# A persisted event of a streamed message (WuKongIM's `/message/event`, every type but stream.delta, which
+# never enters the log): raft/msgevents.py applies it.
+OP_MSG_EVENT = "msg_event"
+# Message events (WuKongIM `pkg/wkdb/message_event.go`).
+EVENT_STREAM_DELTA = "stream.delta"
+EVENT_STREAM_SNAPSHOT = "stream.snapshot"
+EVENT_STREAM_CLOSE = "stream.close"
+EVENT_STREAM_ERROR = "stream.error"
+EVENT_STREAM_CANCEL = "stream.cancel"
+EVENT_STREAM_FINISH = "stream.finish"
+EVENT_KEY_MAIN = "main"
+EVENT_KEY_FINISH = "__finish__"  # stream.finish always lands on this key (WuKongIM's message-level end)
+STATUS_OPEN, STATUS_CLOSED, STATUS_ERROR, STATUS_CANCELLED = "open", "closed", "error", "cancelled"
+TERMINAL_STATUS_OF = {
+    EVENT_STREAM_CLOSE: STATUS_CLOSED,
+    EVENT_STREAM_ERROR: STATUS_ERROR,
+    EVENT_STREAM_CANCEL: STATUS_CANCELLED,
+    EVENT_STREAM_FINISH: STATUS_CLOSED,
+}
+MAX_EVENT_TYPE_BYTES = 64
+MAX_EVENT_KEY_BYTES = 64
+MAX_EVENT_KEYS = 64  # event keys of one streamed message (its parallel lanes)
+MAX_VISIBILITY_BYTES = 16
+MAX_EVENT_ERROR_BYTES = 1024
+# Persisted events of one streamed message: each keeps its event_id for idempotency in the message's one
+# state row, so the row stays bounded (deltas, the bulk of a stream, are never persisted).
+MAX_PERSISTED_EVENTS = 4096
 # The webhook streams and the event name each one posts as: the one table that the config, apply and
 # delivery read.
 WEBHOOK_EVENT_OF_STREAM = {"notify": "msg.notify", "offline": "msg.offline", "online": "user.onlinestatus"}
@@ -433,6 +463,8 @@ def check_op(op: Any, *, uid_rule: bool = True) -> Op:
         _uid(op, "uid", rule=uid_rule)
         if kind == OP_CMD_SYNC:
             _int(op, "upto", 0, (1 << 63) - 1)
+    elif kind == OP_MSG_EVENT:
+        _check_msg_event(op, uid_rule)
     elif kind == OP_HANDLER_STATE:
         _id(op, "name")
         if not isinstance(op.get("enabled"), bool):
@@ -443,6 +475,36 @@ def check_op(op: Any, *, uid_rule: bool = True) -> Op:
     else:
         raise BadCommand(f"unknown op type {kind!r}")
     return Op(op)
+
+
+def _payload_bytes(op: dict[str, Any], field: str) -> None:
+    value = op.get(field)
+    if not isinstance(value, bytes) or len(value) > MAX_PAYLOAD_BYTES:
+        raise BadCommand(f"{field} must be bytes of at most {MAX_PAYLOAD_BYTES}")
+
+
+def _check_msg_event(op: dict[str, Any], uid_rule: bool) -> None:
+    _channel(op)
+    _uid(op, "from", rule=uid_rule)
+    _id(op, "cmn")
+    _id(op, "eid")
+    _id(op, "key", max_bytes=MAX_EVENT_KEY_BYTES)
+    _id(op, "et", max_bytes=MAX_EVENT_TYPE_BYTES)
+    if op["et"] == EVENT_STREAM_DELTA:
+        raise BadCommand("stream.delta events are not persisted")
+    _id(op, "vis", allow_empty=True, max_bytes=MAX_VISIBILITY_BYTES)
+    _int(op, "at", 0, (1 << 63) - 1)
+    _payload_bytes(op, "payload")
+    snaps = op.get("snaps", {})
+    if not isinstance(snaps, dict) or len(snaps) > MAX_EVENT_KEYS:
+        raise BadCommand(f"snaps must be a map of at most {MAX_EVENT_KEYS} event keys")
+    for key, snap in snaps.items():
+        _id({"key": key}, "key", max_bytes=MAX_EVENT_KEY_BYTES)
+        _payload_bytes({"snap": snap}, "snap")
+    _int(op, "er", 0, 255)
+    err = op.get("err", "")
+    if not isinstance(err, str) or utf8_size(err, "err") > MAX_EVENT_ERROR_BYTES:
+        raise BadCommand(f"err must be a string of at most {MAX_EVENT_ERROR_BYTES} bytes")
 
 
 # -- constructors: the one place each op is assembled ------------------------------------------------------
@@ -491,6 +553,46 @@ def send_op(
         op["tp"] = topic
     if subscribers is not None:
         op["subs"] = subscribers
+    return check_op(op)
+
+
+def msg_event_op(
+    *,
+    channel_id: str,
+    channel_type: int,
+    sender: str,
+    client_msg_no: str,
+    event_id: str,
+    event_key: str,
+    event_type: str,
+    visibility: str,
+    occurred_at: int,
+    payload: bytes,
+    snapshots: dict[str, bytes] | None = None,
+    end_reason: int = 0,
+    error: str = "",
+) -> Op:
+    """A persisted event of the streamed message `client_msg_no` sent by `sender` to the stored channel
+    `channel_id`. `snapshots`: the text each event key holds in the memory of the node that took the
+    stream's deltas, per key this event ends (a terminal event's merged snapshot). `end_reason` and
+    `error` come from the payload of stream.close and stream.error."""
+    op: dict[str, Any] = {
+        "t": OP_MSG_EVENT,
+        "cid": channel_id,
+        "ct": channel_type,
+        "from": sender,
+        "cmn": client_msg_no,
+        "eid": event_id,
+        "key": event_key,
+        "et": event_type,
+        "vis": visibility,
+        "at": occurred_at,
+        "payload": payload,
+        "er": end_reason,
+        "err": error,
+    }
+    if snapshots:
+        op["snaps"] = snapshots
     return check_op(op)
 
 

@@ -93,3 +93,8 @@ def split_presence_key(key: bytes) -> tuple[str, int, int]:
     (node,) = _U16.unpack_from(key, 1 + length)
     (conn,) = _U64.unpack_from(key, 3 + length)
     return uid, int(node), int(conn)
+
+
+def msg_event_key(chan: bytes, client_msg_no: str) -> bytes:
+    """The persisted event state of one streamed message (its anchor's client_msg_no) in one channel."""
+    return chan + part(client_msg_no)

@@ -43,6 +43,8 @@ DB_NAMES = (
     "cmd_queue",
     # uid -> that user's command queue: last position given, acknowledged up to, handed out by the last sync.
     "cmd_state",
+    # channel key ‖ client_msg_no -> the persisted state of a streamed message's events (raft/msgevents.py).
+    "msg_events",
 )
 MEMBER_DBS = ("subscribers", "blacklist", "whitelist")
 

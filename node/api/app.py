@@ -197,6 +197,8 @@ class HttpApi:
                     "node-to-node signature not valid (another cluster secret, or a clock "
                     f"more than {peer_auth.MAX_SKEW_S:g} s off)",
                 )
+        if route.peer and peer.signature is None:
+            raise HttpError(403, f"{scope['path']} is for the cluster's own nodes (signed with its secret)")
         if route.body == "none":
             args: dict[str, Any] = {k: v[0] for k, v in query.items() if v}
             for f in route.query:  # a query string carries text: integers arrive as digits

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,7 +51,8 @@ def bad(msg: str) -> HttpError:
 # -- request fields: one declaration validates and documents ---------------------------------------------
 @dataclass(frozen=True)
 class F:
-    """One request field. kind: str, uid (str without `@`), int, flag (0/1), uids (list of uids), obj, b64,
+    """One request field. kind: str, uid (str without `@`), int, flag (0/1), uids (list of uids), obj, json
+    (any JSON value, at most max_bytes once encoded), b64,
     ints (list of u8), objs (list of objects, at most `high`), strs (list of strings, at most `high`),
     header (WuKongIM's message header object, parsed into the HF_* flag bits)."""
 
@@ -119,6 +121,10 @@ class F:
                 or any(not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 255 for v in value)
             ):
                 raise bad(f"{self.name} must be a list of integers in [0, 255]")
+            return value
+        if self.kind == "json":
+            if len(json.dumps(value, ensure_ascii=False).encode()) > self.max_bytes:
+                raise bad(f"{self.name} larger than {self.max_bytes} bytes")
             return value
         if self.kind == "obj":
             if not isinstance(value, dict):
@@ -197,6 +203,10 @@ class F:
                 "maxItems": 256,
                 "items": {"type": "integer", "minimum": 0, "maximum": 255},
             }
+        elif self.kind == "json":
+            out = {
+                "x-max-utf8-bytes": self.max_bytes
+            }  # any JSON value: OpenAPI 3.0 says so by giving no type
         elif self.kind == "header":
             flag = {"type": "integer", "minimum": 0, "maximum": 1, "default": 0}
             out = {"type": "object", "properties": {key: dict(flag) for key in HEADER_FLAGS}}
@@ -255,6 +265,8 @@ class Route:
     query: tuple[F, ...] = field(default_factory=tuple)
     # Answered without the manager token: liveness, and the console's static files (no data in them).
     public: bool = False
+    # Only the cluster's other nodes may call it (signed with the cluster secret; the token is not enough).
+    peer: bool = False
 
 
 def openapi_document(routes: Mapping[str, Route], manager_token_on: bool) -> Json:
@@ -272,6 +284,8 @@ def openapi_document(routes: Mapping[str, Route], manager_token_on: bool) -> Jso
         },
     }
     for path, route in sorted(routes.items()):
+        if route.peer:
+            continue  # the cluster's own node-to-node path: not part of the API anyone else may call
         operation: Json = {
             "summary": route.summary or path,
             "responses": {"200": {"description": "ok"}, "400": error},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -11,7 +12,7 @@ from node.api.fields import CHANNEL, U32, F, Json, Route, bad, stored_channel
 from node.pools.channel import SEND, open_send
 from node.pools.eventbus import EventPool
 from node.shapes import message_json
-from node.wire.protocol import Reason
+from node.wire.protocol import SETTING_STREAM, Reason
 from raft.apply import Result
 from raft.commands import (
     CHANNEL_PERSON,
@@ -73,7 +74,14 @@ def temp_channel_id(subscribers: list[str]) -> str:
 ANSWER_SLACK_S = 5.0
 
 
-def routes(store: Store, channel_pool: EventPool[Any], commit_timeout_s: float) -> dict[str, Route]:
+# Adds the event fields of streamed messages to a messagesync answer: (channel key, stored rows, the rows as
+# answered, event_summary_mode) (node/api/events.py `fill_event_meta`).
+EventMeta = Callable[[bytes, list[dict[str, Any]], list[Json], str], None]
+
+
+def routes(
+    store: Store, channel_pool: EventPool[Any], commit_timeout_s: float, event_meta: EventMeta | None = None
+) -> dict[str, Route]:
     async def send_one(
         sender: str,
         channel_id: str,
@@ -84,6 +92,7 @@ def routes(store: Store, channel_pool: EventPool[Any], commit_timeout_s: float) 
         header: int = 0,
         expire: int = 0,
         subscribers: list[str] | None = None,
+        setting: int = 0,
     ) -> Json:
         """One send through the channel pool (same order and batching as client sends), to its commit."""
         done = trio.Event()
@@ -99,6 +108,7 @@ def routes(store: Store, channel_pool: EventPool[Any], commit_timeout_s: float) 
             channel_type=channel_type,
             client_msg_no=client_msg_no or uuid.uuid4().hex + "0",
             payload=payload,
+            setting=setting,
             api=True,
             reply=reply,
             header=header,
@@ -141,6 +151,8 @@ def routes(store: Store, channel_pool: EventPool[Any], commit_timeout_s: float) 
             header=header,
             expire=body["expire"],
             subscribers=subscribers or None,
+            # The anchor of a streamed message (WuKongIM `is_stream`): `/message/event` appends to it.
+            setting=SETTING_STREAM if body["is_stream"] else 0,
         )
         reason = int(result["r"])
         if reason != Reason.SUCCESS:
@@ -184,11 +196,14 @@ def routes(store: Store, channel_pool: EventPool[Any], commit_timeout_s: float) 
                 top = min(start, last)
                 low = max(end + 1, start - limit + 1, 1)
                 rows = txn.messages(chan, low, top, limit) if top >= low else []
+        shown = [message_json(row) for row in rows]
+        if event_meta is not None:
+            event_meta(chan, rows, shown, body["event_summary_mode"].strip().lower() or "full")
         return {
             "start_message_seq": start,
             "end_message_seq": end,
             "more": int(limit > 0 and len(rows) >= limit),
-            "messages": [message_json(row) for row in rows],
+            "messages": shown,
         }
 
     async def max_message_seq(body: Json, query: Any) -> Json:
@@ -340,6 +355,11 @@ def routes(store: Store, channel_pool: EventPool[Any], commit_timeout_s: float) 
                 F("end_message_seq", "int", default=0, high=U32),
                 F("limit", "int", default=100, low=0, high=SYNC_LIMIT_MAX),
                 F("pull_mode", "flag", default=0),
+                F(
+                    "event_summary_mode",
+                    default="",
+                    description="streamed messages: full (snapshots) or basic",
+                ),
             ),
             summary="Messages of a channel (pull_mode 1: up from start, end exclusive; 0: down to end)",
         ),

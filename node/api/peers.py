@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import ssl
 from collections.abc import Callable
@@ -39,6 +40,9 @@ class Peers:
         self._own_http = own_http  # this node's bound address (its config may say port 0)
         self._members = members  # node ids of the current Raft membership (the config only bootstraps it)
         self._key = peer_auth.derive_key(secret)
+        # One pooled client for the calls made often (a stream's events): building a client costs an SSL
+        # context and a connection per call, milliseconds of the trio thread each.
+        self._pooled: httpx.AsyncClient | None = None
         self._verify: ssl.SSLContext | bool = False
         self._scheme = "http"
         if config.tls.http:
@@ -58,8 +62,11 @@ class Peers:
         params: Json | None = None,
         body: Json | None = None,
         timeout_s: float = FANOUT_TIMEOUT_S,
+        pooled: bool = False,
     ) -> Json:
-        """{"ok": True, "body": answer} or {"ok": False, "error": why} (a refusal, or the node is down)."""
+        """{"ok": True, "body": answer} or {"ok": False, "error": why} (a refusal, or the node is down).
+
+        `pooled`: over this node's one kept-alive client (frequent calls), not a client of its own."""
         if node_id != self._node_id and node_id not in self._members():
             return {"ok": False, "error": f"{node_id} is not a member of the cluster", "status": 409}
         address = self._own_http() if node_id == self._node_id else self._config.node(node_id).http
@@ -70,12 +77,24 @@ class Peers:
             headers["content-type"] = "application/json"
         with trio.move_on_after(timeout_s):
             try:
-                async with (
-                    httpx.AsyncClient(verify=self._verify, timeout=timeout_s, trust_env=False) as client,
-                    client.stream(
-                        method, f"{self._scheme}://{address}{target}", content=content, headers=headers
-                    ) as answer,
-                ):
+                async with contextlib.AsyncExitStack() as stack:
+                    if pooled:
+                        if self._pooled is None:
+                            self._pooled = httpx.AsyncClient(verify=self._verify, trust_env=False)
+                        client = self._pooled
+                    else:
+                        client = await stack.enter_async_context(
+                            httpx.AsyncClient(verify=self._verify, timeout=timeout_s, trust_env=False)
+                        )
+                    answer = await stack.enter_async_context(
+                        client.stream(
+                            method,
+                            f"{self._scheme}://{address}{target}",
+                            content=content,
+                            headers=headers,
+                            timeout=timeout_s,
+                        )
+                    )
                     raw = bytearray()
                     async for chunk in answer.aiter_bytes():
                         raw += chunk

@@ -42,6 +42,7 @@ from node.wire.protocol import (
     Connack,
     Connect,
     Disconnect,
+    Event,
     FrameDecoder,
     Packet,
     Pong,
@@ -57,6 +58,7 @@ from node.wire.protocol import (
 )
 
 RECV_QUEUE_SIZE: Final = 10_000
+EVENT_QUEUE_SIZE: Final = 10_000
 MAX_PENDING_ACKS: Final = 100_000
 WRITE_CHUNK_BYTES: Final = 256 * 1024
 CLOSE_TIMEOUT_S: Final = 2.0
@@ -223,6 +225,9 @@ class Client:
         self._acks_in, self._acks_out = trio.open_memory_channel[list[bytes]](math.inf)
         self._sends = 0
         self._recvs = 0
+        # Message events (EVENT packets of streamed messages), bounded: past it they are counted, not kept.
+        self._events_in, self._events_out = trio.open_memory_channel[Event](EVENT_QUEUE_SIZE)
+        self.dropped_events = 0
 
     def statistics(self) -> ClientStatistics:
         return ClientStatistics(
@@ -340,6 +345,11 @@ class Client:
             self.disconnect_reason = packet.reason_code
             self._shut(f"server sent DISCONNECT {_reason_name(packet.reason_code)} {packet.reason!r}")
             return False
+        elif isinstance(packet, Event):
+            try:
+                self._events_in.send_nowait(packet)
+            except trio.WouldBlock:
+                self.dropped_events += 1
         # Anything else (a repeated CONNACK, SUBACK) asks nothing of this client.
         return True
 
@@ -595,6 +605,14 @@ class Client:
         try:
             with _bounded(timeout_s, "RECV"):
                 return await self._recv_out.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise ClientError(f"connection closed: {self.close_reason}") from None
+
+    async def event(self, timeout_s: float = 10.0) -> Event:
+        """The next message event (EVENT packet: a streamed message's delta, snapshot or end)."""
+        try:
+            with _bounded(timeout_s, "EVENT"):
+                return await self._events_out.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
             raise ClientError(f"connection closed: {self.close_reason}") from None
 

@@ -28,7 +28,7 @@ import trio
 from node.trace import Trace
 from node.wire import jsonrpc
 from node.wire.crypto import Session
-from node.wire.protocol import FLAG_DUP, LATEST_VERSION, Disconnect, Packet, Recv, encode
+from node.wire.protocol import FLAG_DUP, LATEST_VERSION, Disconnect, Event, Packet, Recv, encode, takes_events
 
 log = logging.getLogger("imnode.conn")
 
@@ -134,6 +134,11 @@ class Connection:
         # Sampled latency traces waiting for the frames queued before them to reach the socket.
         self.write_traces: list[tuple[Trace, str]] = []
         self.read_at = 0.0  # time.perf_counter() of the last read from the socket
+        # Message events (node/streams.py): deltas queued since the writer last emptied the queues, and
+        # what was not sent: deltas past the bound, events to a client that cannot read them.
+        self.deltas_queued = 0
+        self.dropped_deltas = 0
+        self.skipped_events = 0
 
     def __repr__(self) -> str:
         kind = f"{self.transport}/{self.protocol}"
@@ -168,6 +173,28 @@ class Connection:
         if isinstance(packet, Recv | Disconnect):
             return self.send_frame(frame)
         return self.send_control(frame)
+
+    def send_event(self, event: Event, *, delta: bool, deltas_max: int) -> bool:
+        """Queue a message event behind the RECVs already queued; False if it was not queued.
+
+        The one way an event reaches a client, so that a connection speaking another codec (JSON-RPC) can
+        override it. A binary client gets the EVENT packet only if its CONNECT version can read one
+        (`takes_events`): the 1.0.x JS SDK drops its connection on an unknown type. A stream.delta is
+        dropped (and counted) once `deltas_max` of them are queued since the queues were last empty: a
+        slow reader loses deltas, never its connection, and the next snapshot or the terminal event
+        carries the whole text.
+        """
+        if not takes_events(self.version):
+            self.skipped_events += 1
+            return False
+        if delta:
+            if self.pending_bytes == 0:
+                self.deltas_queued = 0
+            if self.deltas_queued >= deltas_max:
+                self.dropped_deltas += 1
+                return False
+            self.deltas_queued += 1
+        return self.send_frame(encode(event, self.version))
 
     def send_control(self, frame: bytes) -> bool:
         """Queue a control frame (SENDACK, PONG...): written before any RECV already queued."""

@@ -24,7 +24,14 @@ from node.gateway.connection import Connection
 from node.gateway.registry import Registry
 from node.pools.eventbus import EventPool
 from node.trace import Trace
-from node.wire.protocol import FLAG_NO_PERSIST, FLAG_RED_DOT, SETTING_NO_ENCRYPT, Recv
+from node.wire.protocol import (
+    FLAG_NO_PERSIST,
+    FLAG_RED_DOT,
+    SETTING_NO_ENCRYPT,
+    SETTING_STREAM,
+    Recv,
+    takes_events,
+)
 from raft.apply import Result
 from raft.commands import CHANNEL_PERSON, SYSTEM_UID, person_peer
 
@@ -84,6 +91,11 @@ def recv_frame(conn: Connection, op: dict[str, Any], result: Result, recipient: 
         flags &= ~FLAG_RED_DOT
     payload = op["payload"]
     setting = op["setting"]
+    if setting & SETTING_STREAM and not takes_events(conn.version):
+        # The anchor of a streamed message (`/message/send is_stream`), to a client that cannot read its
+        # events: an ordinary message. Versions 2-4 would get stream fields in the RECV, which the 1.x JS
+        # SDK (stream at 0x04, another order) misreads as the message id and the rest.
+        setting &= ~SETTING_STREAM
     msg_key = ""
     if conn.session is not None and not setting & SETTING_NO_ENCRYPT:
         payload = conn.session.encrypt(payload)

@@ -107,7 +107,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--payload", type=int, default=200, help="payload bytes (default 200)")
     parser.add_argument(
-        "--mode", choices=["person", "group", "idle"], default="person", help="idle: only hold connections"
+        "--mode",
+        choices=["person", "group", "idle", "stream"],
+        default="person",
+        help="idle: only hold connections; stream: AI-chat streams (node/tools/streambench.py)",
+    )
+    parser.add_argument(
+        "--streams", type=int, default=100, help="stream mode: concurrent streams (default 100)"
+    )
+    parser.add_argument(
+        "--deltas-per-s",
+        type=float,
+        default=50.0,
+        help="stream mode: deltas per second per stream (default 50)",
     )
     parser.add_argument(
         "--protocol",
@@ -141,6 +153,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise op.OperatorError("--clients must be at least 2 (senders need online recipients)")
     if not 0 <= args.senders <= args.clients:
         raise op.OperatorError("--senders must be between 1 and --clients (0: all)")
+    if args.streams < 1 or args.deltas_per_s <= 0:
+        raise op.OperatorError("--streams >= 1 and --deltas-per-s > 0 please")
     if args.duration <= 0 or args.window < 1 or args.payload < 64 or args.group_size < 2:
         raise op.OperatorError("--duration > 0, --window >= 1, --payload >= 64 and --group-size >= 2 please")
     if args.rate != "max":
@@ -155,6 +169,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     check_arguments(args)
     config = load(args.config)
     import trio  # here, not at the top: only a bench pays for trio and the client library
+
+    if args.mode == "stream":
+        from node.tools.streambench import StreamBench
+
+        report = trio.run(StreamBench(config, args).run)
+        if args.json:
+            print(json.dumps(report))
+        else:
+            print_table(report)
+        return 0 if report["lost"] == 0 and report["out_of_order"] == 0 else 1
 
     from node.tools.loadgen import Bench
 

@@ -57,6 +57,7 @@ class PacketType(IntEnum):
     DISCONNECT = 9
     SUB = 10
     SUBACK = 11
+    EVENT = 12
 
 
 class Reason(IntEnum):
@@ -217,8 +218,34 @@ class Suback:
     reason_code: int
 
 
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A message event (WuKongIMGoProto `event.go`, server to client): `data` is the rest of the frame, in
+    clear (never encrypted), a JSON object naming the stream (`client_msg_no`, `event_key`...). Only
+    clients that can read type 12 may be sent one: the JS SDK before 1.3 throws on it and reconnects
+    (see `takes_events`)."""
+
+    TYPE: ClassVar[PacketType] = PacketType.EVENT
+    id: str
+    type: str
+    timestamp: int
+    data: bytes = b""
+
+
+# The lowest CONNECT version whose official SDKs read EVENT: the JS SDK announces 5 from 1.3.2, and decodes
+# type 12 from the same release on; the 1.0.x JS SDK (version 2) has no decoder for it, and its read loop
+# answers the TypeError by dropping the connection (connect_manager.js `unpacket` -> `reConnect`). The
+# Android, iOS and Flutter SDKs announce 4. WuKongIM itself writes EVENT to every connection.
+EVENT_MIN_VERSION: Final = 5
+
+
+def takes_events(version: int) -> bool:
+    """Whether a connection that announced `version` in CONNECT can be sent an EVENT packet."""
+    return version >= EVENT_MIN_VERSION
+
+
 Packet: TypeAlias = (
-    Connect | Connack | Send | Sendack | Recv | Recvack | Ping | Pong | Disconnect | Sub | Suback
+    Connect | Connack | Send | Sendack | Recv | Recvack | Ping | Pong | Disconnect | Sub | Suback | Event
 )
 
 PING_FRAME: Final = b"\x70"
@@ -406,6 +433,15 @@ def _enc_suback(p: Suback, v: int) -> bytes:
     return _frame(0xB0, parts)
 
 
+def _enc_event(p: Event, v: int) -> bytes:
+    parts = [b""]
+    parts += _str(p.id)
+    parts += _str(p.type)
+    parts.append(_I64.pack(p.timestamp))
+    parts.append(p.data)
+    return _frame(0xC0, parts)
+
+
 # Keyed by the exact class: packets are final dataclasses, and an exact lookup beats isinstance chains.
 _ENCODERS: Final[dict[type, Callable[[Any, int], bytes]]] = {
     Connect: _enc_connect,
@@ -419,6 +455,7 @@ _ENCODERS: Final[dict[type, Callable[[Any, int], bytes]]] = {
     Disconnect: _enc_disconnect,
     Sub: _enc_sub,
     Suback: _enc_suback,
+    Event: _enc_event,
 }
 
 
@@ -606,6 +643,13 @@ def _dec_suback(flags: int, b: bytes, v: int) -> Suback:
     return Suback(sub_no, channel_id, channel_type, action, reason_code)
 
 
+def _dec_event(flags: int, b: bytes, v: int) -> Event:
+    event_id, off = _read_str(b, 0, MAX_ID_BYTES, "event id")
+    event_type, off = _read_str(b, off, MAX_ID_BYTES, "event type")
+    (timestamp,) = _I64.unpack_from(b, off)
+    return Event(event_id, event_type, timestamp, b[off + 8 :])
+
+
 _DECODERS: Final[dict[int, Callable[[int, bytes, int], Packet]]] = {
     PacketType.CONNECT: _dec_connect,
     PacketType.CONNACK: _dec_connack,
@@ -618,6 +662,7 @@ _DECODERS: Final[dict[int, Callable[[int, bytes, int], Packet]]] = {
     PacketType.DISCONNECT: _dec_disconnect,
     PacketType.SUB: _dec_sub,
     PacketType.SUBACK: _dec_suback,
+    PacketType.EVENT: _dec_event,
 }
 
 

@@ -354,13 +354,31 @@ def test_the_playground_sends_and_the_other_pane_receives_live_then_kick(cluster
     expect(page.locator("#conn-message")).not_to_have_attribute("data-kind", "error")
     row = page.locator("#conn-table tr[data-uid=play-bob]")
     expect(row).to_contain_text("n2")
-    expect(row).to_contain_text("v4")
+    expect(row).to_contain_text("v5")
     expect(page.locator("#conn-table tr[data-uid=play-alice]")).to_contain_text("n1")
     row.locator("button.kick").click()
     expect(page.locator("#conn-message")).to_contain_text("Kicked play-bob")
     expect(row).to_have_count(0)
     page.click("#tabs button[data-tab=playground]")
     expect(b.locator(".state")).to_contain_text("DISCONNECT reason 12: kicked by an operator")
+
+
+def test_the_playground_streams_an_answer_word_by_word(cluster: Cluster, page: Any) -> None:
+    log_in(page, cluster)
+    page.click("#tabs button[data-tab=playground]")
+    a, b = page.locator("#pane-a"), page.locator("#pane-b")
+    expect(b.locator(".node option")).to_have_count(3)
+    a.locator(".uid").fill("stream-bot")
+    b.locator(".uid").fill("stream-reader")
+    a.locator(".connect").click()
+    b.locator(".connect").click()
+    expect(b.locator(".state")).to_contain_text("online as stream-reader on node #2")  # another node
+    a.locator(".stream").click()
+    # The reader's pane shows the answer grow from EVENT packets, then the finish.
+    answer = b.locator(".log li.stream")
+    expect(answer).to_contain_text("← stream-bot: Streams grow word by word")
+    expect(answer).to_contain_text("the whole answer from messagesync.  (closed)", timeout=30_000)
+    expect(a.locator(".log .ack")).to_contain_text("finish committed as event seq 1")
 
 
 def test_dead_letters_are_listed_and_replayed(cluster: Cluster, page: Any) -> None:

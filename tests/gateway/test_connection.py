@@ -13,7 +13,7 @@ from node.gateway.connection import Connection
 from node.gateway.listeners import Gateway
 from node.gateway.registry import Registry
 from node.trace import Tracer
-from node.wire.protocol import Pong, Sendack, encode
+from node.wire.protocol import Event, Pong, Sendack, encode
 
 
 class RecordingTransport:
@@ -94,3 +94,20 @@ async def test_a_client_that_stops_reading_is_cut_by_either_queue() -> None:
     assert conn.closed.is_set() and "bytes" in conn.close_reason
     conn.release()
     assert conn.pending_bytes == 0 and not conn.control
+
+
+async def test_events_go_only_to_clients_that_read_them_and_deltas_are_bounded_per_connection() -> None:
+    delta = Event("d", "stream.delta", 1, b"{}")
+    old = connection(frames=64)
+    old.version = 2  # the 1.0.x JS SDK: no decoder for EVENT
+    assert not old.send_event(delta, delta=False, deltas_max=10) and old.skipped_events == 1
+    assert old.pending_bytes == 0
+    conn = connection(frames=64)
+    taken = [conn.send_event(delta, delta=True, deltas_max=3) for _ in range(5)]
+    assert taken == [True, True, True, False, False] and conn.dropped_deltas == 2
+    # A persisted event (a snapshot, the finish) is never dropped for the bound: it carries the text.
+    assert conn.send_event(Event("f", "stream.finish", 2, b"{}"), delta=False, deltas_max=3)
+    frames, nbytes, _ = conn.take_frames()
+    assert frames == [encode(delta, 5)] * 3 + [encode(Event("f", "stream.finish", 2, b"{}"), 5)]
+    conn.written(nbytes)  # the client read everything: deltas flow again
+    assert conn.send_event(delta, delta=True, deltas_max=3)

@@ -376,3 +376,80 @@ async def test_login_rules_by_device_level_across_nodes(cluster: Cluster) -> Non
                     await tab1.disconnected.wait()
                 assert tab1.disconnect_reason is None  # the same device: closed, not kicked
                 await tab2.ping()
+
+
+async def test_the_js_sdk_1_0_stays_connected_through_a_stream_it_cannot_read(
+    node_binary: str, cluster: Cluster, tmp_path: Path
+) -> None:
+    """The 1.0.x SDK (protocol version 2) has no decoder for EVENT (type 12): one would make it throw, drop
+    its connection and reconnect 3 s later. A stream to its user, posted to another node, reaches a
+    version-5 client on the SDK's node as EVENTs and the SDK not at all: it sees the anchor as an ordinary
+    message (no stream bits, which it would misread), keeps its one connection and gets what follows."""
+    sdk_node, backend_node = roles(cluster)
+    await set_token(cluster, sdk_node, "jsdan", "dan-web", 1, 0)
+    await set_token(cluster, sdk_node, "jsdan", "dan-app", 0, 1)
+    ws_url = f"ws://{cluster.config.node(sdk_node).ws}"
+
+    async def api(path: str, body: dict[str, Any]) -> dict[str, Any]:
+        status, answer = await http_json(
+            cluster.http(backend_node), "POST", path, body, headers={"token": MANAGER_TOKEN}
+        )
+        assert status == 200, answer
+        return dict(answer)
+
+    async def send(client_msg_no: str, text: str, is_stream: int) -> int:
+        payload = json.dumps({"content": text, "type": 1}).encode()
+        answer = await api(
+            "/message/send",
+            {
+                "from_uid": "bot",
+                "channel_id": "jsdan",
+                "channel_type": 1,
+                "client_msg_no": client_msg_no,
+                "is_stream": is_stream,
+                "payload": base64.b64encode(payload).decode(),
+            },
+        )
+        return int(answer["message_id"])
+
+    async with (
+        js_sdk(node_binary, ws_url, "jsdan", "dan-web", tmp_path / "sdk.log") as sdk,
+        open_client(*cluster.tcp(sdk_node), "jsdan", token="dan-app") as app,
+    ):
+        await sdk.wait_for("a connection", lambda: sdk.status() == CONNECTED)
+        with trio.fail_after(10):  # the backend's node knows where jsdan's two devices are online
+            while True:
+                status, online = await http_json(
+                    cluster.http(backend_node),
+                    "POST",
+                    "/user/onlinestatus",
+                    ["jsdan"],
+                    headers={"token": MANAGER_TOKEN},
+                )
+                if status == 200 and len(online) == 2:
+                    break
+                await trio.sleep(0.05)
+        anchor = await send("stream-1", "", 1)
+        await sdk.wait_for("the anchor", received(sdk, anchor))
+        assert (await app.recv()).client_msg_no == "stream-1"
+        event: dict[str, Any] = {
+            "channel_id": "jsdan",
+            "channel_type": 1,
+            "from_uid": "bot",
+            "client_msg_no": "stream-1",
+        }
+        for i in range(20):
+            delta = {"kind": "text", "delta": f"w{i} "}
+            await api(
+                "/message/event",
+                {**event, "event_id": f"d{i}", "event_type": "stream.delta", "payload": delta},
+            )
+        await api("/message/event", {**event, "event_id": "end", "event_type": "stream.finish"})
+        for i in range(21):  # the version-5 client on the same node got them all: they were sent there
+            assert (await app.event()).id == ("end" if i == 20 else f"d{i}")
+        # An EVENT would show only when the SDK's reconnect timer fires: proving an absence, no condition.
+        await trio.sleep(SDK_RECONNECT_DELAY_S + 1)
+        after = await send("after-1", "after the stream", 0)
+        [message] = await sdk.wait_for("the message after the stream", received(sdk, after))
+        assert message["text"] == "after the stream"
+        assert sdk.opened() == 1 and DISCONNECTED not in [e["status"] for e in sdk.of("status")]

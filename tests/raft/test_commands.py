@@ -39,6 +39,19 @@ def a_send(**overrides: Any) -> c.Op:
     return c.send_op(**{**fields, **overrides})
 
 
+EVENT: dict[str, Any] = {
+    "channel_id": "g1",
+    "channel_type": GROUP,
+    "sender": "bot",
+    "client_msg_no": "m1",
+    "event_id": "e1",
+    "event_key": "main",
+    "event_type": "stream.snapshot",
+    "visibility": "",
+    "occurred_at": 1,
+    "payload": b"{}",
+}
+
 # Every op type, built by its constructor.
 BUILT: dict[str, Callable[[], c.Op]] = {
     c.OP_SEND: a_send,
@@ -59,6 +72,19 @@ BUILT: dict[str, Callable[[], c.Op]] = {
     c.OP_DEADLETTER_REMOVE: lambda: c.deadletter_remove_op("offline", [1, 2]),
     c.OP_CMD_SYNC: lambda: c.cmd_sync_op("alice", 3),
     c.OP_CMD_ACK: lambda: c.cmd_ack_op("alice"),
+    c.OP_MSG_EVENT: lambda: c.msg_event_op(
+        channel_id="g1",
+        channel_type=GROUP,
+        sender="bot",
+        client_msg_no="m1",
+        event_id="e1",
+        event_key="main",
+        event_type="stream.close",
+        visibility="",
+        occurred_at=1,
+        payload=b"{}",
+        snapshots={"main": b'{"kind":"text","text":"hi"}'},
+    ),
 }
 
 
@@ -92,6 +118,9 @@ def test_a_constructed_op_passes_apply(store: Store, kind: str) -> None:
         (lambda: c.webhook_config_op("http://h/", ["msg.other"], 10), "events"),
         (lambda: c.webhook_deadletter_op("online", 0, 1, "e" * 1025, 1), "error"),
         (lambda: c.deadletter_remove_op("nowhere", [1]), "stream"),
+        (lambda: c.msg_event_op(**{**EVENT, "event_type": "stream.delta"}), "delta"),
+        (lambda: c.msg_event_op(**{**EVENT, "event_key": "k" * 65}), "key"),
+        (lambda: c.msg_event_op(**{**EVENT, "error": "e" * 1025}), "err"),
     ],
 )
 def test_a_constructor_refuses_what_apply_would_refuse(build: Callable[[], c.Op], field: str) -> None:

@@ -64,6 +64,7 @@ def test_flag_values_match_the_wire() -> None:
     assert c.HF_NO_PERSIST == protocol.FLAG_NO_PERSIST
     assert c.HF_RED_DOT == protocol.FLAG_RED_DOT
     assert c.HF_SYNC_ONCE == protocol.FLAG_SYNC_ONCE
+    assert c.SETTING_STREAM == protocol.SETTING_STREAM  # the setting bit of a streamed message's anchor
 
 
 def test_op_is_compact_fields_absent_when_zero() -> None:

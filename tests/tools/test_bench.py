@@ -130,6 +130,19 @@ def test_bench_counts_node_cpu_per_message_on_every_node(three: Cluster) -> None
     assert report["bench_cpu_us_per_msg"] > 0
 
 
+def test_bench_stream_mode_reads_every_delta_in_order_without_a_commit_each(single: Cluster) -> None:
+    run = single.cli(
+        "bench", "--mode", "stream", "--streams", "3", "--deltas-per-s", "20", "--duration", "1", "--json"
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads(run.stdout)
+    assert report["deltas_posted"] == report["deltas_delivered"] > 30 and report["errors"] == {}
+    assert report["lost"] == 0 and report["out_of_order"] == 0
+    assert 0 < report["latency_ms_p50"] <= report["latency_ms_p99"]
+    # Three anchors and three finishes went through Raft; the deltas did not.
+    assert report["raft_entries"] < report["deltas_posted"] // 4
+
+
 def test_bench_table_and_progress(single: Cluster) -> None:
     run = single.cli("bench", "--clients", "2", "--duration", "1", "--rate", "50", timeout_s=120)
     assert run.returncode == 0, run.stdout + run.stderr

@@ -21,6 +21,7 @@ from node.wire.protocol import (
     Connack,
     Connect,
     Disconnect,
+    Event,
     FrameDecoder,
     FrameTooLarge,
     Packet,
@@ -38,6 +39,7 @@ from node.wire.protocol import (
     decode_body,
     encode,
     negotiate_version,
+    takes_events,
 )
 
 VERSIONS = [2, 3, 4, 5]
@@ -94,6 +96,7 @@ def _samples(v: int) -> list[Packet]:
         Disconnect(Reason.CONNECT_KICK, "logged in elsewhere"),
         Sub(0, "s1", "live-1", 9, 0, "param"),
         Suback("s1", "live-1", 9, 1, Reason.NOT_SUPPORT_CHANNEL_TYPE),
+        Event("evt-1", "stream.delta", 1_700_000_000_123, b'{"client_msg_no":"n1","payload":{"delta":"hi"}}'),
     ]
     if streams:
         packets.append(
@@ -376,7 +379,7 @@ def test_a_malformed_body_is_consumed_so_the_stream_stays_in_sync() -> None:
     assert decoder.next_packet() == Sendack(1, 2, 3, 1)
 
 
-@pytest.mark.parametrize("packet_type", [0, 12, 13, 14, 15])
+@pytest.mark.parametrize("packet_type", [0, 13, 14, 15])
 def test_unknown_packet_type_is_refused(packet_type: int) -> None:
     decoder = FrameDecoder()
     decoder.feed(bytes((packet_type << 4, 0)))
@@ -490,8 +493,10 @@ def test_every_truncated_body_is_a_protocol_error(version: int) -> None:
             continue
         body = frame[2:]
         packet_type, flags = frame[0] >> 4, frame[0] & 0x0F
-        # SEND and RECV end in an unframed payload, so only cuts before it are detectable.
+        # SEND and RECV end in an unframed payload, EVENT in its data: only cuts before it are detectable.
         fixed_len = len(body) - len(packet.payload) if isinstance(packet, Send | Recv) else len(body)
+        if isinstance(packet, Event):
+            fixed_len = len(body) - len(packet.data)
         for cut in range(fixed_len):
             if isinstance(packet, Disconnect) and cut == 1:
                 continue  # a bare reason code is a valid DISCONNECT
@@ -685,4 +690,19 @@ def test_samples_cover_every_packet_type(version: int) -> None:
         Disconnect,
         Sub,
         Suback,
+        Event,
     }
+
+
+def test_event_bytes_match_wukongim_go_proto() -> None:
+    """WuKongIMGoProto `event.go`: id str, type str, timestamp i64, then the data to the end of the frame."""
+    frame = encode(Event("e1", "stream.delta", 7, b'{"a":1}'), LATEST_VERSION)
+    body = b"\x00\x02e1" + b"\x00\x0cstream.delta" + struct.pack(">q", 7) + b'{"a":1}'
+    assert frame == bytes((0xC0, len(body))) + body
+    assert decode_body(PacketType.EVENT, 0, body, 2) == Event("e1", "stream.delta", 7, b'{"a":1}')
+
+
+def test_only_clients_announcing_version_5_take_events() -> None:
+    """The JS SDK 1.0.x announces 2 and drops its connection on a type-12 frame; 1.3.x announces 5 and
+    reads it; Android/iOS/Flutter announce 4."""
+    assert [takes_events(v) for v in (1, 2, 3, 4, 5, 6)] == [False, False, False, False, True, True]

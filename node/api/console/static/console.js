@@ -532,9 +532,10 @@ $('#replay').addEventListener('click', async () => {
 });
 
 // -- the WuKongIM protocol, for the playground -------------------------------------------------------
-// Frames as node/wire/protocol.py lays them out at protocol version 4; payloads encrypted as the SDKs do
-// (node/wire/crypto.py): X25519, AES-128-CBC with an MD5-derived key, msg_key = MD5 of a signed string.
-const PROTO_VERSION = 4;
+// Frames as node/wire/protocol.py lays them out at protocol version 5 (the version that gets a streamed
+// message's EVENT packets); payloads encrypted as the SDKs do (node/wire/crypto.py): X25519, AES-128-CBC
+// with an MD5-derived key, msg_key = MD5 of a signed string.
+const PROTO_VERSION = 5;
 const enc = new TextEncoder();
 const dec = new TextDecoder();
 
@@ -587,13 +588,18 @@ function decodeFrame(frame) {
   if (type === 4) return { type, messageId: r.i64(), clientSeq: r.u32(), messageSeq: r.u32(), reason: r.u8() };
   if (type === 5) {
     const setting = r.u8(); const msgKey = r.str(); const fromUid = r.str(); const channelId = r.str();
-    const channelType = r.u8(); r.u32(); const clientMsgNo = r.str();
-    if (setting & 0x02) { r.u8(); r.str(); r.u64(); } // stream fields (protocol below 5)
+    const channelType = r.u8(); r.u32(); const clientMsgNo = r.str(); // no stream fields at version 5
     const messageId = r.i64(); const messageSeq = r.u32(); const timestamp = r.i32();
     if (setting & 0x08) r.str(); // topic
     return { type, setting, msgKey, fromUid, channelId, channelType, clientMsgNo, messageId, messageSeq, timestamp, payload: r.rest() };
   }
   if (type === 9) return { type, reason: r.u8(), text: n > 1 ? r.str() : '' };
+  if (type === 12) { // EVENT: a streamed message's delta, snapshot or end; its data is clear JSON
+    const id = r.str(); const eventType = r.str(); const timestamp = r.i64();
+    let data = {};
+    try { data = JSON.parse(dec.decode(r.rest())); } catch (_) { /* not JSON: shown empty */ }
+    return { type, id, eventType, timestamp, data };
+  }
   return { type };
 }
 
@@ -691,6 +697,8 @@ class ImClient {
       const plain = this.cipher && !(p.setting & 0x10) ? await this.cipher.decrypt(p.payload) : p.payload;
       this.ws.send(new Writer().i64(p.messageId).u32(p.messageSeq).frame(0x60)); // RECVACK
       this.events.recv({ ...p, payload: plain });
+    } else if (p.type === 12) {
+      this.events.event(p);
     } else if (p.type === 9) {
       this.closeReason = `DISCONNECT reason ${p.reason}${p.text ? `: ${p.text}` : ''}`;
     }
@@ -742,6 +750,7 @@ async function setUpPlayground() {
       panes[name] = { root, client: null };
       $('.pane-connect', root).addEventListener('submit', (e) => { e.preventDefault(); togglePane(name); });
       $('.pane-send', root).addEventListener('submit', (e) => { e.preventDefault(); sendFrom(name); });
+      $('.stream', root).addEventListener('click', () => streamFrom(name));
     }
     const select = $('.node', root);
     const chosen = select.value;
@@ -775,9 +784,11 @@ async function togglePane(name) {
       $('.state', root).textContent = `offline (${why})`;
       $('.connect', root).textContent = 'Connect';
       $('.send', root).disabled = true;
+      $('.stream', root).disabled = true;
       logLine(name, 'sys', `disconnected: ${why}`);
     },
     error: (e) => logLine(name, 'error', `error: ${e.message}`),
+    event: (p) => showEvent(name, p),
   });
   try {
     const connack = await client.connect();
@@ -786,6 +797,7 @@ async function togglePane(name) {
     $('.state', root).dataset.online = '1';
     $('.connect', root).textContent = 'Disconnect';
     $('.send', root).disabled = false;
+    $('.stream', root).disabled = false;
     logLine(name, 'sys', `connected to ${url} (protocol v${connack.serverVersion})`);
   } catch (exc) {
     $('.state', root).textContent = 'offline';
@@ -810,6 +822,58 @@ async function sendFrom(name) {
   } catch (exc) {
     logLine(name, 'error', `send failed: ${exc.message}`);
   }
+}
+
+// A streamed answer as an AI backend sends one: an anchor message (`/message/send` with is_stream 1), then
+// its words one by one (`/message/event` stream.delta, kept in memory, no Raft), then stream.finish (through
+// Raft, with the whole text). The other pane shows the answer grow from the EVENT packets.
+const CANNED_ANSWER = 'Streams grow word by word: each delta reaches every online device at once, '
+  + 'and a device that opens the chat later gets the whole answer from messagesync.';
+const STREAM_WORD_MS = 80;
+
+async function streamFrom(name) {
+  const pane = panes[name];
+  const other = panes[name === 'a' ? 'b' : 'a'];
+  if (!pane.client) return;
+  const from = $('.uid', pane.root).value.trim();
+  const to = $('.uid', other.root).value.trim();
+  const clientMsgNo = `console-stream-${Date.now()}`;
+  const target = { from_uid: from, channel_id: to, channel_type: 1, client_msg_no: clientMsgNo };
+  $('.stream', pane.root).disabled = true;
+  logLine(name, 'out', `→ ${to}: streaming an answer word by word…`);
+  try {
+    await api('POST', '/message/send', { ...target, is_stream: 1, payload: btoa('{"type":1,"content":""}') });
+    const words = CANNED_ANSWER.split(' ');
+    for (let i = 0; i < words.length; i++) {
+      const delta = { kind: 'text', delta: (i ? ' ' : '') + words[i] };
+      await api('POST', '/message/event', { ...target, event_id: `d${i}`, event_type: 'stream.delta', payload: delta });
+      await new Promise((resolve) => setTimeout(resolve, STREAM_WORD_MS));
+    }
+    const done = await api('POST', '/message/event', { ...target, event_id: 'finish', event_type: 'stream.finish' });
+    logLine(name, 'ack', `✓ streamed ${words.length} words; finish committed as event seq ${done.data.msg_event_seq}`);
+  } catch (exc) {
+    logLine(name, 'error', `stream failed: ${exc.message}`);
+  } finally {
+    $('.stream', pane.root).disabled = !pane.client;
+  }
+}
+
+function showEvent(name, p) {
+  const pane = panes[name];
+  pane.streams = pane.streams || new Map();
+  const key = p.data.client_msg_no;
+  let line = pane.streams.get(key);
+  if (!line) {
+    line = { li: el('li', { class: 'in stream' }, `← ${p.data.from_uid} (streaming): `), text: '' };
+    pane.streams.set(key, line);
+    $('.log', pane.root).append(line.li);
+  }
+  const payload = p.data.payload || {};
+  if (p.eventType === 'stream.delta' && typeof payload.delta === 'string') line.text += payload.delta;
+  else if (payload.snapshot && typeof payload.snapshot.text === 'string') line.text = payload.snapshot.text;
+  const end = p.data.stream_status && p.data.stream_status !== 'open' ? `  (${p.data.stream_status})` : '';
+  line.li.textContent = `← ${p.data.from_uid}: ${line.text}${end}`;
+  if (end) pane.streams.delete(key);
 }
 
 start();
