@@ -154,6 +154,12 @@ class Connection:
         """Whether this connection's protocol encrypts payloads (binary); JSON-RPC relies on wss."""
         return self.jsonrpc is None
 
+    @property
+    def takes_events(self) -> bool:
+        """Whether message events may be sent here: always over JSON-RPC; a binary client only if its
+        CONNECT version can read EVENT (the 1.0.x JS SDK drops its connection on an unknown type)."""
+        return self.jsonrpc is not None or takes_events(self.version)
+
     def encode(self, packet: Packet, version: int | None = None) -> bytes:
         """The frame of `packet` in this connection's protocol (binary: at `version`, default its own)."""
         if self.jsonrpc is not None:
@@ -177,14 +183,14 @@ class Connection:
     def send_event(self, event: Event, *, delta: bool, deltas_max: int) -> bool:
         """Queue a message event behind the RECVs already queued; False if it was not queued.
 
-        The one way an event reaches a client, so that a connection speaking another codec (JSON-RPC) can
-        override it. A binary client gets the EVENT packet only if its CONNECT version can read one
-        (`takes_events`): the 1.0.x JS SDK drops its connection on an unknown type. A stream.delta is
+        The one way an event reaches a client: a JSON-RPC client gets it as an `event` notification (the
+        EasySDKs' `customevent`), a binary client as the EVENT packet, only if it can read one
+        (`takes_events`). A stream.delta is
         dropped (and counted) once `deltas_max` of them are queued since the queues were last empty: a
         slow reader loses deltas, never its connection, and the next snapshot or the terminal event
         carries the whole text.
         """
-        if not takes_events(self.version):
+        if not self.takes_events:
             self.skipped_events += 1
             return False
         if delta:
@@ -194,7 +200,7 @@ class Connection:
                 self.dropped_deltas += 1
                 return False
             self.deltas_queued += 1
-        return self.send_frame(encode(event, self.version))
+        return self.send_frame(self.encode(event))
 
     def send_control(self, frame: bytes) -> bool:
         """Queue a control frame (SENDACK, PONG...): written before any RECV already queued."""

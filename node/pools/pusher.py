@@ -30,7 +30,6 @@ from node.wire.protocol import (
     SETTING_NO_ENCRYPT,
     SETTING_STREAM,
     Recv,
-    takes_events,
 )
 from raft.apply import Result
 from raft.commands import CHANNEL_PERSON, SYSTEM_UID, person_peer
@@ -91,7 +90,7 @@ def recv_frame(conn: Connection, op: dict[str, Any], result: Result, recipient: 
         flags &= ~FLAG_RED_DOT
     payload = op["payload"]
     setting = op["setting"]
-    if setting & SETTING_STREAM and not takes_events(conn.version):
+    if setting & SETTING_STREAM and not conn.takes_events:
         # The anchor of a streamed message (`/message/send is_stream`), to a client that cannot read its
         # events: an ordinary message. Versions 2-4 would get stream fields in the RECV, which the 1.x JS
         # SDK (stream at 0x04, another order) misreads as the message id and the rest.

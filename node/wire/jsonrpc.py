@@ -14,8 +14,8 @@ an error response through `reply` and the connection goes on; before `connect` a
 and then raises `ProtocolError` (the gateway closes the connection).
 
 Outbound (`encode`): responses `{"jsonrpc","id","result"}` / `{"jsonrpc","id","error":{"code","message"}}`
-and notifications `{"jsonrpc","method","params"}` (`recv`, `disconnect`; `notification` builds any other,
-such as an `event`). Shapes follow wukong-easy-sdk 0.1.0 where WuKongIM v2.2.5 differs (README).
+and notifications `{"jsonrpc","method","params"}` (`recv`, `disconnect`, `event`; `notification` builds
+any other). Shapes follow wukong-easy-sdk 0.1.0 where WuKongIM v2.2.5 differs (README).
 
 Pure: no sockets, no clocks.
 """
@@ -47,6 +47,7 @@ from node.wire.protocol import (
     Connack,
     Connect,
     Disconnect,
+    Event,
     Packet,
     Ping,
     Pong,
@@ -286,6 +287,11 @@ class JsonRpcCodec:
             return response(self._ping_ids.popleft() if self._ping_ids else None, None)
         if isinstance(packet, Disconnect):
             return notification("disconnect", {"reasonCode": packet.reason_code, "reason": packet.reason})
+        if isinstance(packet, Event):
+            # WuKongIM's EventNotificationParams: `data` as text (the event's JSON object, which the SDK
+            # parses). No `header`: an event has no flags (WuKongIM leaves it out when empty too).
+            params = {"id": packet.id, "type": packet.type, "timestamp": packet.timestamp}
+            return notification("event", {**params, "data": packet.data.decode("utf-8", "replace")})
         raise ProtocolError(f"{type(packet).__name__} has no JSON-RPC form")
 
 

@@ -19,8 +19,9 @@ import trio_websocket
 
 from node.client import open_client
 from node.config import ConfigError, load
+from node.gateway.connection import Connection
 from node.wire import jsonrpc
-from node.wire.protocol import FLAG_RED_DOT, Reason, Recv
+from node.wire.protocol import FLAG_RED_DOT, Event, Reason, Recv
 from tests.conftest import RunningNode, http_json, running_node, single_node_config, wait_for
 from tests.gateway.test_fuzz_live import websocket_to
 
@@ -342,3 +343,32 @@ def test_dup_marks_a_recv_resend() -> None:
     assert json.loads(jsonrpc.dup(frame))["params"]["header"] == {"dup": True, "redDot": True}
     bare = jsonrpc.recv_notification(Recv(0, "", "bob", "bob", 1, "n", 5, 6, 7, b"x"))
     assert json.loads(jsonrpc.dup(bare))["params"]["header"] == {"dup": True}
+
+
+def test_a_message_event_is_an_event_notification_whatever_version_the_client_named() -> None:
+    event = Event("e1", "stream.delta", 1_700_000_000, b'{"client_msg_no":"m1","payload":{"delta":"hi"}}')
+    frame = jsonrpc.JsonRpcCodec(lambda _answer: None).encode(event)
+    assert json.loads(frame) == {
+        "jsonrpc": "2.0",
+        "method": "event",
+        "params": {
+            "id": "e1",
+            "type": "stream.delta",
+            "timestamp": 1_700_000_000,
+            "data": event.data.decode(),
+        },
+    }
+
+    async def queued() -> tuple[bool, list[bytes]]:
+        conn = Connection(
+            1, "ws", "127.0.0.1:1", outbound_frames=8, outbound_bytes=1 << 20, inflight_bytes=1 << 20
+        )
+        conn.jsonrpc, conn.version = (
+            jsonrpc.JsonRpcCodec(lambda _answer: None),
+            2,
+        )  # a light client that named an old version
+        sent = conn.send_event(event, delta=True, deltas_max=10)
+        return sent, conn.take_frames()[0]
+
+    sent, frames = trio.run(queued)
+    assert sent and frames == [frame]  # the EVENT packet's version gate is the binary SDKs', not JSON-RPC's

@@ -13,10 +13,12 @@ from typing import Any
 
 import pytest
 import trio
+from wukong_easy_sdk import WKIMEvent
 
 from node.client import Client, open_client
 from tests.cluster_harness import MANAGER_TOKEN, Cluster, write_cluster_toml
 from tests.conftest import http_json
+from tests.easysdk_harness import Sdk, SdkLoop
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")  # PySyncObj's journal in child processes
 
@@ -118,18 +120,39 @@ async def events_of(client: Client, count: int) -> list[tuple[str, dict[str, Any
 
 async def test_a_stream_posted_to_one_node_reaches_clients_on_the_others_in_order(cluster: Cluster) -> None:
     await trio.to_thread.run_sync(cluster.start_all)
+    sdk_loop = SdkLoop()
+    # The bot's own other device, a light client: the official EasySDK over JSON-RPC on n3.
+    light = Sdk(sdk_loop, f"ws://{cluster.config.node('n3').ws}", "bot")
+    try:
+        assert (await light.connect())["reasonCode"] == 1
+        await stream_to_binary_and_light_clients(cluster, light)
+    finally:
+        await light.destroy()
+        sdk_loop.close()
+
+
+async def stream_to_binary_and_light_clients(cluster: Cluster, light: Sdk) -> None:
     async with (
         open_client(*cluster.tcp("n2"), "alice", device_flag=0) as app,
         open_client(*cluster.tcp("n3"), "alice", device_flag=2) as desktop,
         open_client(*cluster.tcp("n3"), "alice", device_flag=1, version=2) as old_web,
     ):
-        with trio.fail_after(10):  # the backend's node knows where alice is online
+        with trio.fail_after(10):  # the backend's node knows where alice and the bot are online
             while True:
-                status, online = await call(cluster, "n1", "/user/onlinestatus", ["alice"])
-                if status == 200 and len(online) == 3:
+                status, online = await call(cluster, "n1", "/user/onlinestatus", ["alice", "bot"])
+                if status == 200 and len(online) == 4:
                     break
                 await trio.sleep(0.05)
         posted = await stream_answer(cluster, "answer-1")
+        with trio.fail_after(10):  # the SDK's `customevent`s, parsed by its own checks
+            while len(light.of(WKIMEvent.CUSTOM_EVENT)) < len(posted):  # noqa: ASYNC110 - another thread's list
+                await trio.sleep(0.05)
+        seen = light.of(WKIMEvent.CUSTOM_EVENT)
+        assert [e["id"] for e in seen] == posted
+        assert (
+            "".join(e["data"]["payload"]["delta"] for e in seen if e["type"] == "stream.delta") == full_text()
+        )
+        assert seen[-1]["data"]["stream_status"] == "closed" and seen[-1]["data"]["channel_id"] == "alice"
         for client in (app, desktop):
             got = await events_of(client, len(posted))
             assert [event_id for event_id, _ in got] == posted  # every delta, in order, and the finish
