@@ -246,7 +246,7 @@ class StreamHub:
         if found is not None:
             return found
         with self._store.read() as txn:
-            if posted.channel_type != c.CHANNEL_PERSON and txn.channel(chan) is None:
+            if posted.channel_type not in c.PAIR_CHANNEL_TYPES and txn.channel(chan) is None:
                 raise StreamRefused(
                     f"channel {posted.channel_id!r} (type {posted.channel_type}) does not exist"
                 )
@@ -449,7 +449,8 @@ class StreamHub:
         uids, nodes_of = self._route(stream)
         by_view: dict[str, list[str]] = {}
         for uid in uids:
-            # A person channel appears to each party as the other one (as RECV shows it).
+            # A person channel appears to each party as the other one, an agent channel as the id the
+            # backend posted (as RECV shows them).
             shown = (
                 c.person_peer(stream.stored_id, uid)
                 if stream.channel_type == c.CHANNEL_PERSON
@@ -497,8 +498,13 @@ class StreamHub:
         if stream.route is not None and now - stream.route_at < ROUTE_TTL_S:
             return stream.route
         with self._store.read() as txn:
-            if stream.channel_type == c.CHANNEL_PERSON:
-                peer = c.person_peer(stream.stored_id, stream.sender)
+            if stream.channel_type in c.PAIR_CHANNEL_TYPES:
+                # An agent channel's other party is the uid the anchor was sent to.
+                peer = (
+                    c.person_peer(stream.stored_id, stream.sender)
+                    if stream.channel_type == c.CHANNEL_PERSON
+                    else stream.channel_id
+                )
                 uids = [uid for uid in (stream.sender, peer) if uid]
             else:
                 uids = txn.members("subscribers", stream.chan)

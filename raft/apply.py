@@ -41,9 +41,9 @@ def _duplicate(original: dict[str, Any]) -> Result:
 
 
 def _recipients(view: EntryView, op: dict[str, Any], chan: bytes) -> list[str]:
-    """Who a message goes to, as the committed stream pushes it: a person channel's two parties, a
-    temporary channel's uid list, a group's subscribers."""
-    if op["ct"] == c.CHANNEL_PERSON:
+    """Who a message goes to, as the committed stream pushes it: a person or agent channel's two parties,
+    a temporary channel's uid list, a group's subscribers."""
+    if op["ct"] in c.PAIR_CHANNEL_TYPES:
         return [uid for uid in (op["from"], op.get("to", "")) if uid]
     if "subs" in op:
         return list(op["subs"])
@@ -112,10 +112,12 @@ def apply_send(view: EntryView, op: dict[str, Any]) -> Result:
     # A temporary channel is the business server's own uid list: no channel to check against.
     reason = c.R_SUCCESS if channel_type == c.CHANNEL_TEMP else _permission(view, op, sender)
     hooked = outbox.config(view) is not None
+    # WuKongIM sends no msg.offline for an agent channel, to either party (`event_distribute.go`).
+    offline_hook = hooked and channel_type != c.CHANNEL_AGENT and outbox.wants(view, "offline")
     if header & c.HF_NO_PERSIST:
         if reason != c.R_SUCCESS:
             return {"r": reason}
-        if hooked and outbox.wants(view, "offline"):
+        if offline_hook:
             # Nothing stored to refer to: the event carries the message itself (`m`).
             event = {"ck": chan, "seq": 0, "to": op.get("to", ""), "i": view.index, "m": _record(op, 0)}
             outbox.append(view, "offline", event)
@@ -145,8 +147,9 @@ def apply_send(view: EntryView, op: dict[str, Any]) -> Result:
         uids = [uid for uid in _recipients(view, op, chan) if uid not in system]
         cmdqueue.push(view, uids, store_chan, seq)
     else:
-        if channel_type == c.CHANNEL_PERSON and existing is None:
-            # Both parties of a person channel are its subscribers, so conversation sync finds it for both.
+        if channel_type in c.PAIR_CHANNEL_TYPES and existing is None:
+            # Both parties of a person or agent channel are its subscribers, so conversation sync finds it
+            # for both.
             view.add_member("subscribers", chan, sender)
             if op.get("to"):
                 view.add_member("subscribers", chan, op["to"])
@@ -154,7 +157,7 @@ def apply_send(view: EntryView, op: dict[str, Any]) -> Result:
     if hooked:
         if outbox.wants(view, "notify"):
             outbox.append(view, "notify", {"ck": store_chan, "seq": seq})
-        if outbox.wants(view, "offline"):
+        if offline_hook:
             # `i`: where the message sits in the log, so the leader can tell who was online at that point.
             outbox.append(
                 view, "offline", {"ck": store_chan, "seq": seq, "to": op.get("to", ""), "i": view.index}

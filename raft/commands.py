@@ -43,7 +43,14 @@ CHANNEL_GROUP = 2
 # WuKongIM's temporary channel: `/message/send` with `subscribers`, a command to an explicit uid list.
 # Only the business server sends to one (clients get reason 23), and only as a command (sync_once).
 CHANNEL_TEMP = 8
-SUPPORTED_CHANNEL_TYPES = (CHANNEL_PERSON, CHANNEL_GROUP)
+# WuKongIM's agent channel: a user talking to an agent uid (its AI examples' channel). Like a person channel
+# it has two parties named in its stored id, but that id is `sender@addressed` (`agent_channel_id`), and
+# nobody gets msg.offline for it.
+CHANNEL_AGENT = 11
+SUPPORTED_CHANNEL_TYPES = (CHANNEL_PERSON, CHANNEL_GROUP, CHANNEL_AGENT)
+# Channels of exactly two parties, the sender and the addressed uid (a send op's `from` and `to`): both are
+# the recipients and the subscribers, no member list decides.
+PAIR_CHANNEL_TYPES = (CHANNEL_PERSON, CHANNEL_AGENT)
 
 # Header flags of a message, as the fixed header's low bits carry them (node.wire.protocol has the same
 # values; a test checks that they agree). Stored in a send op as `hf`, absent when 0.
@@ -751,6 +758,14 @@ def person_channel_id(uid_a: str, uid_b: str) -> str:
     key_a = (zlib.crc32(uid_a.encode()), uid_a.encode())
     key_b = (zlib.crc32(uid_b.encode()), uid_b.encode())
     return f"{uid_a}@{uid_b}" if key_a > key_b else f"{uid_b}@{uid_a}"
+
+
+def agent_channel_id(sender: str, addressed: str) -> str:
+    """The stored id of what `sender` sends to `addressed` on an agent channel (type 11): `sender@addressed`,
+    WuKongIM's `GetAgentChannelIDWith(fromUID, channelId)` on every path (SEND, /message/send,
+    /message/event). So a user's messages to an agent (`user@agent`) and the agent's replies (`agent@user`)
+    are two channels, each with both as parties; README "Streamed messages for AI chat" says why."""
+    return f"{sender}@{addressed}"
 
 
 def person_peer(channel_id: str, viewer: str) -> str:

@@ -33,8 +33,9 @@ def send_permission(
 ) -> int:
     """The reason code for `sender` sending to the channel (R_SUCCESS when allowed).
 
-    For a person channel `channel_id` is the stored (fake) id and `receiver` the other party. `api`: a
-    business-server send (HTTP /message/send), which WuKongIM checks at channel level only (ban, disband).
+    For a person or agent channel `channel_id` is the stored (fake) id and `receiver` the other party.
+    `api`: a business-server send (HTTP /message/send), which WuKongIM checks at channel level only (ban,
+    disband).
     """
     if channel_type not in c.SUPPORTED_CHANNEL_TYPES:
         return c.R_NOT_SUPPORT_CHANNEL_TYPE
@@ -61,6 +62,12 @@ def send_permission(
             and not (txn.channel(receiver_chan) or {}).get("allow_stranger")
         ):
             return c.R_NOT_IN_WHITELIST
+        return c.R_SUCCESS
+    if channel_type == c.CHANNEL_AGENT:
+        # WuKongIM (`service/permission.go`): an agent channel is public to its two parties, with no ban,
+        # black- or whitelist; the stored id names them (`agent_channel_id`).
+        if not receiver or channel_id != c.agent_channel_id(sender, receiver):
+            return c.R_CHANNEL_ID_ERROR
         return c.R_SUCCESS
     chan = channel_key(channel_id, channel_type)
     record = txn.channel(chan)

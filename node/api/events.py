@@ -143,10 +143,13 @@ def routes(store: Store, hub: StreamHub, registry: Registry, deltas_max: int) ->
     async def event(body: Json, query: Any) -> Json:
         sender = body["from_uid"] or c.SYSTEM_UID
         channel_id, channel_type = body["channel_id"], body["channel_type"]
-        if channel_type == c.CHANNEL_PERSON:
+        if channel_type in c.PAIR_CHANNEL_TYPES:
             if not c.valid_uid(channel_id) or channel_id == sender:
-                raise bad(f"channel_id of a person channel is the receiver's uid and {c.UID_RULE}")
-            stored = c.person_channel_id(sender, channel_id)
+                raise bad(f"channel_id of a person or agent channel is the receiver's uid and {c.UID_RULE}")
+            if channel_type == c.CHANNEL_PERSON:
+                stored = c.person_channel_id(sender, channel_id)
+            else:
+                stored = c.agent_channel_id(sender, channel_id)  # where the anchor from `sender` is
         else:
             stored = channel_id
         event_type = body["event_type"].strip().lower()

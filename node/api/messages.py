@@ -21,6 +21,7 @@ from raft.commands import (
     MAX_CHANNEL_ID_BYTES,
     MAX_PAYLOAD_BYTES,
     MAX_UID_BYTES,
+    PAIR_CHANNEL_TYPES,
     SYSTEM_UID,
     UID_RULE,
     valid_uid,
@@ -140,8 +141,9 @@ def routes(
             if not body["channel_id"]:
                 raise bad("channel_id is required")
             channel_id, channel_type = body["channel_id"], body["channel_type"]
-            if channel_type == CHANNEL_PERSON and not valid_uid(channel_id):
-                raise bad(f"channel_id {UID_RULE}")  # a person channel is named by the receiver's uid
+            if channel_type in PAIR_CHANNEL_TYPES and not valid_uid(channel_id):
+                # A person or agent channel is named by the receiver's uid.
+                raise bad(f"channel_id {UID_RULE}")
         result = await send_one(
             sender,
             channel_id,

@@ -32,9 +32,11 @@ from raft.commands import (
     CHANNEL_TEMP,
     HF_ALL,
     MAX_UID_BYTES,
+    PAIR_CHANNEL_TYPES,
     SUPPORTED_CHANNEL_TYPES,
     BadCommand,
     Op,
+    agent_channel_id,
     person_channel_id,
     send_op,
     valid_uid,
@@ -59,7 +61,7 @@ class ChannelSend:
     client_msg_no: str
     channel_id: str
     channel_type: int
-    peer: str  # the other party of a person channel, "" for groups
+    peer: str  # the other party of a person or agent channel, "" for groups
     sender: str
     setting: int
     payload: bytes
@@ -113,8 +115,9 @@ def open_send(
 ) -> ChannelSend | int:
     """The one way a message enters the channel pool, from a client (SEND) or the business server (HTTP).
 
-    `channel_id` is the id the sender addressed (for a person channel: the other user). Returns the send,
-    under the channel's stored id, or the reason code it is refused with before anything is queued.
+    `channel_id` is the id the sender addressed (for a person or agent channel: the other user). Returns
+    the send, under the channel's stored id, or the reason code it is refused with before anything is
+    queued.
     A temporary channel (`subscribers`) is the business server's alone.
     """
     temporary = channel_type == CHANNEL_TEMP and api and subscribers is not None
@@ -122,12 +125,16 @@ def open_send(
         return Reason.NOT_SUPPORT_CHANNEL_TYPE
     if not channel_id or not client_msg_no:
         return Reason.CHANNEL_ID_ERROR
-    if channel_type == CHANNEL_PERSON:
+    if channel_type in PAIR_CHANNEL_TYPES:
         if channel_id == sender or not valid_uid(channel_id) or len(channel_id.encode()) > MAX_UID_BYTES:
             # No channel with oneself (WuKongIM), nor with a uid none can have: with `@`, or longer than a
             # uid (the wire allows 128 bytes, a group id's). The sender's mistake, so not SYSTEM_ERROR.
             return Reason.CHANNEL_ID_ERROR
-        stored, peer = person_channel_id(sender, channel_id), channel_id
+        if channel_type == CHANNEL_PERSON:
+            stored = person_channel_id(sender, channel_id)
+        else:
+            stored = agent_channel_id(sender, channel_id)
+        peer = channel_id
     else:
         stored, peer = channel_id, ""
     return ChannelSend(

@@ -21,13 +21,13 @@ from node.pools.pusher import BUILTIN_PUSH, PUSH, PUSH_BATCH, PushBatch, PushEve
 from node.trace import Tracer
 from node.wire.protocol import Reason
 from raft.commands import (
-    CHANNEL_PERSON,
     OP_DEVICE_QUIT,
     OP_HANDLER_STATE,
     OP_NODE_DOWN,
     OP_PRESENCE,
     OP_SEND,
     OP_TOKEN,
+    PAIR_CHANNEL_TYPES,
     R_SUCCESS,
 )
 from raft.machine import Committed
@@ -111,7 +111,7 @@ class CommittedStream:
             op, result, trace = delivery.op, delivery.result, delivery.trace
             if trace is not None:
                 trace.mark("distribute_wait")
-            if op["ct"] == CHANNEL_PERSON:
+            if op["ct"] in PAIR_CHANNEL_TYPES:
                 recipients = [op["from"], op["to"]] if op.get("to") else [op["from"]]
             elif "subs" in op:
                 recipients = list(dict.fromkeys(op["subs"]))  # a temporary channel's uid list
@@ -141,7 +141,7 @@ class CommittedStream:
         groups = {
             channel_key(d.op["cid"], d.op["ct"])
             for d in deliveries
-            if d.op["ct"] != CHANNEL_PERSON and "subs" not in d.op
+            if d.op["ct"] not in PAIR_CHANNEL_TYPES and "subs" not in d.op
         }
         if not groups:
             return {}

@@ -32,7 +32,7 @@ from node.wire.protocol import (
     Recv,
 )
 from raft.apply import Result
-from raft.commands import CHANNEL_PERSON, SYSTEM_UID, person_peer
+from raft.commands import CHANNEL_AGENT, CHANNEL_PERSON, SYSTEM_UID, person_peer
 
 PUSH = "push"
 PUSH_BATCH = "push_batch"
@@ -80,8 +80,13 @@ class PushContext:
 def recv_frame(conn: Connection, op: dict[str, Any], result: Result, recipient: str) -> bytes:
     """The RECV of one message for one connection, encrypted with that connection's key."""
     # A person channel shows the other party: the receiver sees the sender, the sender's other devices
-    # see the receiver.
-    channel_id = person_peer(op["cid"], recipient) if op["ct"] == CHANNEL_PERSON else op["cid"]
+    # see the receiver. An agent channel shows the id the sender addressed, to both parties (WuKongIM's
+    # RECV carries the SEND's channel_id and adjusts person channels only).
+    channel_id = op["cid"]
+    if op["ct"] == CHANNEL_PERSON:
+        channel_id = person_peer(channel_id, recipient)
+    elif op["ct"] == CHANNEL_AGENT:
+        channel_id = op["to"]
     # WuKongIM (`event_pushonline.go`) shows the system sender as "" and raises no red dot on the
     # sender's own other devices.
     from_uid = "" if op["from"] == SYSTEM_UID else op["from"]
@@ -158,8 +163,8 @@ async def offline_notice(ctx: PushContext, ev: PushEvent) -> int | None:
     A step after push_online, run inline: as an observer it cost a queue hop and a task switch per
     message on every node, for a check that is nearly always "nothing to do". It never rejects.
     """
-    if ev.origin_conn is None or not ev.offline:
-        return None
+    if ev.origin_conn is None or not ev.offline or ev.op["ct"] == CHANNEL_AGENT:
+        return None  # WuKongIM counts nobody offline on an agent channel (no msg.offline either)
     online = ctx.online_among(ev.offline)  # one read for all (a group's: hundreds on other nodes)
     for uid in ev.offline:
         if uid in online:
