@@ -43,7 +43,7 @@ CHANNEL_GROUP = 2
 # WuKongIM's temporary channel: `/message/send` with `subscribers`, a command to an explicit uid list.
 # Only the business server sends to one (clients get reason 23), and only as a command (sync_once).
 CHANNEL_TEMP = 8
-# WuKongIM's agent channel: a user talking to an agent uid (its AI examples' channel). Like a person channel
+# WuKongIM's agent channel (GoProto's ChannelTypeAgent): a user talking to an agent uid. Like a person channel
 # it has two parties named in its stored id, but that id is `sender@addressed` (`agent_channel_id`), and
 # nobody gets msg.offline for it.
 CHANNEL_AGENT = 11
