@@ -280,7 +280,7 @@ _number = st.one_of(
     fields=st.fixed_dictionaries(
         {
             "cid": _text,
-            "ct": st.one_of(_number, st.sampled_from([1, 2, 8])),
+            "ct": st.one_of(_number, st.sampled_from([1, 2, 8, 11])),
             "from": _text,
             "cmn": _text,
             "mid": _number,
