@@ -84,7 +84,10 @@ def apply_msg_event(view: EntryView, op: dict[str, Any]) -> Result:
             "mid": mid,
             "final": True,
         }
-    if len(state["ids"]) >= c.MAX_PERSISTED_EVENTS:
+    # The cap holds back what grows a stream without end; an event that ends a key is always taken (each key
+    # ends once, so at most MAX_EVENT_KEYS more), or a long stream could never be closed, even by its idle
+    # timeout, and its text since the last snapshot would be lost.
+    if len(state["ids"]) >= c.MAX_PERSISTED_EVENTS and event_type not in c.TERMINAL_STATUS_OF:
         return _error(f"the stream already has {c.MAX_PERSISTED_EVENTS} persisted events")
     snaps: dict[str, bytes] = op.get("snaps", {})
     new_keys = ({key} | set(snaps)) - set(state["keys"])

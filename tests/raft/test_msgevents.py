@@ -146,3 +146,15 @@ def test_same_log_same_state(tmp_path: os.PathLike[str]) -> None:
             rows.append(list(txn.raw_items("msg_events")))
         s.close()
     assert rows[0] == rows[1] and rows[0]
+
+
+def test_a_stream_at_its_event_cap_still_ends(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(c, "MAX_PERSISTED_EVENTS", 3)
+    anchor(store, "m1")
+    for i in range(3):
+        assert apply(store, event(f"s{i}", c.EVENT_STREAM_SNAPSHOT), 3 + i)["r"] == c.R_SUCCESS
+    assert apply(store, event("s3", c.EVENT_STREAM_SNAPSHOT), 6)["r"] != c.R_SUCCESS  # the cap holds
+    closed = apply(store, event("close", c.EVENT_STREAM_CLOSE), 7)
+    assert closed["r"] == c.R_SUCCESS and closed["st"] == c.STATUS_CLOSED  # but an ending is always taken
+    done = apply(store, event("finish", c.EVENT_STREAM_FINISH), 8)
+    assert done["r"] == c.R_SUCCESS and state(store)["keys"][c.EVENT_KEY_FINISH]["st"] == c.STATUS_CLOSED
