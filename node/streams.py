@@ -392,6 +392,15 @@ class StreamHub:
         raw = b"" if payload is None else json.dumps(payload, ensure_ascii=False).encode()
         if len(raw) > c.MAX_PAYLOAD_BYTES or sum(map(len, snapshots.values())) > c.MAX_PAYLOAD_BYTES:
             raise StreamRefused(f"the event's payload is larger than {c.MAX_PAYLOAD_BYTES} bytes")
+        if event_type == c.EVENT_STREAM_SNAPSHOT:
+            # A snapshot replaces its key's text in memory: the stream's bound holds for it as for deltas.
+            limit = self._tuning.stream_snapshot_max_bytes
+            size = sum(other.size() for other in stream.lanes.values()) - (lane.size() if lane else 0)
+            if size + len(raw) > limit:
+                raise StreamRefused(
+                    f"the stream's snapshot would pass {limit} bytes (tuning.stream_snapshot_max_bytes)"
+                )
+        text_before = lane.text if lane is not None else ""
         op = c.msg_event_op(
             channel_id=stream.stored_id,
             channel_type=stream.channel_type,
@@ -426,13 +435,15 @@ class StreamHub:
         if result.get("dup") or result.get("final"):
             return seq, status  # answered before, or the key had ended: nothing new to send
         self.persisted += 1
-        if lane is None and not ending:
-            lane = stream.lanes[key] = Lane()
+        if not ending:
+            lane = stream.lanes.setdefault(key, Lane())  # a delta may have opened the key meanwhile
         if lane is not None:
             lane.seq, lane.status = seq, status
             if event_type == c.EVENT_STREAM_SNAPSHOT:
                 text = snapshot_text(raw)
-                lane.text, lane.other = (text, None) if text is not None else ("", raw or None)
+                # Deltas taken while the snapshot was being committed were sent after it: they stay on top.
+                later = lane.text[len(text_before) :] if lane.text.startswith(text_before) else ""
+                lane.text, lane.other = (text + later, None) if text is not None else ("", raw or None)
         if ending:
             for other in stream.lanes.values():
                 if not msgevents.is_terminal(other.status):

@@ -123,7 +123,11 @@ class F:
                 raise bad(f"{self.name} must be a list of integers in [0, 255]")
             return value
         if self.kind == "json":
-            if len(json.dumps(value, ensure_ascii=False).encode()) > self.max_bytes:
+            try:
+                size = len(json.dumps(value, ensure_ascii=False).encode())
+            except UnicodeEncodeError:  # a lone surrogate (JSON can carry one): no UTF-8 text holds it
+                raise bad(f"{self.name} holds text that is not valid UTF-8") from None
+            if size > self.max_bytes:
                 raise bad(f"{self.name} larger than {self.max_bytes} bytes")
             return value
         if self.kind == "obj":

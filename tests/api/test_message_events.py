@@ -136,6 +136,7 @@ async def test_bad_input_gets_wukongim_error_shapes_and_the_node_keeps_serving(n
         ({**event_body("e1", "stream.delta"), "channel_type": 2, "channel_id": "nogroup"}, "does not exist"),
         ({**event_body("e1", "stream.delta"), "event_id": ""}, "event_id"),
         (event_body("e1", "stream.delta", "x" * (1 << 20)), "payload larger than"),
+        (event_body("e1", "stream.delta", {"kind": "text", "delta": "\ud800"}), "not valid UTF-8"),
     ]
     for body, why in cases:
         status, answer = await post(node, "/message/event", body)
@@ -149,6 +150,11 @@ async def test_bad_input_gets_wukongim_error_shapes_and_the_node_keeps_serving(n
     big = {"kind": "text", "delta": "y" * 600_000}
     assert (await post(node, "/message/event", event_body("b1", "stream.delta", big)))[0] == 200
     status, answer = await post(node, "/message/event", event_body("b2", "stream.delta", big))
+    assert status == 400 and "stream_snapshot_max_bytes" in answer["msg"]
+    side = {"kind": "text", "text": "z" * 600_000}  # a snapshot on another key counts toward the same bound
+    status, answer = await post(
+        node, "/message/event", event_body("b3", "stream.snapshot", side, event_key="side")
+    )
     assert status == 400 and "stream_snapshot_max_bytes" in answer["msg"]
     status, answer = await post(node, "/message/event", event_body("s1", "stream.snapshot", {"kind": "text"}))
     assert status == 200 and answer["data"]["msg_event_seq"] == 1
