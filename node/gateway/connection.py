@@ -134,9 +134,8 @@ class Connection:
         # Sampled latency traces waiting for the frames queued before them to reach the socket.
         self.write_traces: list[tuple[Trace, str]] = []
         self.read_at = 0.0  # time.perf_counter() of the last read from the socket
-        # Message events (node/streams.py): deltas queued since the writer last emptied the queues, and
-        # what was not sent: deltas past the bound, events to a client that cannot read them.
-        self.deltas_queued = 0
+        # Message events (node/streams.py) not sent: deltas past the bound, events to a client that cannot
+        # read them.
         self.dropped_deltas = 0
         self.skipped_events = 0
 
@@ -185,22 +184,24 @@ class Connection:
 
         The one way an event reaches a client: a JSON-RPC client gets it as an `event` notification (the
         EasySDKs' `customevent`), a binary client as the EVENT packet, only if it can read one
-        (`takes_events`). A stream.delta is
-        dropped (and counted) once `deltas_max` of them are queued since the queues were last empty: a
-        slow reader loses deltas, never its connection, and the next snapshot or the terminal event
-        carries the whole text.
+        (`takes_events`). A stream.delta is dropped (and counted) while the connection already has
+        `deltas_max` frames or half its byte bound waiting to be written: a slow reader loses deltas, never
+        its connection (the bounds that cut one stay out of reach of deltas), and the next snapshot or the
+        terminal event carries the whole text.
         """
         if not self.takes_events:
             self.skipped_events += 1
             return False
+        frame = self.encode(event)
         if delta:
-            if self.pending_bytes == 0:
-                self.deltas_queued = 0
-            if self.deltas_queued >= deltas_max:
+            waiting = self.outbound.statistics()
+            if (
+                waiting.current_buffer_used >= min(deltas_max, int(waiting.max_buffer_size) // 2)
+                or self.pending_bytes + len(frame) > self.outbound_bytes_max // 2
+            ):
                 self.dropped_deltas += 1
                 return False
-            self.deltas_queued += 1
-        return self.send_frame(self.encode(event))
+        return self.send_frame(frame)
 
     def send_control(self, frame: bytes) -> bool:
         """Queue a control frame (SENDACK, PONG...): written before any RECV already queued."""

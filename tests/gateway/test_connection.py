@@ -111,3 +111,9 @@ async def test_events_go_only_to_clients_that_read_them_and_deltas_are_bounded_p
     assert frames == [encode(delta, 5)] * 3 + [encode(Event("f", "stream.finish", 2, b"{}"), 5)]
     conn.written(nbytes)  # the client read everything: deltas flow again
     assert conn.send_event(delta, delta=True, deltas_max=3)
+    # Large deltas to a client that does not read: dropped at half the byte bound, the connection kept.
+    big = Event("d", "stream.delta", 1, b"x" * 30)
+    slow = connection(frames=64, nbytes=200)
+    taken = [slow.send_event(big, delta=True, deltas_max=1000) for _ in range(10)]
+    assert taken[0] and not all(taken) and slow.dropped_deltas > 0
+    assert not slow.closed.is_set() and slow.pending_bytes <= 100
