@@ -80,6 +80,7 @@ class Tuning:
     stream_snapshot_max_bytes: int = 1 << 20
     stream_deltas_queued_max: int = 1000
     stream_relay_queue_max: int = 100_000
+    stream_relay_queue_bytes: int = 64 << 20
     stream_idle_timeout_s: float = 600.0
 
 

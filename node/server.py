@@ -189,7 +189,12 @@ class Node:
         self.peers = Peers(config, self.spec.id, self._own_http, self._member_ids, self.cluster_secret)
         # Streamed messages: deltas in memory, sent where subscribers are online (node/streams.py).
         node_ids = {spec.numeric_id: spec.id for spec in config.nodes.values()}
-        self.relay = Relay(self._post_stream_events, node_ids.get, tuning.stream_relay_queue_max)
+        self.relay = Relay(
+            self._post_stream_events,
+            node_ids.get,
+            tuning.stream_relay_queue_max,
+            queue_bytes_max=tuning.stream_relay_queue_bytes,
+        )
         self.streams = StreamHub(tuning, self.store, self.proposer, self.registry, self.relay, numeric_id)
         self.http = HttpApi(
             self._routes(),

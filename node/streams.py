@@ -144,10 +144,21 @@ PeerPost = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 class Relay:
     """Events on their way to other nodes: a bounded queue and one call in flight per destination."""
 
-    def __init__(self, post: PeerPost, node_ids: Callable[[int], str | None], queue_max: int) -> None:
+    def __init__(
+        self,
+        post: PeerPost,
+        node_ids: Callable[[int], str | None],
+        queue_max: int,
+        *,
+        queue_bytes_max: int = 64 << 20,
+    ) -> None:
         self._post = post
         self._node_ids = node_ids
         self._queue_max = queue_max
+        # An item holds its event's whole JSON (a snapshot up to 1 MiB): a count alone would let one slow or
+        # down node make this one hold gigabytes.
+        self._queue_bytes_max = queue_bytes_max
+        self._queue_bytes: dict[int, int] = {}
         self._queues: dict[int, collections.deque[dict[str, Any]]] = {}
         self._wakeups: dict[int, trio.Event] = {}
         self._nursery: trio.Nursery | None = None
@@ -167,12 +178,15 @@ class Relay:
                 self.dropped += 1
                 return
             queue = self._queues[node] = collections.deque()
+            self._queue_bytes[node] = 0
             self._wakeups[node] = trio.Event()
             self._nursery.start_soon(self._send_loop, node)
-        if len(queue) >= self._queue_max:
+        size = _item_bytes(item)
+        if len(queue) >= self._queue_max or self._queue_bytes[node] + size > self._queue_bytes_max:
             self.dropped += 1  # that node is not keeping up (or down): its clients lose this event
             return
         queue.append(item)
+        self._queue_bytes[node] += size
         self._wakeups[node].set()
 
     async def _send_loop(self, node: int) -> None:
@@ -186,7 +200,8 @@ class Relay:
             while queue and len(batch) < RELAY_BATCH_MAX and size < RELAY_BATCH_BYTES:
                 item = queue.popleft()
                 batch.append(item)
-                size += len(item["data"]) + 64
+                size += _item_bytes(item)
+            self._queue_bytes[node] -= size
             node_id = self._node_ids(node)
             if node_id is None:
                 self.dropped += len(batch)
@@ -202,6 +217,10 @@ class Relay:
             else:
                 self.dropped += len(batch)
                 log.warning("stream events to %s lost: %s", node_id, answer.get("error"))
+
+
+def _item_bytes(item: dict[str, Any]) -> int:
+    return len(item["data"]) + 64  # the event's JSON and roughly what the rest of the item takes
 
 
 def deliver_local(registry: Registry, items: Iterable[dict[str, Any]], deltas_max: int) -> int:
