@@ -253,7 +253,7 @@ class StreamHub:
         self._registry = registry
         self._relay = relay
         self._node = node
-        self.streams: dict[tuple[bytes, str], Stream] = {}
+        self.streams: dict[tuple[bytes, str, str], Stream] = {}  # by (channel, sender, client_msg_no)
         self.deltas = 0
         self.persisted = 0
         self.timed_out = 0
@@ -261,7 +261,7 @@ class StreamHub:
     # -- the streams --------------------------------------------------------------------------------
     def _open(self, posted: Posted) -> Stream:
         chan = keys.channel_key(posted.stored_id, posted.channel_type)
-        found = self.streams.get((chan, posted.client_msg_no))
+        found = self.streams.get((chan, posted.sender, posted.client_msg_no))
         if found is not None:
             return found
         with self._store.read() as txn:
@@ -271,7 +271,7 @@ class StreamHub:
                 )
             dedup = txn.dedup(chan, posted.sender, posted.client_msg_no)
             message = txn.message(chan, int(dedup.get("seq", 0))) if isinstance(dedup, dict) else None
-            row = txn.get("msg_events", keys.msg_event_key(chan, posted.client_msg_no))
+            row = txn.get("msg_events", keys.msg_event_key(chan, posted.sender, posted.client_msg_no))
         if message is None:
             raise StreamRefused(
                 f"no message with client_msg_no {posted.client_msg_no!r} from {posted.sender!r} "
@@ -309,7 +309,7 @@ class StreamHub:
         return stream
 
     def _keep(self, stream: Stream) -> None:
-        key = (stream.chan, stream.client_msg_no)
+        key = (stream.chan, stream.sender, stream.client_msg_no)
         if key in self.streams:
             return
         if len(self.streams) >= self._tuning.stream_sessions_max:
@@ -320,11 +320,11 @@ class StreamHub:
 
     def _forget_if_done(self, stream: Stream) -> None:
         if stream.ending or all(msgevents.is_terminal(lane.status) for lane in stream.lanes.values()):
-            self.streams.pop((stream.chan, stream.client_msg_no), None)
+            self.streams.pop((stream.chan, stream.sender, stream.client_msg_no), None)
 
-    def lanes_of(self, chan: bytes, client_msg_no: str) -> dict[str, Lane] | None:
+    def lanes_of(self, chan: bytes, sender: str, client_msg_no: str) -> dict[str, Lane] | None:
         """The keys of a stream open on this node (for messagesync: text not persisted yet)."""
-        stream = self.streams.get((chan, client_msg_no))
+        stream = self.streams.get((chan, sender, client_msg_no))
         return None if stream is None else stream.lanes
 
     # -- posting ------------------------------------------------------------------------------------
@@ -572,7 +572,7 @@ class StreamHub:
                         await self._persist(stream, posted)
                     except StreamRefused as exc:
                         log.warning("idle stream %s: %s", stream.client_msg_no, exc)
-                self.streams.pop((stream.chan, stream.client_msg_no), None)
+                self.streams.pop((stream.chan, stream.sender, stream.client_msg_no), None)
 
     def statistics(self) -> dict[str, int]:
         return {

@@ -64,7 +64,7 @@ def apply_msg_event(view: EntryView, op: dict[str, Any]) -> Result:
     message = anchor_of(view, chan, op["from"], op["cmn"])
     if message is None:
         return _error(f"no stream message {op['cmn']!r} from {op['from']!r} in this channel")
-    row_key = keys.msg_event_key(chan, op["cmn"])
+    row_key = keys.msg_event_key(chan, op["from"], op["cmn"])
     stored = txn.get("msg_events", row_key)
     state = stored if isinstance(stored, dict) else empty_state()
     key, event_type, mid = op["key"], op["et"], int(message["mid"])

@@ -95,6 +95,7 @@ def split_presence_key(key: bytes) -> tuple[str, int, int]:
     return uid, int(node), int(conn)
 
 
-def msg_event_key(chan: bytes, client_msg_no: str) -> bytes:
-    """The persisted event state of one streamed message (its anchor's client_msg_no) in one channel."""
-    return chan + part(client_msg_no)
+def msg_event_key(chan: bytes, sender: str, client_msg_no: str) -> bytes:
+    """The persisted event state of one streamed message in one channel: its anchor's sender and
+    client_msg_no (client_msg_nos are unique per sender only, as dedup keeps them)."""
+    return chan + part(sender) + part(client_msg_no)

@@ -92,11 +92,15 @@ def fill_event_meta(
         return
     with store.read() as txn:
         stored = {
-            row["cmn"]: txn.get("msg_events", keys.msg_event_key(chan, row["cmn"])) for row, _ in streamed
+            (row["from"], row["cmn"]): txn.get(
+                "msg_events", keys.msg_event_key(chan, row["from"], row["cmn"])
+            )
+            for row, _ in streamed
         }
     for row, out in streamed:
-        state = stored[row["cmn"]]
-        states = key_states(state if isinstance(state, dict) else None, hub.lanes_of(chan, row["cmn"]))
+        state = stored[row["from"], row["cmn"]]
+        lanes = hub.lanes_of(chan, row["from"], row["cmn"])
+        states = key_states(state if isinstance(state, dict) else None, lanes)
         if not states:
             continue
         meta: Json = {"has_events": True, "completed": False, "events": []}
@@ -193,7 +197,9 @@ def routes(store: Store, hub: StreamHub, registry: Registry, deltas_max: int) ->
         limit = min(body["limit"] or EVENTSYNC_LIMIT_DEFAULT, EVENTSYNC_LIMIT_MAX)
         start, wanted_key = body["from_msg_event_seq"], body["event_key"].strip()
         with store.read() as txn:
-            state = txn.get("msg_events", keys.msg_event_key(chan, body["client_msg_no"].strip()))
+            sender = body["from_uid"] or c.SYSTEM_UID  # as /message/event names a stream posted without one
+            key = keys.msg_event_key(chan, sender, body["client_msg_no"].strip())
+            state = txn.get("msg_events", key)
         states = (state if isinstance(state, dict) else {}).get("keys", {})
         events = [
             _projected(key, lane)

@@ -70,7 +70,7 @@ def event(event_id: str, event_type: str, **overrides: Any) -> c.Op:
 
 def state(store: Store, client_msg_no: str = "m1") -> dict[str, Any]:
     with store.read() as txn:
-        row = txn.get("msg_events", keys.msg_event_key(keys.channel_key("g1", GROUP), client_msg_no))
+        row = txn.get("msg_events", keys.msg_event_key(keys.channel_key("g1", GROUP), "bot", client_msg_no))
     assert isinstance(row, dict)
     return row
 
@@ -158,3 +158,26 @@ def test_a_stream_at_its_event_cap_still_ends(store: Store, monkeypatch: pytest.
     assert closed["r"] == c.R_SUCCESS and closed["st"] == c.STATUS_CLOSED  # but an ending is always taken
     done = apply(store, event("finish", c.EVENT_STREAM_FINISH), 8)
     assert done["r"] == c.R_SUCCESS and state(store)["keys"][c.EVENT_KEY_FINISH]["st"] == c.STATUS_CLOSED
+
+
+def test_two_senders_streams_with_the_same_client_msg_no_keep_apart(store: Store) -> None:
+    anchor(store, "m1")  # the bot's
+    mine = c.send_op(
+        channel_id="g1",
+        channel_type=GROUP,
+        sender="alice",
+        receiver="",
+        client_msg_no="m1",  # unique per sender only: alice may use the bot's client_msg_no
+        message_id=2000,
+        timestamp=1,
+        setting=c.SETTING_STREAM,
+        payload=b"{}",
+    )
+    assert apply(store, mine, 3)["r"] == c.R_SUCCESS
+    assert apply(store, event("e1", c.EVENT_STREAM_SNAPSHOT), 4)["seq"] == 1
+    assert apply(store, event("e1", c.EVENT_STREAM_SNAPSHOT, sender="alice"), 5)["seq"] == 1  # not a dup
+    chan = keys.channel_key("g1", GROUP)
+    with store.read() as txn:
+        bots = txn.get("msg_events", keys.msg_event_key(chan, "bot", "m1"))
+        alices = txn.get("msg_events", keys.msg_event_key(chan, "alice", "m1"))
+    assert bots["seq"] == 1 and alices["seq"] == 1
