@@ -196,6 +196,9 @@ class JsonRpcCodec:
                 # The rest of the message cannot be resynchronised: it is dropped with this answer.
                 self._fail(None, PARSE_ERROR, f"not JSON at character {pos}")
                 return
+            if value == []:
+                self._fail(None, INVALID_REQUEST, "an empty batch")  # JSON-RPC 2.0 answers it so
+                continue
             for item in value if isinstance(value, list) else [value]:
                 self._take(item)
 
